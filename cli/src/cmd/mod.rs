@@ -1,0 +1,15 @@
+pub mod sqfs;
+
+use anyhow::{Context, Result, bail};
+
+/// SOURCE_DATE_EPOCH from the environment: `None` when unset or empty.
+pub fn source_date_epoch() -> Result<Option<u32>> {
+    match std::env::var("SOURCE_DATE_EPOCH") {
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(e) => bail!("SOURCE_DATE_EPOCH: {e}"),
+        Ok(s) if s.is_empty() => Ok(None),
+        Ok(s) => s.parse::<u32>().map(Some).with_context(|| {
+            format!("SOURCE_DATE_EPOCH={s:?} is not a number of seconds that fits in 32 bits")
+        }),
+    }
+}

@@ -1,0 +1,69 @@
+//! `iukfarm`: the one binary of the IUK build farm.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod cmd;
+mod progress;
+
+#[derive(Parser)]
+#[command(
+    name = "iukfarm",
+    version,
+    about = "Build Tails Incremental Upgrade Kits, reproducibly"
+)]
+struct Cli {
+    /// More log output (-v: info, -vv: debug, -vvv: trace).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// SquashFS tools: pack (a gensquashfs drop-in), ls, cat, info.
+    Sqfs(cmd::sqfs::Args),
+}
+
+/// Exit codes shared by every subcommand.
+pub mod exit {
+    /// The operation failed (bad input, I/O error, verification failure).
+    pub const FAILURE: u8 = 1;
+    /// The command line was wrong (clap also uses 2).
+    pub const USAGE: u8 = 2;
+    /// Interrupted (SIGINT/SIGTERM); nothing was left behind.
+    pub const INTERRUPTED: u8 = 130;
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("IUKFARM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Sqfs(a) => cmd::sqfs::run(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            if let Some(iukfarm_engine::Error::Cancelled) = e.downcast_ref() {
+                eprintln!("iukfarm: interrupted");
+                return ExitCode::from(exit::INTERRUPTED);
+            }
+            eprintln!("iukfarm: error: {e:#}");
+            ExitCode::from(exit::FAILURE)
+        }
+    }
+}

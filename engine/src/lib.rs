@@ -1,0 +1,14 @@
+//! The IUK engine: everything needed to build and check Incremental Upgrade
+//! Kits, as a plain synchronous library (no networking, no async).
+//!
+//! * [`tree`]: the directory tree model and reading a tree from disk;
+//! * [`sqfs`]: SquashFS reading in place and gensquashfs-exact writing;
+//! * [`progress`]: the observer through which long operations report.
+
+pub mod error;
+pub mod progress;
+pub mod sqfs;
+pub mod tree;
+
+pub use error::{Error, Result};
+pub use progress::{NoProgress, Progress};

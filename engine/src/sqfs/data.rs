@@ -1,0 +1,500 @@
+//! The data area: file blocks, tail-end fragments, sparse blocks and block
+//! de-duplication, with compression on a rayon pool.
+//!
+//! Every decision that shapes the output (which tails share a fragment
+//! block, when a fragment block is flushed, which files reuse earlier
+//! blocks) is made in input order by one thread, so the bytes never depend
+//! on the number of compression threads. The rules are libsquashfs 1.2.0's
+//! block processor and block writer, where compression is also parallel but
+//! results are consumed in submission order:
+//!
+//! * a file is cut into full blocks plus a tail; all-zero blocks (and tails)
+//!   are sparse: not stored, size 0 in the block list;
+//! * tails are packed into fragment blocks in file order; a tail identical to
+//!   an earlier one reuses it; a fragment block is flushed (and takes its
+//!   place in the data area) when the next tail does not fit;
+//! * after a file's last block, if the file's stored blocks equal a run of
+//!   earlier stored blocks (fragment blocks included, overlapping runs
+//!   allowed), the file points at the earliest such run and its own copy is
+//!   truncated away.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::sync::mpsc;
+
+use sha2::{Digest, Sha256};
+
+use super::compress::XzConfig;
+use super::format::{BLOCK_UNCOMPRESSED, NO_FRAGMENT};
+use crate::error::{Error, Result};
+use crate::progress::Progress;
+use crate::tree::FileContent;
+
+/// Where a file's data ended up; everything its inode needs.
+#[derive(Debug, Clone)]
+pub struct FileLayout {
+    pub size: u64,
+    pub blocks_start: u64,
+    /// On-disk size of each block (bit 24: stored uncompressed; 0: sparse).
+    pub block_sizes: Vec<u32>,
+    pub fragment_index: u32,
+    pub fragment_offset: u32,
+    pub sparse: u64,
+}
+
+impl FileLayout {
+    fn new(size: u64) -> Self {
+        FileLayout {
+            size,
+            blocks_start: 0,
+            block_sizes: Vec::new(),
+            fragment_index: NO_FRAGMENT,
+            fragment_offset: NO_FRAGMENT,
+            sparse: 0,
+        }
+    }
+}
+
+/// Output of the data stage.
+pub struct DataArea {
+    pub files: Vec<FileLayout>,
+    /// (absolute position, on-disk size) of every fragment block.
+    pub fragments: Vec<(u64, u32)>,
+    /// Absolute end of the data area.
+    pub end: u64,
+    pub stats: DataStats,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct DataStats {
+    pub bytes_read: u64,
+    pub blocks_written: u64,
+    pub duplicate_blocks: u64,
+    pub sparse_blocks: u64,
+    pub fragments: u64,
+    pub duplicate_fragments: u64,
+}
+
+struct Stored {
+    bytes: Vec<u8>,
+    compressed: bool,
+    digest: [u8; 32],
+}
+
+fn store(cfg: &XzConfig, data: Vec<u8>) -> Result<Stored> {
+    let (bytes, compressed) = match cfg.compress(&data)? {
+        Some(c) => (c, true),
+        None => (data, false),
+    };
+    let digest = Sha256::digest(&bytes).into();
+    Ok(Stored {
+        bytes,
+        compressed,
+        digest,
+    })
+}
+
+enum Job {
+    Block {
+        file: usize,
+        index: usize,
+        first: bool,
+        result: mpsc::Receiver<Result<Stored>>,
+        raw_len: u64,
+    },
+    Sparse {
+        file: usize,
+        index: usize,
+        first: bool,
+        len: u32,
+    },
+    LastBlock {
+        file: usize,
+    },
+    Tail {
+        file: usize,
+        index: usize,
+        place: TailPlace,
+        len: u32,
+    },
+    FragmentBlock {
+        index: u32,
+        result: mpsc::Receiver<Result<Stored>>,
+    },
+}
+
+enum TailPlace {
+    Sparse,
+    Fragment(u32, u32),
+}
+
+pub struct DataWriter<'a> {
+    pub out: &'a File,
+    pub start: u64,
+    pub block_size: u32,
+    pub cfg: XzConfig,
+    pub pool: &'a rayon::ThreadPool,
+    pub backlog: usize,
+    pub progress: &'a dyn Progress,
+}
+
+impl DataWriter<'_> {
+    /// Writes the data of `files` (in packing order) starting at `start`.
+    pub fn write(&self, files: &[&FileContent]) -> Result<DataArea> {
+        let (tx, rx) = mpsc::sync_channel::<Job>(self.backlog.max(2));
+        std::thread::scope(|s| {
+            let producer = s.spawn(move || self.produce(files, tx));
+            let consumed = self.consume(files, rx);
+            // The producer stops on its own once the receiver is gone.
+            let produced = producer
+                .join()
+                .map_err(|_| Error::Compressor("reader thread panicked".into()))?;
+            let (area, frag_count) = consumed?;
+            let stats = produced?;
+            debug_assert_eq!(area.fragments.len() as u32, frag_count);
+            let mut area = area;
+            area.stats.fragments = stats.fragments;
+            area.stats.duplicate_fragments = stats.duplicate_fragments;
+            area.stats.sparse_blocks += stats.sparse_blocks;
+            Ok(area)
+        })
+    }
+
+    fn spawn_store(&self, data: Vec<u8>) -> mpsc::Receiver<Result<Stored>> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let cfg = self.cfg;
+        self.pool.spawn(move || {
+            let _ = tx.send(store(&cfg, data));
+        });
+        rx
+    }
+
+    /// Reads files in order, cuts them into blocks and tails, packs tails
+    /// into fragment blocks and hands everything to the consumer in order.
+    fn produce(&self, files: &[&FileContent], tx: mpsc::SyncSender<Job>) -> Result<DataStats> {
+        let bs = self.block_size as usize;
+        let mut stats = DataStats::default();
+        let mut frag_block: Vec<u8> = Vec::new();
+        let mut frag_count: u32 = 0;
+        let mut tails: HashMap<(u32, [u8; 32]), (u32, u32)> = HashMap::new();
+        let closed = || Error::Compressor("writer stopped".into());
+        for (file, content) in files.iter().enumerate() {
+            if self.progress.is_cancelled() {
+                return Err(Error::Cancelled);
+            }
+            let mut reader = content.open()?;
+            let mut remaining = content.size;
+            let mut index = 0usize;
+            while remaining > 0 {
+                if self.progress.is_cancelled() {
+                    return Err(Error::Cancelled);
+                }
+                let want = remaining.min(bs as u64) as usize;
+                let mut buf = vec![0u8; want];
+                read_full(&mut reader, &mut buf).map_err(|e| match e {
+                    Error::RawIo(io) => Error::io(content.describe(), io),
+                    other => other,
+                })?;
+                remaining -= want as u64;
+                let zero = is_zero(&buf);
+                if want == bs {
+                    let first = index == 0;
+                    let job = if zero {
+                        stats.sparse_blocks += 1;
+                        Job::Sparse {
+                            file,
+                            index,
+                            first,
+                            len: want as u32,
+                        }
+                    } else {
+                        Job::Block {
+                            file,
+                            index,
+                            first,
+                            raw_len: want as u64,
+                            result: self.spawn_store(buf),
+                        }
+                    };
+                    tx.send(job).map_err(|_| closed())?;
+                    index += 1;
+                    continue;
+                }
+                // The tail: after the file's last full block is settled.
+                if index > 0 {
+                    tx.send(Job::LastBlock { file }).map_err(|_| closed())?;
+                }
+                let len = want as u32;
+                let place = if zero {
+                    stats.sparse_blocks += 1;
+                    TailPlace::Sparse
+                } else {
+                    stats.fragments += 1;
+                    let key = (len, Sha256::digest(&buf).into());
+                    if let Some(&(fi, off)) = tails.get(&key) {
+                        stats.duplicate_fragments += 1;
+                        TailPlace::Fragment(fi, off)
+                    } else {
+                        if !frag_block.is_empty() && frag_block.len() + want > bs {
+                            let data = std::mem::take(&mut frag_block);
+                            let job = Job::FragmentBlock {
+                                index: frag_count - 1,
+                                result: self.spawn_store(data),
+                            };
+                            tx.send(job).map_err(|_| closed())?;
+                        }
+                        if frag_block.is_empty() {
+                            frag_count += 1;
+                        }
+                        let loc = (frag_count - 1, frag_block.len() as u32);
+                        frag_block.extend_from_slice(&buf);
+                        tails.insert(key, loc);
+                        TailPlace::Fragment(loc.0, loc.1)
+                    }
+                };
+                tx.send(Job::Tail {
+                    file,
+                    index,
+                    place,
+                    len,
+                })
+                .map_err(|_| closed())?;
+                index = usize::MAX;
+            }
+            if index != 0 && index != usize::MAX {
+                tx.send(Job::LastBlock { file }).map_err(|_| closed())?;
+            }
+            let mut probe = [0u8; 1];
+            if reader
+                .read(&mut probe)
+                .map_err(|e| Error::io(content.describe(), e))?
+                != 0
+            {
+                return Err(Error::Invalid(format!(
+                    "{}: file grew while it was being packed",
+                    content.describe()
+                )));
+            }
+        }
+        if !frag_block.is_empty() {
+            let job = Job::FragmentBlock {
+                index: frag_count - 1,
+                result: self.spawn_store(frag_block),
+            };
+            tx.send(job).map_err(|_| closed())?;
+        }
+        Ok(stats)
+    }
+
+    /// Writes blocks in order and de-duplicates whole files' block runs.
+    fn consume(&self, files: &[&FileContent], rx: mpsc::Receiver<Job>) -> Result<(DataArea, u32)> {
+        let mut layouts: Vec<FileLayout> = files.iter().map(|f| FileLayout::new(f.size)).collect();
+        let mut fragments: Vec<(u64, u32)> = Vec::new();
+        let mut blocks = BlockList::default();
+        let mut pos = self.start;
+        let mut file_start = 0usize;
+        let mut stats = DataStats::default();
+        let recv = |r: mpsc::Receiver<Result<Stored>>| -> Result<Stored> {
+            r.recv()
+                .map_err(|_| Error::Compressor("compression task lost".into()))?
+        };
+        for job in rx {
+            match job {
+                Job::Block {
+                    file,
+                    index,
+                    first,
+                    result,
+                    raw_len,
+                } => {
+                    let stored = recv(result)?;
+                    if first {
+                        file_start = blocks.len();
+                    }
+                    let size = stored.bytes.len() as u32
+                        | if stored.compressed {
+                            0
+                        } else {
+                            BLOCK_UNCOMPRESSED
+                        };
+                    self.out.write_all_at(&stored.bytes, pos)?;
+                    blocks.push(pos, size, stored.digest);
+                    pos += stored.bytes.len() as u64;
+                    set_block_size(&mut layouts[file], index, size);
+                    stats.bytes_read += raw_len;
+                    stats.blocks_written += 1;
+                    self.progress.advance(raw_len);
+                }
+                Job::Sparse {
+                    file,
+                    index,
+                    first,
+                    len,
+                } => {
+                    if first {
+                        file_start = blocks.len();
+                    }
+                    set_block_size(&mut layouts[file], index, 0);
+                    layouts[file].sparse += len as u64;
+                    stats.bytes_read += len as u64;
+                    self.progress.advance(len as u64);
+                }
+                Job::LastBlock { file } => {
+                    let (start, truncate_to) = blocks.deduplicate(file_start);
+                    layouts[file].blocks_start = start;
+                    if let Some((end, removed)) = truncate_to {
+                        pos = end;
+                        self.out.set_len(pos)?;
+                        stats.duplicate_blocks += removed as u64;
+                        stats.blocks_written -= removed as u64;
+                    }
+                }
+                Job::Tail {
+                    file,
+                    index,
+                    place,
+                    len,
+                } => {
+                    match place {
+                        TailPlace::Sparse => {
+                            set_block_size(&mut layouts[file], index, 0);
+                            layouts[file].sparse += len as u64;
+                        }
+                        TailPlace::Fragment(i, off) => {
+                            layouts[file].fragment_index = i;
+                            layouts[file].fragment_offset = off;
+                        }
+                    }
+                    stats.bytes_read += len as u64;
+                    self.progress.advance(len as u64);
+                }
+                Job::FragmentBlock { index, result } => {
+                    let stored = recv(result)?;
+                    let size = stored.bytes.len() as u32
+                        | if stored.compressed {
+                            0
+                        } else {
+                            BLOCK_UNCOMPRESSED
+                        };
+                    self.out.write_all_at(&stored.bytes, pos)?;
+                    blocks.push(pos, size, stored.digest);
+                    debug_assert_eq!(index as usize, fragments.len());
+                    fragments.push((pos, size));
+                    pos += stored.bytes.len() as u64;
+                    stats.blocks_written += 1;
+                }
+            }
+        }
+        let n = fragments.len() as u32;
+        Ok((
+            DataArea {
+                files: layouts,
+                fragments,
+                end: pos,
+                stats,
+            },
+            n,
+        ))
+    }
+}
+
+fn set_block_size(layout: &mut FileLayout, index: usize, size: u32) {
+    if layout.block_sizes.len() <= index {
+        layout.block_sizes.resize(index + 1, 0);
+    }
+    layout.block_sizes[index] = size;
+}
+
+/// Every stored block in image order, for run de-duplication.
+#[derive(Default)]
+struct BlockList {
+    entries: Vec<(u64, u32, [u8; 32])>,
+    by_key: HashMap<(u32, [u8; 32]), Vec<usize>>,
+}
+
+impl BlockList {
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    fn push(&mut self, offset: u64, size: u32, digest: [u8; 32]) {
+        self.by_key
+            .entry((size, digest))
+            .or_default()
+            .push(self.entries.len());
+        self.entries.push((offset, size, digest));
+    }
+
+    fn key(&self, i: usize) -> (u32, [u8; 32]) {
+        (self.entries[i].1, self.entries[i].2)
+    }
+
+    /// The file whose stored blocks are `file_start..`: returns where its
+    /// blocks start and, if an earlier identical run was found, the new end
+    /// of the data area and how many blocks were dropped.
+    fn deduplicate(&mut self, file_start: usize) -> (u64, Option<(u64, usize)>) {
+        let count = self.len() - file_start;
+        if count == 0 {
+            return (0, None);
+        }
+        let candidates = self
+            .by_key
+            .get(&self.key(file_start))
+            .cloned()
+            .unwrap_or_default();
+        let found = candidates
+            .into_iter()
+            .take_while(|&i| i < file_start)
+            .find(|&i| (0..count).all(|j| self.key(i + j) == self.key(file_start + j)));
+        let Some(i) = found else {
+            return (self.entries[file_start].0, None);
+        };
+        let start = self.entries[i].0;
+        let new_len = if count >= file_start - i {
+            i + count
+        } else {
+            file_start
+        };
+        let removed = self.len() - new_len;
+        while self.len() > new_len {
+            let idx = self.len() - 1;
+            let key = self.key(idx);
+            let list = self.by_key.get_mut(&key).expect("indexed");
+            debug_assert_eq!(list.last(), Some(&idx));
+            list.pop();
+            if list.is_empty() {
+                self.by_key.remove(&key);
+            }
+            self.entries.pop();
+        }
+        let (off, size, _) = self.entries[new_len - 1];
+        let end = off + (size & !BLOCK_UNCOMPRESSED) as u64;
+        (start, Some((end, removed)))
+    }
+}
+
+fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match r.read(&mut buf[done..]) {
+            Ok(0) => {
+                return Err(Error::RawIo(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "file shrank while it was being packed",
+                )));
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::RawIo(e)),
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn is_zero(b: &[u8]) -> bool {
+    let mut chunks = b.chunks_exact(16);
+    chunks.all(|c| u128::from_ne_bytes(c.try_into().unwrap()) == 0)
+        && chunks.remainder().iter().all(|&x| x == 0)
+}

@@ -1,0 +1,14 @@
+//! SquashFS 4.0: on-disk format, compression, a reader that works in place
+//! at any offset of any file, and a writer whose output is byte-identical
+//! to gensquashfs 1.2.0's.
+
+pub mod compress;
+mod data;
+pub mod format;
+mod meta;
+mod writer;
+mod xattr_table;
+
+pub use compress::XzConfig;
+pub use data::DataStats;
+pub use writer::{WriteStats, WriterOptions, write_image};
