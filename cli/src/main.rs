@@ -25,6 +25,8 @@ struct Cli {
 enum Command {
     /// SquashFS tools: pack (a gensquashfs drop-in), ls, cat, info.
     Sqfs(cmd::sqfs::Args),
+    /// ISO 9660 tools: ls, extent, cat.
+    Iso(cmd::iso::Args),
 }
 
 /// Exit codes shared by every subcommand.
@@ -54,6 +56,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Sqfs(a) => cmd::sqfs::run(a),
+        Command::Iso(a) => cmd::iso::run(a),
     };
     match result {
         Ok(code) => code,

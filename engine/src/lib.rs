@@ -6,6 +6,8 @@
 //! * [`progress`]: the observer through which long operations report.
 
 pub mod error;
+pub mod io;
+pub mod iso;
 pub mod progress;
 pub mod sqfs;
 pub mod tree;

@@ -1,3 +1,4 @@
+pub mod iso;
 pub mod sqfs;
 
 use anyhow::{Context, Result, bail};

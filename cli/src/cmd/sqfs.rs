@@ -1,11 +1,16 @@
 //! `iukfarm sqfs`: the engine's SquashFS reader and writer for people and scripts.
 
+use std::fs::File;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use iukfarm_engine::sqfs::{WriterOptions, XzConfig, compress::parse_size, write_image};
+use iukfarm_engine::io::{ReadAt, Slice};
+use iukfarm_engine::iso::Iso;
+use iukfarm_engine::sqfs::{Archive, InodeKind, WriterOptions, XzConfig, compress::parse_size, write_image};
 use iukfarm_engine::tree::{Kind, Node, ScanOptions, scan_dir};
 
 use crate::progress::Reporter;
@@ -21,6 +26,46 @@ enum Cmd {
     /// Pack a directory into a SquashFS image, byte-identical to
     /// `gensquashfs` 1.2.0 with the same options and SOURCE_DATE_EPOCH.
     Pack(PackArgs),
+    /// List an image's contents, like `unsquashfs -lln` (numeric owners, UTC times).
+    Ls(LsArgs),
+    /// Write a file's contents to standard output.
+    Cat(CatArgs),
+    /// Show the superblock and tables, like `unsquashfs -s`.
+    Info(ImageArgs),
+}
+
+/// Where the image is: a file, optionally at an offset or inside an ISO.
+#[derive(Parser)]
+pub struct ImageArgs {
+    /// The image, or a file containing it (see --offset, --in-iso).
+    image: PathBuf,
+    /// Byte offset of the image inside the file.
+    #[arg(short = 'o', long, default_value_t = 0)]
+    offset: u64,
+    /// IMAGE is an ISO; read the SquashFS file at this path inside it
+    /// (e.g. live/filesystem.squashfs) in place.
+    #[arg(long = "in-iso", value_name = "PATH")]
+    in_iso: Option<String>,
+}
+
+#[derive(Parser)]
+pub struct LsArgs {
+    #[command(flatten)]
+    image: ImageArgs,
+    /// Also print each entry's inode number and link count.
+    #[arg(short = 'i', long)]
+    inodes: bool,
+    /// Also print extended attributes, one per line, indented.
+    #[arg(short = 'x', long)]
+    xattrs: bool,
+}
+
+#[derive(Parser)]
+pub struct CatArgs {
+    #[command(flatten)]
+    image: ImageArgs,
+    /// Path of the file inside the image.
+    path: String,
 }
 
 /// The options use gensquashfs's names, so that `iukfarm sqfs pack` can
@@ -78,7 +123,186 @@ pub struct PackArgs {
 pub fn run(args: Args) -> Result<ExitCode> {
     match args.command {
         Cmd::Pack(a) => pack(a),
+        Cmd::Ls(a) => ls(a),
+        Cmd::Cat(a) => cat(a),
+        Cmd::Info(a) => info(a),
     }
+}
+
+fn open_image(a: &ImageArgs) -> Result<Arc<Archive>> {
+    let file = File::open(&a.image).with_context(|| format!("opening {}", a.image.display()))?;
+    let file: Arc<dyn ReadAt> = Arc::new(file);
+    let src: Arc<dyn ReadAt> = match &a.in_iso {
+        Some(path) => {
+            let iso = Iso::open(file).with_context(|| format!("reading {} as an ISO", a.image.display()))?;
+            let entry = iso
+                .lookup(path.as_bytes())?
+                .with_context(|| format!("{path} not found in {}", a.image.display()))?;
+            let inner = iso.file_reader(&entry)?;
+            if a.offset > 0 {
+                Arc::new(Slice {
+                    len: inner.size()?.saturating_sub(a.offset),
+                    inner,
+                    offset: a.offset,
+                })
+            } else {
+                inner
+            }
+        }
+        None if a.offset > 0 => {
+            let len = file.size()?;
+            if a.offset >= len {
+                bail!("offset {} is beyond the end of {} ({len} bytes)", a.offset, a.image.display());
+            }
+            Arc::new(Slice {
+                inner: file,
+                offset: a.offset,
+                len: len - a.offset,
+            })
+        }
+        None => file,
+    };
+    Archive::open(src).with_context(|| format!("reading the SquashFS image in {}", a.image.display()))
+}
+
+fn ls(a: LsArgs) -> Result<ExitCode> {
+    let ar = open_image(&a.image)?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    ar.walk(&mut |path, inode| {
+        let size = match &inode.kind {
+            InodeKind::File(f) => f.size.to_string(),
+            InodeKind::Symlink(t) => t.len().to_string(),
+            InodeKind::BlockDev(d) | InodeKind::CharDev(d) => {
+                let (major, minor) = split_dev(*d);
+                format!("{major},{minor:>4}")
+            }
+            InodeKind::Dir { size, .. } => size.to_string(),
+            _ => "0".into(),
+        };
+        let mut line = Vec::new();
+        if a.inodes {
+            write!(line, "{:>8} {:>3} ", inode.number, inode.nlink)?;
+        }
+        write!(
+            line,
+            "{} {}/{} {:>10} {} /",
+            mode_string(inode.st_mode()),
+            inode.uid,
+            inode.gid,
+            size,
+            format_time(inode.mtime)
+        )?;
+        line.extend_from_slice(path);
+        if let InodeKind::Symlink(t) = &inode.kind {
+            line.extend_from_slice(b" -> ");
+            line.extend_from_slice(t);
+        }
+        line.push(b'\n');
+        if a.xattrs {
+            for (k, v) in ar.xattrs(inode.xattr)? {
+                line.extend_from_slice(b"    ");
+                line.extend_from_slice(&k);
+                write!(line, "=0x{}\n", hex(&v))?;
+            }
+        }
+        out.write_all(&line)?;
+        Ok(())
+    })?;
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cat(a: CatArgs) -> Result<ExitCode> {
+    let ar = open_image(&a.image)?;
+    let inode = ar
+        .lookup(a.path.as_bytes())?
+        .with_context(|| format!("{} not found in the image", a.path))?;
+    let InodeKind::File(f) = &inode.kind else {
+        bail!("{} is not a regular file", a.path);
+    };
+    let mut reader = ar.open_file(f);
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    std::io::copy(&mut reader, &mut out).with_context(|| format!("reading {}", a.path))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn info(a: ImageArgs) -> Result<ExitCode> {
+    let ar = open_image(&a)?;
+    let sb = ar.superblock();
+    println!("compressor: {}", ar.compressor().name());
+    if let Some((dict, flags)) = ar.xz_options() {
+        println!("xz dictionary size: {dict}");
+        println!("xz filter flags: {flags:#x}");
+    }
+    println!("block size: {}", sb.block_size);
+    println!("bytes used: {}", sb.bytes_used);
+    println!("modification time: {} ({})", sb.modification_time, format_time(sb.modification_time));
+    println!("inodes: {}", sb.inode_count);
+    println!("fragments: {}", sb.fragment_entry_count);
+    println!("ids: {}", sb.id_count);
+    println!("flags: {:#06x}", sb.flags);
+    println!("xattrs: {}", if sb.flags & 0x0200 != 0 { "none" } else { "stored" });
+    println!("exportable: {}", sb.flags & 0x0080 != 0);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Major and minor from the kernel's 32-bit device encoding.
+fn split_dev(d: u32) -> (u32, u32) {
+    ((d >> 8) & 0xfff, (d & 0xff) | ((d >> 12) & 0xfff00))
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn mode_string(mode: u32) -> String {
+    let t = match mode & 0o170000 {
+        0o040000 => 'd',
+        0o120000 => 'l',
+        0o060000 => 'b',
+        0o020000 => 'c',
+        0o010000 => 'p',
+        0o140000 => 's',
+        _ => '-',
+    };
+    let mut s = String::with_capacity(10);
+    s.push(t);
+    let bit = |m: u32, c: char| if mode & m != 0 { c } else { '-' };
+    let special = |x: u32, s_bit: u32, lower: char, upper: char| match (mode & x != 0, mode & s_bit != 0) {
+        (true, true) => lower,
+        (false, true) => upper,
+        (true, false) => 'x',
+        (false, false) => '-',
+    };
+    s.push(bit(0o400, 'r'));
+    s.push(bit(0o200, 'w'));
+    s.push(special(0o100, 0o4000, 's', 'S'));
+    s.push(bit(0o040, 'r'));
+    s.push(bit(0o020, 'w'));
+    s.push(special(0o010, 0o2000, 's', 'S'));
+    s.push(bit(0o004, 'r'));
+    s.push(bit(0o002, 'w'));
+    s.push(special(0o001, 0o1000, 't', 'T'));
+    s
+}
+
+/// `YYYY-MM-DD HH:MM` in UTC, so listings do not depend on the machine's zone.
+pub fn format_time(t: u32) -> String {
+    let days = (t / 86400) as i64;
+    let secs = t % 86400;
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}", secs / 3600, secs % 3600 / 60)
 }
 
 fn pack(a: PackArgs) -> Result<ExitCode> {

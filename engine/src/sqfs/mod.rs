@@ -6,9 +6,11 @@ pub mod compress;
 mod data;
 pub mod format;
 mod meta;
+mod reader;
 mod writer;
 mod xattr_table;
 
 pub use compress::XzConfig;
 pub use data::DataStats;
+pub use reader::{Archive, DirEntry, FileInode, FileReader, Inode, InodeKind};
 pub use writer::{WriteStats, WriterOptions, write_image};

@@ -1,0 +1,970 @@
+//! Reading SquashFS 4.0 images in place.
+//!
+//! Images are untrusted: every position, size and count is checked against
+//! the table it must lie in before it is used, decompression is bounded by
+//! the block size, directory loops and shared directories are refused, and
+//! no structure is allocated larger than what the image can really hold.
+
+use std::collections::HashMap;
+use std::io::{self, Read};
+use std::sync::{Arc, Mutex};
+
+use rayon::prelude::*;
+
+use super::compress::{self, XzConfig};
+use super::format::{
+    BLOCK_UNCOMPRESSED, CompressorId, Cursor, META_BLOCK_SIZE, META_UNCOMPRESSED, NO_FRAGMENT, NO_TABLE, NO_XATTR,
+    SUPERBLOCK_SIZE, Superblock, XATTR_OUT_OF_LINE, XATTR_PREFIXES, flags, inode_type,
+};
+use crate::error::{Error, Result, corrupt};
+use crate::io::ReadAt;
+use crate::tree::{FileContent, Kind, Meta, Node, OpenReader, Source, Xattr};
+
+/// At most this many data blocks per file (64 MiB of block list).
+const MAX_FILE_BLOCKS: u64 = 1 << 24;
+/// Directory nesting deeper than this is refused.
+const MAX_DEPTH: usize = 1024;
+/// Decoded metadata blocks kept in memory.
+const META_CACHE_BLOCKS: usize = 4096;
+/// Data blocks decompressed together when streaming a file.
+const READ_AHEAD_BLOCKS: usize = 8;
+
+/// What an inode is, with its type-specific fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InodeKind {
+    Dir {
+        start_block: u32,
+        offset: u16,
+        /// Listing size as stored (3 more than the bytes of the listing).
+        size: u32,
+        parent: u32,
+    },
+    File(FileInode),
+    Symlink(Vec<u8>),
+    BlockDev(u32),
+    CharDev(u32),
+    Fifo,
+    Socket,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileInode {
+    pub blocks_start: u64,
+    pub size: u64,
+    pub sparse: u64,
+    pub fragment_index: u32,
+    pub fragment_offset: u32,
+    pub block_sizes: Vec<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inode {
+    pub number: u32,
+    /// The stored inode type (basic or extended).
+    pub raw_type: u16,
+    /// Permission bits only.
+    pub mode: u16,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: u32,
+    pub nlink: u32,
+    pub xattr: u32,
+    pub kind: InodeKind,
+}
+
+impl Inode {
+    /// `st_mode`-style type and permission bits.
+    pub fn st_mode(&self) -> u32 {
+        let t = match self.kind {
+            InodeKind::Dir { .. } => 0o040000,
+            InodeKind::File(_) => 0o100000,
+            InodeKind::Symlink(_) => 0o120000,
+            InodeKind::BlockDev(_) => 0o060000,
+            InodeKind::CharDev(_) => 0o020000,
+            InodeKind::Fifo => 0o010000,
+            InodeKind::Socket => 0o140000,
+        };
+        t | (self.mode as u32 & 0o7777)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DirEntry {
+    pub name: Vec<u8>,
+    pub inode_ref: u64,
+    pub inode_number: u32,
+    pub entry_type: u16,
+}
+
+/// An open SquashFS image.
+pub struct Archive {
+    src: Arc<dyn ReadAt>,
+    sb: Superblock,
+    comp: CompressorId,
+    xz_options: Option<(u32, u32)>,
+    ids: Vec<u32>,
+    fragments: Vec<(u64, u32)>,
+    xattr_kv_start: u64,
+    xattr_ids: Vec<u64>,
+    xattr_count: u32,
+    export: Option<Vec<u64>>,
+    meta_cache: Mutex<HashMap<u64, (Arc<Vec<u8>>, u64)>>,
+}
+
+impl std::fmt::Debug for Archive {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Archive").field("superblock", &self.sb).finish_non_exhaustive()
+    }
+}
+
+impl Archive {
+    /// Opens the image that starts at byte 0 of `src`; wrap `src` in
+    /// [`crate::io::Slice`] to read an image inside another file.
+    pub fn open(src: Arc<dyn ReadAt>) -> Result<Arc<Archive>> {
+        let len = src.size()?;
+        let mut head = [0u8; SUPERBLOCK_SIZE];
+        read_at(&*src, &mut head, 0, "superblock")?;
+        let sb = Superblock::parse(&head, len)?;
+        let comp = CompressorId::from_u16(sb.compression_id)
+            .ok_or_else(|| Error::corrupt(format!("unknown compressor id {}", sb.compression_id)))?;
+        let mut ar = Archive {
+            src,
+            comp,
+            xz_options: None,
+            ids: Vec::new(),
+            fragments: Vec::new(),
+            xattr_kv_start: 0,
+            xattr_ids: Vec::new(),
+            xattr_count: 0,
+            export: None,
+            meta_cache: Mutex::new(HashMap::new()),
+            sb,
+        };
+        if ar.sb.flags & flags::COMPRESSOR_OPTIONS != 0 && comp == CompressorId::Xz {
+            let (opts, _) = ar.read_meta_block(SUPERBLOCK_SIZE as u64, ar.sb.inode_table_start)?;
+            let mut c = Cursor::new(&opts);
+            ar.xz_options = Some((c.u32()?, c.u32()?));
+        }
+        let id_bytes = ar.sb.id_count as usize * 4;
+        let table = ar.read_lookup_table(ar.sb.id_table_start, id_bytes, "id")?;
+        ar.ids = table.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect();
+
+        if ar.sb.flags & flags::NO_FRAGMENTS == 0
+            && ar.sb.fragment_table_start != NO_TABLE
+            && ar.sb.fragment_entry_count > 0
+        {
+            let n = ar.sb.fragment_entry_count as usize;
+            if n as u64 * 16 > len {
+                corrupt!("fragment count {n} is larger than the image can hold");
+            }
+            let table = ar.read_lookup_table(ar.sb.fragment_table_start, n * 16, "fragment")?;
+            ar.fragments = table
+                .chunks_exact(16)
+                .map(|c| {
+                    (
+                        u64::from_le_bytes(c[..8].try_into().unwrap()),
+                        u32::from_le_bytes(c[8..12].try_into().unwrap()),
+                    )
+                })
+                .collect();
+        }
+        if ar.sb.export_table_start != NO_TABLE && ar.sb.flags & flags::EXPORTABLE != 0 {
+            let n = ar.sb.inode_count as usize;
+            if n as u64 * 8 > len {
+                corrupt!("export table larger than the image");
+            }
+            let table = ar.read_lookup_table(ar.sb.export_table_start, n * 8, "export")?;
+            ar.export = Some(
+                table
+                    .chunks_exact(8)
+                    .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+                    .collect(),
+            );
+        }
+        if ar.sb.xattr_id_table_start != NO_TABLE && ar.sb.flags & flags::NO_XATTRS == 0 {
+            let mut hdr = [0u8; 16];
+            read_at(&*ar.src, &mut hdr, ar.sb.xattr_id_table_start, "xattr id table header")?;
+            ar.xattr_kv_start = u64::from_le_bytes(hdr[..8].try_into().unwrap());
+            ar.xattr_count = u32::from_le_bytes(hdr[8..12].try_into().unwrap());
+            let blocks = (ar.xattr_count as u64 * 16).div_ceil(META_BLOCK_SIZE as u64);
+            if ar.xattr_kv_start >= ar.sb.xattr_id_table_start || blocks * 8 > len {
+                corrupt!("xattr id table header out of range");
+            }
+            let mut list = vec![0u8; blocks as usize * 8];
+            read_at(&*ar.src, &mut list, ar.sb.xattr_id_table_start + 16, "xattr id table")?;
+            ar.xattr_ids = list.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect();
+        }
+        Ok(Arc::new(ar))
+    }
+
+    pub fn superblock(&self) -> &Superblock {
+        &self.sb
+    }
+
+    pub fn compressor(&self) -> CompressorId {
+        self.comp
+    }
+
+    /// The xz settings stored in the image's options block (dictionary
+    /// size, filter flags), if any.
+    pub fn xz_options(&self) -> Option<(u32, u32)> {
+        self.xz_options
+    }
+
+    /// The xz configuration the image's options describe, for comparing
+    /// with a writer's.
+    pub fn xz_config(&self) -> Option<XzConfig> {
+        (self.comp == CompressorId::Xz).then(|| {
+            let mut c = XzConfig::for_block_size(self.sb.block_size);
+            if let Some((dict, f)) = self.xz_options {
+                c.dict_size = dict;
+                c.flags = f;
+            }
+            c
+        })
+    }
+
+    pub fn ids(&self) -> &[u32] {
+        &self.ids
+    }
+
+    pub fn fragment_count(&self) -> usize {
+        self.fragments.len()
+    }
+
+    /// Inode number -> inode reference, from the export table if the image has one.
+    pub fn export_lookup(&self, number: u32) -> Option<u64> {
+        let t = self.export.as_ref()?;
+        t.get(number.checked_sub(1)? as usize).copied()
+    }
+
+    fn decompress(&self, data: &[u8], max: usize) -> Result<Vec<u8>> {
+        compress::decompress(self.comp, data, max)
+    }
+
+    /// Reads the metadata block at absolute position `pos`, which must end
+    /// before `limit`. Returns its contents and the position of the next.
+    fn read_meta_block(&self, pos: u64, limit: u64) -> Result<(Arc<Vec<u8>>, u64)> {
+        if let Some(b) = self.meta_cache.lock().expect("cache lock").get(&pos) {
+            let hdr_len = 2 + b.1;
+            return Ok((b.0.clone(), pos + hdr_len));
+        }
+        if pos.checked_add(2).is_none_or(|e| e > limit) {
+            corrupt!("metadata block at {pos} lies outside its table");
+        }
+        let mut hdr = [0u8; 2];
+        read_at(&*self.src, &mut hdr, pos, "metadata header")?;
+        let h = u16::from_le_bytes(hdr);
+        let size = (h & !META_UNCOMPRESSED) as u64;
+        if size == 0 || size > META_BLOCK_SIZE as u64 || pos + 2 + size > limit {
+            corrupt!("metadata block at {pos} has invalid size {size}");
+        }
+        let mut raw = vec![0u8; size as usize];
+        read_at(&*self.src, &mut raw, pos + 2, "metadata block")?;
+        let data = if h & META_UNCOMPRESSED != 0 {
+            raw
+        } else {
+            self.decompress(&raw, META_BLOCK_SIZE)?
+        };
+        let data = Arc::new(data);
+        let mut cache = self.meta_cache.lock().expect("cache lock");
+        if cache.len() >= META_CACHE_BLOCKS {
+            cache.clear();
+        }
+        cache.insert(pos, (data.clone(), size));
+        Ok((data, pos + 2 + size))
+    }
+
+    /// Lookup tables (ids, fragments, export): a list of metadata block
+    /// positions at `list_at`, the entries in those blocks.
+    fn read_lookup_table(&self, list_at: u64, bytes: usize, what: &str) -> Result<Vec<u8>> {
+        let blocks = bytes.div_ceil(META_BLOCK_SIZE);
+        if list_at == NO_TABLE || list_at.checked_add(blocks as u64 * 8).is_none_or(|e| e > self.sb.bytes_used) {
+            corrupt!("{what} table position out of range");
+        }
+        let mut list = vec![0u8; blocks * 8];
+        read_at(&*self.src, &mut list, list_at, what)?;
+        let mut out = Vec::with_capacity(bytes);
+        for (i, c) in list.chunks_exact(8).enumerate() {
+            let pos = u64::from_le_bytes(c.try_into().unwrap());
+            if pos < self.sb.directory_table_start || pos >= list_at {
+                corrupt!("{what} table block {i} at {pos} out of range");
+            }
+            let (block, _) = self.read_meta_block(pos, list_at)?;
+            let want = (bytes - out.len()).min(META_BLOCK_SIZE);
+            if block.len() < want {
+                corrupt!("{what} table block {i} too short");
+            }
+            out.extend_from_slice(&block[..want]);
+        }
+        Ok(out)
+    }
+
+    fn id(&self, idx: u16) -> Result<u32> {
+        match self.ids.get(idx as usize) {
+            Some(&v) => Ok(v),
+            None => corrupt!("id index {idx} beyond the id table ({} entries)", self.ids.len()),
+        }
+    }
+
+    pub fn root_inode(&self) -> Result<Inode> {
+        self.inode(self.sb.root_inode_ref)
+    }
+
+    /// Reads the inode at reference `(block << 16) | offset`.
+    pub fn inode(&self, iref: u64) -> Result<Inode> {
+        let start = self.sb.inode_table_start + (iref >> 16);
+        let offset = (iref & 0xFFFF) as usize;
+        let limit = self.sb.directory_table_start;
+        if start >= limit || offset >= META_BLOCK_SIZE {
+            corrupt!("inode reference {iref:#x} out of range");
+        }
+        let mut reader = MetaStream {
+            ar: self,
+            pos: start,
+            off: offset,
+            limit,
+        };
+        let base = reader.read(16)?;
+        let mut c = Cursor::new(&base);
+        let raw_type = c.u16()?;
+        let mode = c.u16()? & 0o7777;
+        let uid = self.id(c.u16()?)?;
+        let gid = self.id(c.u16()?)?;
+        let mtime = c.u32()?;
+        let number = c.u32()?;
+        if number == 0 || number > self.sb.inode_count {
+            corrupt!("inode number {number} out of range (image has {})", self.sb.inode_count);
+        }
+        let mut xattr = NO_XATTR;
+        let u32s = |r: &mut MetaStream<'_>, n: usize| -> Result<Vec<u32>> {
+            let b = r.read(n * 4)?;
+            Ok(b.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect())
+        };
+        let (nlink, kind) = match raw_type {
+            inode_type::DIR => {
+                let b = reader.read(16)?;
+                let mut c = Cursor::new(&b);
+                let start_block = c.u32()?;
+                let nlink = c.u32()?;
+                let size = c.u16()? as u32;
+                let offset = c.u16()?;
+                let parent = c.u32()?;
+                (
+                    nlink,
+                    InodeKind::Dir {
+                        start_block,
+                        offset,
+                        size,
+                        parent,
+                    },
+                )
+            }
+            inode_type::EXT_DIR => {
+                let b = reader.read(24)?;
+                let mut c = Cursor::new(&b);
+                let nlink = c.u32()?;
+                let size = c.u32()?;
+                let start_block = c.u32()?;
+                let parent = c.u32()?;
+                let _index_count = c.u16()?;
+                let offset = c.u16()?;
+                xattr = c.u32()?;
+                (
+                    nlink,
+                    InodeKind::Dir {
+                        start_block,
+                        offset,
+                        size,
+                        parent,
+                    },
+                )
+            }
+            inode_type::FILE | inode_type::EXT_FILE => {
+                let (blocks_start, size, sparse, nlink, frag, frag_off) = if raw_type == inode_type::FILE {
+                    let v = u32s(&mut reader, 4)?;
+                    (v[0] as u64, v[3] as u64, 0, 1, v[1], v[2])
+                } else {
+                    let b = reader.read(40)?;
+                    let mut c = Cursor::new(&b);
+                    let bs = c.u64()?;
+                    let size = c.u64()?;
+                    let sparse = c.u64()?;
+                    let nlink = c.u32()?;
+                    let frag = c.u32()?;
+                    let off = c.u32()?;
+                    xattr = c.u32()?;
+                    (bs, size, sparse, nlink, frag, off)
+                };
+                let bs = self.sb.block_size as u64;
+                let count = if frag == NO_FRAGMENT { size.div_ceil(bs) } else { size / bs };
+                if count > MAX_FILE_BLOCKS {
+                    corrupt!("inode {number}: file of {size} bytes has too many blocks");
+                }
+                if frag != NO_FRAGMENT && frag as usize >= self.fragments.len() {
+                    corrupt!("inode {number}: fragment {frag} does not exist");
+                }
+                let block_sizes = u32s(&mut reader, count as usize)?;
+                (
+                    nlink,
+                    InodeKind::File(FileInode {
+                        blocks_start,
+                        size,
+                        sparse,
+                        fragment_index: frag,
+                        fragment_offset: frag_off,
+                        block_sizes,
+                    }),
+                )
+            }
+            inode_type::SYMLINK | inode_type::EXT_SYMLINK => {
+                let v = u32s(&mut reader, 2)?;
+                if v[1] as usize > 4096 {
+                    corrupt!("inode {number}: symlink target of {} bytes", v[1]);
+                }
+                let target = reader.read(v[1] as usize)?;
+                if raw_type == inode_type::EXT_SYMLINK {
+                    xattr = u32s(&mut reader, 1)?[0];
+                }
+                (v[0], InodeKind::Symlink(target))
+            }
+            inode_type::BLOCK_DEV | inode_type::CHAR_DEV | inode_type::EXT_BLOCK_DEV | inode_type::EXT_CHAR_DEV => {
+                let ext = raw_type >= inode_type::EXT_DIR;
+                let v = u32s(&mut reader, if ext { 3 } else { 2 })?;
+                if ext {
+                    xattr = v[2];
+                }
+                let block = matches!(raw_type, inode_type::BLOCK_DEV | inode_type::EXT_BLOCK_DEV);
+                (v[0], if block { InodeKind::BlockDev(v[1]) } else { InodeKind::CharDev(v[1]) })
+            }
+            inode_type::FIFO | inode_type::SOCKET | inode_type::EXT_FIFO | inode_type::EXT_SOCKET => {
+                let ext = raw_type >= inode_type::EXT_DIR;
+                let v = u32s(&mut reader, if ext { 2 } else { 1 })?;
+                if ext {
+                    xattr = v[1];
+                }
+                let fifo = matches!(raw_type, inode_type::FIFO | inode_type::EXT_FIFO);
+                (v[0], if fifo { InodeKind::Fifo } else { InodeKind::Socket })
+            }
+            other => corrupt!("inode {number}: unknown inode type {other}"),
+        };
+        if xattr != NO_XATTR && xattr >= self.xattr_count {
+            corrupt!("inode {number}: xattr index {xattr} beyond the xattr table");
+        }
+        Ok(Inode {
+            number,
+            raw_type,
+            mode,
+            uid,
+            gid,
+            mtime,
+            nlink,
+            xattr,
+            kind,
+        })
+    }
+
+    /// Lists a directory inode's entries in stored order.
+    pub fn read_dir(&self, dir: &Inode) -> Result<Vec<DirEntry>> {
+        let InodeKind::Dir {
+            start_block,
+            offset,
+            size,
+            ..
+        } = dir.kind
+        else {
+            corrupt!("inode {} is not a directory", dir.number);
+        };
+        if size < 3 {
+            corrupt!("directory inode {} has invalid size {size}", dir.number);
+        }
+        let len = size as usize - 3;
+        let start = self.sb.directory_table_start + start_block as u64;
+        let limit = self.table_end_after_directories();
+        if start >= limit || offset as usize >= META_BLOCK_SIZE {
+            corrupt!("directory inode {}: listing position out of range", dir.number);
+        }
+        let data = MetaStream {
+            ar: self,
+            pos: start,
+            off: offset as usize,
+            limit,
+        }
+        .read(len)?;
+        let mut c = Cursor::new(&data);
+        let mut out: Vec<DirEntry> = Vec::new();
+        while c.remaining() > 0 {
+            let count = c.u32()? as usize + 1;
+            let block = c.u32()? as u64;
+            let base = c.u32()?;
+            if count > 256 {
+                corrupt!("directory inode {}: header with {count} entries", dir.number);
+            }
+            for _ in 0..count {
+                let off = c.u16()? as u64;
+                let diff = c.u16()? as i16;
+                let entry_type = c.u16()?;
+                let name_len = c.u16()? as usize + 1;
+                if name_len > 256 {
+                    corrupt!("directory inode {}: name of {name_len} bytes", dir.number);
+                }
+                let name = c.take(name_len)?.to_vec();
+                if name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0) {
+                    corrupt!(
+                        "directory inode {}: invalid entry name {:?}",
+                        dir.number,
+                        String::from_utf8_lossy(&name)
+                    );
+                }
+                if off >= META_BLOCK_SIZE as u64 || !(1..=7).contains(&entry_type) {
+                    corrupt!("directory inode {}: bad entry", dir.number);
+                }
+                let number = (base as i64 + diff as i64) as u32;
+                out.push(DirEntry {
+                    name,
+                    inode_ref: (block << 16) | off,
+                    inode_number: number,
+                    entry_type,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    fn table_end_after_directories(&self) -> u64 {
+        [
+            self.sb.fragment_table_start,
+            self.sb.export_table_start,
+            self.sb.id_table_start,
+            self.sb.xattr_id_table_start,
+        ]
+        .into_iter()
+        .filter(|&t| t != NO_TABLE && t > self.sb.directory_table_start)
+        .map(|t| t.min(self.sb.bytes_used))
+        .min()
+        .unwrap_or(self.sb.bytes_used)
+    }
+
+    /// The xattrs of an inode, full keys in stored order.
+    pub fn xattrs(&self, index: u32) -> Result<Vec<Xattr>> {
+        if index == NO_XATTR {
+            return Ok(Vec::new());
+        }
+        if index >= self.xattr_count {
+            corrupt!("xattr index {index} out of range");
+        }
+        let byte = index as usize * 16;
+        let block = self.xattr_ids.get(byte / META_BLOCK_SIZE).copied().unwrap_or(NO_TABLE);
+        let limit = self.sb.xattr_id_table_start;
+        if block < self.xattr_kv_start || block >= limit {
+            corrupt!("xattr id block out of range");
+        }
+        let e = MetaStream {
+            ar: self,
+            pos: block,
+            off: byte % META_BLOCK_SIZE,
+            limit,
+        }
+        .read(16)?;
+        let mut c = Cursor::new(&e);
+        let kv_ref = c.u64()?;
+        let count = c.u32()?;
+        let _size = c.u32()?;
+        if count > 65536 {
+            corrupt!("xattr set with {count} entries");
+        }
+        let mut stream = MetaStream {
+            ar: self,
+            pos: self.xattr_kv_start + (kv_ref >> 16),
+            off: (kv_ref & 0xFFFF) as usize,
+            limit,
+        };
+        let mut out = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            let h = stream.read(4)?;
+            let ty = u16::from_le_bytes([h[0], h[1]]);
+            let name_len = u16::from_le_bytes([h[2], h[3]]) as usize;
+            let prefix = XATTR_PREFIXES
+                .get((ty & !XATTR_OUT_OF_LINE) as usize)
+                .ok_or_else(|| Error::corrupt(format!("unknown xattr prefix id {ty}")))?;
+            let mut key = prefix.to_vec();
+            key.extend_from_slice(&stream.read(name_len)?);
+            let vlen = u32::from_le_bytes(stream.read(4)?.try_into().unwrap()) as usize;
+            let value = if ty & XATTR_OUT_OF_LINE != 0 {
+                if vlen != 8 {
+                    corrupt!("out-of-line xattr reference of {vlen} bytes");
+                }
+                let r = u64::from_le_bytes(stream.read(8)?.try_into().unwrap());
+                let mut at = MetaStream {
+                    ar: self,
+                    pos: self.xattr_kv_start + (r >> 16),
+                    off: (r & 0xFFFF) as usize,
+                    limit,
+                };
+                let n = u32::from_le_bytes(at.read(4)?.try_into().unwrap()) as usize;
+                check_xattr_len(n)?;
+                at.read(n)?
+            } else {
+                check_xattr_len(vlen)?;
+                stream.read(vlen)?
+            };
+            out.push((key, value));
+        }
+        Ok(out)
+    }
+
+    /// Reads a fragment block (decompressed).
+    fn fragment_block(&self, index: u32) -> Result<Vec<u8>> {
+        let &(start, size) = self
+            .fragments
+            .get(index as usize)
+            .ok_or_else(|| Error::corrupt(format!("fragment {index} does not exist")))?;
+        self.data_block(start, size, self.sb.block_size as usize)
+    }
+
+    /// Reads and decompresses one stored data block of at most `max` bytes.
+    fn data_block(&self, start: u64, size: u32, max: usize) -> Result<Vec<u8>> {
+        let len = (size & !BLOCK_UNCOMPRESSED) as usize;
+        if size & !(BLOCK_UNCOMPRESSED | 0x00FF_FFFF) != 0 || len > self.sb.block_size as usize {
+            corrupt!("data block size {size:#x} invalid");
+        }
+        if start.checked_add(len as u64).is_none_or(|e| e > self.sb.inode_table_start) {
+            corrupt!("data block at {start} (+{len}) outside the data area");
+        }
+        let mut raw = vec![0u8; len];
+        read_at(&*self.src, &mut raw, start, "data block")?;
+        if size & BLOCK_UNCOMPRESSED != 0 {
+            if len > max {
+                corrupt!("uncompressed data block larger than expected");
+            }
+            Ok(raw)
+        } else {
+            self.decompress(&raw, max)
+        }
+    }
+
+    /// Opens a file inode for sequential reading, with read-ahead blocks
+    /// decompressed in parallel.
+    pub fn open_file(self: &Arc<Self>, file: &FileInode) -> FileReader {
+        FileReader {
+            ar: self.clone(),
+            file: file.clone(),
+            next_block: 0,
+            disk_pos: file.blocks_start,
+            buf: Vec::new(),
+            buf_pos: 0,
+            done: 0,
+            ahead: Vec::new(),
+        }
+    }
+
+    /// Reads a whole file into memory (for small files: kernels, configs).
+    pub fn read_file(self: &Arc<Self>, file: &FileInode, limit: u64) -> Result<Vec<u8>> {
+        if file.size > limit {
+            return Err(Error::Invalid(format!("file of {} bytes exceeds the {limit}-byte limit", file.size)));
+        }
+        let mut out = Vec::with_capacity(file.size as usize);
+        self.open_file(file).read_to_end(&mut out).map_err(unwrap_io)?;
+        Ok(out)
+    }
+
+    /// Looks up a path (components separated by `/`) from the root.
+    pub fn lookup(&self, path: &[u8]) -> Result<Option<Inode>> {
+        let mut inode = self.root_inode()?;
+        for comp in path.split(|&b| b == b'/').filter(|c| !c.is_empty()) {
+            if !matches!(inode.kind, InodeKind::Dir { .. }) {
+                return Ok(None);
+            }
+            let entries = self.read_dir(&inode)?;
+            match entries.into_iter().find(|e| e.name == comp) {
+                Some(e) => inode = self.inode(e.inode_ref)?,
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(inode))
+    }
+
+    /// Visits every entry depth-first in stored order with its path (`""`
+    /// for the root). Refuses directory loops and directories reachable
+    /// twice, and stops after `inode_count` entries times two.
+    pub fn walk(&self, f: &mut dyn FnMut(&[u8], &Inode) -> Result<()>) -> Result<()> {
+        let root = self.root_inode()?;
+        let mut seen_dirs = std::collections::HashSet::new();
+        seen_dirs.insert(self.sb.root_inode_ref);
+        let mut visited = 0u64;
+        let budget = self.sb.inode_count as u64 * 2 + 16;
+        self.walk_at(&mut Vec::new(), &root, 0, &mut seen_dirs, &mut visited, budget, f)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn walk_at(
+        &self,
+        path: &mut Vec<u8>,
+        inode: &Inode,
+        depth: usize,
+        seen_dirs: &mut std::collections::HashSet<u64>,
+        visited: &mut u64,
+        budget: u64,
+        f: &mut dyn FnMut(&[u8], &Inode) -> Result<()>,
+    ) -> Result<()> {
+        *visited += 1;
+        if *visited > budget {
+            corrupt!("more entries than the image has inodes (directory cycle?)");
+        }
+        f(path, inode)?;
+        if !matches!(inode.kind, InodeKind::Dir { .. }) {
+            return Ok(());
+        }
+        if depth >= MAX_DEPTH {
+            corrupt!("directories nested deeper than {MAX_DEPTH}");
+        }
+        let mut entries = self.read_dir(inode)?;
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+        if let Some(w) = entries.windows(2).find(|w| w[0].name == w[1].name) {
+            corrupt!("duplicate entry {:?} in a directory", String::from_utf8_lossy(&w[0].name));
+        }
+        for e in entries {
+            let child = self.inode(e.inode_ref)?;
+            if child.number != e.inode_number {
+                corrupt!("directory entry inode number {} disagrees with inode {}", e.inode_number, child.number);
+            }
+            if matches!(child.kind, InodeKind::Dir { .. }) && !seen_dirs.insert(e.inode_ref) {
+                corrupt!("directory {:?} is reachable twice (loop)", String::from_utf8_lossy(&e.name));
+            }
+            let len = path.len();
+            if !path.is_empty() {
+                path.push(b'/');
+            }
+            path.extend_from_slice(&e.name);
+            self.walk_at(path, &child, depth + 1, seen_dirs, visited, budget, f)?;
+            path.truncate(len);
+        }
+        Ok(())
+    }
+
+    /// The whole image as a tree whose files read from the image. Hard
+    /// links become independent files with the same content.
+    pub fn to_tree(self: &Arc<Self>) -> Result<Node> {
+        let mut stack: Vec<Node> = Vec::new();
+        let mut depths: Vec<usize> = Vec::new();
+        let mut root: Option<Node> = None;
+        self.walk(&mut |path, inode| {
+            let depth = if path.is_empty() {
+                0
+            } else {
+                path.iter().filter(|&&b| b == b'/').count() + 1
+            };
+            while depths.last().is_some_and(|&d| d >= depth) {
+                let done = stack.pop().expect("paired");
+                depths.pop();
+                push_child(&mut stack, &mut root, done);
+            }
+            let name = path.rsplit(|&b| b == b'/').next().unwrap_or(b"").to_vec();
+            let node = self.node_for(name, inode)?;
+            stack.push(node);
+            depths.push(depth);
+            Ok(())
+        })?;
+        while let Some(done) = stack.pop() {
+            push_child(&mut stack, &mut root, done);
+        }
+        let mut root = root.ok_or_else(|| Error::corrupt("empty image"))?;
+        root.sort_children();
+        Ok(root)
+    }
+
+    fn node_for(self: &Arc<Self>, name: Vec<u8>, inode: &Inode) -> Result<Node> {
+        let kind = match &inode.kind {
+            InodeKind::Dir { .. } => Kind::Dir(Vec::new()),
+            InodeKind::File(f) => Kind::File(FileContent {
+                size: f.size,
+                source: Source::Reader(Arc::new(ImageFile {
+                    ar: self.clone(),
+                    file: f.clone(),
+                })),
+            }),
+            InodeKind::Symlink(t) => Kind::Symlink(t.clone()),
+            InodeKind::BlockDev(d) => Kind::BlockDev(*d),
+            InodeKind::CharDev(d) => Kind::CharDev(*d),
+            InodeKind::Fifo => Kind::Fifo,
+            InodeKind::Socket => Kind::Socket,
+        };
+        Ok(Node {
+            name,
+            meta: Meta {
+                mode: inode.mode,
+                uid: inode.uid,
+                gid: inode.gid,
+                mtime: inode.mtime,
+                xattrs: self.xattrs(inode.xattr)?,
+            },
+            kind,
+        })
+    }
+}
+
+fn push_child(stack: &mut [Node], root: &mut Option<Node>, done: Node) {
+    match stack.last_mut() {
+        Some(parent) => {
+            if let Kind::Dir(children) = &mut parent.kind {
+                children.push(done);
+            }
+        }
+        None => *root = Some(done),
+    }
+}
+
+fn check_xattr_len(n: usize) -> Result<()> {
+    if n > 1 << 20 {
+        corrupt!("xattr value of {n} bytes");
+    }
+    Ok(())
+}
+
+fn read_at(src: &dyn ReadAt, buf: &mut [u8], pos: u64, what: &str) -> Result<()> {
+    src.read_exact_at(buf, pos).map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            Error::corrupt(format!("{what} at {pos} lies beyond the end of the image (truncated?)"))
+        } else {
+            Error::RawIo(e)
+        }
+    })
+}
+
+fn unwrap_io(e: io::Error) -> Error {
+    match e.into_inner() {
+        Some(inner) => match inner.downcast::<Error>() {
+            Ok(engine) => *engine,
+            Err(other) => Error::RawIo(io::Error::other(other)),
+        },
+        None => Error::RawIo(io::Error::other("read failed")),
+    }
+}
+
+/// Sequential reads through a metadata stream.
+struct MetaStream<'a> {
+    ar: &'a Archive,
+    pos: u64,
+    off: usize,
+    limit: u64,
+}
+
+impl MetaStream<'_> {
+    fn read(&mut self, len: usize) -> Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(len.min(META_BLOCK_SIZE));
+        while out.len() < len {
+            let (block, next) = self.ar.read_meta_block(self.pos, self.limit)?;
+            if self.off > block.len() {
+                corrupt!("metadata offset {} beyond a {}-byte block", self.off, block.len());
+            }
+            let n = (block.len() - self.off).min(len - out.len());
+            out.extend_from_slice(&block[self.off..self.off + n]);
+            self.off += n;
+            if self.off == block.len() {
+                self.pos = next;
+                self.off = 0;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A file inside an image, as a tree content source.
+struct ImageFile {
+    ar: Arc<Archive>,
+    file: FileInode,
+}
+
+impl OpenReader for ImageFile {
+    fn open(&self) -> io::Result<Box<dyn Read + Send + '_>> {
+        Ok(Box::new(self.ar.open_file(&self.file)))
+    }
+}
+
+/// Streams a file's bytes; errors carry [`Error`] inside `io::Error`.
+pub struct FileReader {
+    ar: Arc<Archive>,
+    file: FileInode,
+    next_block: usize,
+    disk_pos: u64,
+    buf: Vec<u8>,
+    buf_pos: usize,
+    done: u64,
+    ahead: Vec<Vec<u8>>,
+}
+
+impl FileReader {
+    fn fill(&mut self) -> Result<()> {
+        let bs = self.ar.sb.block_size as u64;
+        if self.ahead.is_empty() && self.next_block < self.file.block_sizes.len() {
+            let end = (self.next_block + READ_AHEAD_BLOCKS).min(self.file.block_sizes.len());
+            let mut jobs = Vec::new();
+            for i in self.next_block..end {
+                let size = self.file.block_sizes[i];
+                let expect = (self.file.size - i as u64 * bs).min(bs) as usize;
+                jobs.push((self.disk_pos, size, expect));
+                self.disk_pos += (size & !BLOCK_UNCOMPRESSED) as u64;
+            }
+            self.next_block = end;
+            let ar = &self.ar;
+            let blocks: Vec<Result<Vec<u8>>> = jobs
+                .into_par_iter()
+                .map(|(pos, size, expect)| {
+                    if size == 0 {
+                        return Ok(vec![0u8; expect]);
+                    }
+                    let b = ar.data_block(pos, size, bs as usize)?;
+                    if b.len() != expect {
+                        corrupt!("data block decodes to {} bytes, expected {expect}", b.len());
+                    }
+                    Ok(b)
+                })
+                .collect();
+            self.ahead = blocks.into_iter().rev().collect::<Result<Vec<_>>>()?;
+        }
+        if let Some(b) = self.ahead.pop() {
+            self.buf = b;
+            self.buf_pos = 0;
+            return Ok(());
+        }
+        let remaining = self.file.size - self.done;
+        if remaining > 0 && self.file.fragment_index != NO_FRAGMENT {
+            let frag = self.ar.fragment_block(self.file.fragment_index)?;
+            let off = self.file.fragment_offset as usize;
+            match off.checked_add(remaining as usize) {
+                Some(end) if end <= frag.len() => {
+                    self.buf = frag[off..end].to_vec();
+                    self.buf_pos = 0;
+                }
+                _ => corrupt!("file tail lies outside its fragment block"),
+            }
+            return Ok(());
+        }
+        if remaining > 0 {
+            corrupt!("file data ends {remaining} bytes early");
+        }
+        Ok(())
+    }
+}
+
+impl Read for FileReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.done >= self.file.size || out.is_empty() {
+            return Ok(0);
+        }
+        if self.buf_pos >= self.buf.len() {
+            self.buf.clear();
+            self.fill().map_err(io::Error::other)?;
+            if self.buf.is_empty() {
+                return Ok(0);
+            }
+        }
+        let n = (self.buf.len() - self.buf_pos)
+            .min(out.len())
+            .min((self.file.size - self.done) as usize);
+        out[..n].copy_from_slice(&self.buf[self.buf_pos..self.buf_pos + n]);
+        self.buf_pos += n;
+        self.done += n as u64;
+        Ok(n)
+    }
+}
