@@ -31,7 +31,10 @@ impl ReadAt for [u8] {
                 buf.copy_from_slice(src);
                 Ok(())
             }
-            None => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "read past the end")),
+            None => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "read past the end",
+            )),
         }
     }
     fn size(&self) -> io::Result<u64> {
@@ -68,7 +71,10 @@ impl<R: ReadAt + ?Sized> ReadAt for Slice<R> {
     fn read_exact_at(&self, buf: &mut [u8], pos: u64) -> io::Result<()> {
         match pos.checked_add(buf.len() as u64) {
             Some(end) if end <= self.len => self.inner.read_exact_at(buf, self.offset + pos),
-            _ => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "read past the end of the window")),
+            _ => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "read past the end of the window",
+            )),
         }
     }
     fn size(&self) -> io::Result<u64> {

@@ -69,19 +69,25 @@ impl Iso {
             src.read_exact_at(&mut vd, i * SECTOR)?;
             if &vd[1..6] != b"CD001" {
                 if primary.is_none() {
-                    return Err(Error::Invalid("not an ISO 9660 image (no CD001 volume descriptor)".into()));
+                    return Err(Error::Invalid(
+                        "not an ISO 9660 image (no CD001 volume descriptor)".into(),
+                    ));
                 }
                 break;
             }
             match vd[0] {
                 1 if primary.is_none() => primary = Some(parse_record(&vd[156..190])?.0),
-                2 if matches!(&vd[88..91], b"%/@" | b"%/C" | b"%/E") => joliet = Some(parse_record(&vd[156..190])?.0),
+                2 if matches!(&vd[88..91], b"%/@" | b"%/C" | b"%/E") => {
+                    joliet = Some(parse_record(&vd[156..190])?.0)
+                }
                 255 => break,
                 _ => {}
             }
         }
         let Some(root) = primary else {
-            return Err(Error::Invalid("not an ISO 9660 image (no primary volume descriptor)".into()));
+            return Err(Error::Invalid(
+                "not an ISO 9660 image (no primary volume descriptor)".into(),
+            ));
         };
         let mut iso = Iso {
             src,
@@ -126,7 +132,10 @@ impl Iso {
                 continue;
             }
             if pos + len > data.len() || len < 34 {
-                corrupt!("directory record at {} overruns its directory", dir.extent * SECTOR + pos as u64);
+                corrupt!(
+                    "directory record at {} overruns its directory",
+                    dir.extent * SECTOR + pos as u64
+                );
             }
             let (rec, _) = parse_record(&data[pos..pos + len])?;
             out.push(rec);
@@ -138,7 +147,9 @@ impl Iso {
     fn read(&self, buf: &mut [u8], pos: u64, what: &str) -> Result<()> {
         self.src.read_exact_at(buf, pos).map_err(|e| {
             if e.kind() == io::ErrorKind::UnexpectedEof {
-                Error::corrupt(format!("{what} at byte {pos} lies beyond the end of the ISO (truncated?)"))
+                Error::corrupt(format!(
+                    "{what} at byte {pos} lies beyond the end of the ISO (truncated?)"
+                ))
             } else {
                 Error::RawIo(e)
             }
@@ -147,7 +158,14 @@ impl Iso {
 
     /// Rock Ridge fields of a record: (name, posix, symlink).
     #[allow(clippy::type_complexity)]
-    fn rock_ridge(&self, rec: &Record) -> Result<(Option<Vec<u8>>, Option<(u32, u32, u32, u32)>, Option<Vec<u8>>)> {
+    fn rock_ridge(
+        &self,
+        rec: &Record,
+    ) -> Result<(
+        Option<Vec<u8>>,
+        Option<(u32, u32, u32, u32)>,
+        Option<Vec<u8>>,
+    )> {
         let mut name: Option<Vec<u8>> = None;
         let mut posix = None;
         let mut link: Option<Vec<u8>> = None;
@@ -168,7 +186,8 @@ impl Iso {
                     b"NM" if !body.is_empty() => {
                         let flags = body[0];
                         if flags & 0x06 == 0 {
-                            name.get_or_insert_with(Vec::new).extend_from_slice(&body[1..]);
+                            name.get_or_insert_with(Vec::new)
+                                .extend_from_slice(&body[1..]);
                         }
                     }
                     b"PX" if body.len() >= 32 => {
@@ -197,7 +216,9 @@ impl Iso {
                         link_done = flags & 1 == 0;
                     }
                     b"CE" if body.len() >= 24 => {
-                        let le = |o: usize| u32::from_le_bytes(body[o..o + 4].try_into().unwrap()) as u64;
+                        let le = |o: usize| {
+                            u32::from_le_bytes(body[o..o + 4].try_into().unwrap()) as u64
+                        };
                         next = Some((le(0) * SECTOR + le(8), le(16)));
                     }
                     b"ST" => break,
@@ -225,7 +246,11 @@ impl Iso {
         let name = match (rr_name, self.naming) {
             (Some(n), _) => n,
             (None, Naming::Joliet) => {
-                let units: Vec<u16> = rec.name.chunks_exact(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect();
+                let units: Vec<u16> = rec
+                    .name
+                    .chunks_exact(2)
+                    .map(|c| u16::from_be_bytes([c[0], c[1]]))
+                    .collect();
                 strip_version(String::from_utf16_lossy(&units).into_bytes())
             }
             (None, _) => strip_version(rec.name.clone()),
@@ -280,9 +305,14 @@ impl Iso {
                     break;
                 }
             }
-            let rec = found.ok_or_else(|| Error::NotFound(format!("{} in the ISO", String::from_utf8_lossy(path))))?;
+            let rec = found.ok_or_else(|| {
+                Error::NotFound(format!("{} in the ISO", String::from_utf8_lossy(path)))
+            })?;
             if rec.flags & 0x02 == 0 {
-                return Err(Error::Invalid(format!("{} is not a directory", String::from_utf8_lossy(comp))));
+                return Err(Error::Invalid(format!(
+                    "{} is not a directory",
+                    String::from_utf8_lossy(comp)
+                )));
             }
             if ancestors.contains(&rec.extent) || ancestors.len() > MAX_DEPTH {
                 corrupt!("directory loop at {}", String::from_utf8_lossy(comp));
@@ -295,7 +325,10 @@ impl Iso {
 
     /// Looks up a file or directory by path.
     pub fn lookup(&self, path: &[u8]) -> Result<Option<IsoEntry>> {
-        let trimmed: Vec<&[u8]> = path.split(|&b| b == b'/').filter(|c| !c.is_empty()).collect();
+        let trimmed: Vec<&[u8]> = path
+            .split(|&b| b == b'/')
+            .filter(|c| !c.is_empty())
+            .collect();
         let Some((last, parents)) = trimmed.split_last() else {
             return Ok(Some(self.entry(&self.root)?));
         };
@@ -305,7 +338,10 @@ impl Iso {
             Err(Error::NotFound(_)) => return Ok(None),
             Err(e) => return Err(e),
         };
-        Ok(self.list_record(&dir)?.into_iter().find(|e| e.name == *last))
+        Ok(self
+            .list_record(&dir)?
+            .into_iter()
+            .find(|e| e.name == *last))
     }
 
     /// A positional reader over a file's bytes, for reading in place.
@@ -329,7 +365,10 @@ impl Iso {
     /// Reads a whole file of at most `limit` bytes.
     pub fn read_file(&self, entry: &IsoEntry, limit: u64) -> Result<Vec<u8>> {
         if entry.is_dir {
-            return Err(Error::Invalid(format!("{} is a directory", String::from_utf8_lossy(&entry.name))));
+            return Err(Error::Invalid(format!(
+                "{} is a directory",
+                String::from_utf8_lossy(&entry.name)
+            )));
         }
         if entry.size > limit {
             return Err(Error::Invalid(format!(
@@ -346,7 +385,11 @@ impl Iso {
 
     /// Every entry below `path`, depth-first in stored order, with paths
     /// relative to the ISO root.
-    pub fn walk(&self, path: &[u8], f: &mut dyn FnMut(&[u8], &IsoEntry) -> Result<()>) -> Result<()> {
+    pub fn walk(
+        &self,
+        path: &[u8],
+        f: &mut dyn FnMut(&[u8], &IsoEntry) -> Result<()>,
+    ) -> Result<()> {
         let dir = self.find_dir(path)?;
         let mut prefix: Vec<u8> = path
             .split(|&b| b == b'/')
@@ -458,8 +501,14 @@ struct Extents {
 
 impl ReadAt for Extents {
     fn read_exact_at(&self, mut buf: &mut [u8], mut pos: u64) -> io::Result<()> {
-        if pos.checked_add(buf.len() as u64).is_none_or(|e| e > self.size) {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "read past the end of the file"));
+        if pos
+            .checked_add(buf.len() as u64)
+            .is_none_or(|e| e > self.size)
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "read past the end of the file",
+            ));
         }
         let mut base = 0u64;
         for &(off, len) in &self.extents {

@@ -80,7 +80,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 Ok(())
             };
             if recursive {
-                iso.walk(path.as_bytes(), &mut |p, e| print(p, e).map_err(|e| iukfarm_engine::Error::Invalid(e.to_string())))?;
+                iso.walk(path.as_bytes(), &mut |p, e| {
+                    print(p, e).map_err(|e| iukfarm_engine::Error::Invalid(e.to_string()))
+                })?;
             } else {
                 for e in iso.list(path.as_bytes())? {
                     print(&e.name, &e)?;

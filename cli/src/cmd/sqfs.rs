@@ -10,7 +10,9 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use iukfarm_engine::io::{ReadAt, Slice};
 use iukfarm_engine::iso::Iso;
-use iukfarm_engine::sqfs::{Archive, InodeKind, WriterOptions, XzConfig, compress::parse_size, write_image};
+use iukfarm_engine::sqfs::{
+    Archive, InodeKind, WriterOptions, XzConfig, compress::parse_size, write_image,
+};
 use iukfarm_engine::tree::{Kind, Node, ScanOptions, scan_dir};
 
 use crate::progress::Reporter;
@@ -134,7 +136,8 @@ fn open_image(a: &ImageArgs) -> Result<Arc<Archive>> {
     let file: Arc<dyn ReadAt> = Arc::new(file);
     let src: Arc<dyn ReadAt> = match &a.in_iso {
         Some(path) => {
-            let iso = Iso::open(file).with_context(|| format!("reading {} as an ISO", a.image.display()))?;
+            let iso = Iso::open(file)
+                .with_context(|| format!("reading {} as an ISO", a.image.display()))?;
             let entry = iso
                 .lookup(path.as_bytes())?
                 .with_context(|| format!("{path} not found in {}", a.image.display()))?;
@@ -152,7 +155,11 @@ fn open_image(a: &ImageArgs) -> Result<Arc<Archive>> {
         None if a.offset > 0 => {
             let len = file.size()?;
             if a.offset >= len {
-                bail!("offset {} is beyond the end of {} ({len} bytes)", a.offset, a.image.display());
+                bail!(
+                    "offset {} is beyond the end of {} ({len} bytes)",
+                    a.offset,
+                    a.image.display()
+                );
             }
             Arc::new(Slice {
                 inner: file,
@@ -162,7 +169,8 @@ fn open_image(a: &ImageArgs) -> Result<Arc<Archive>> {
         }
         None => file,
     };
-    Archive::open(src).with_context(|| format!("reading the SquashFS image in {}", a.image.display()))
+    Archive::open(src)
+        .with_context(|| format!("reading the SquashFS image in {}", a.image.display()))
 }
 
 fn ls(a: LsArgs) -> Result<ExitCode> {
@@ -238,12 +246,23 @@ fn info(a: ImageArgs) -> Result<ExitCode> {
     }
     println!("block size: {}", sb.block_size);
     println!("bytes used: {}", sb.bytes_used);
-    println!("modification time: {} ({})", sb.modification_time, format_time(sb.modification_time));
+    println!(
+        "modification time: {} ({})",
+        sb.modification_time,
+        format_time(sb.modification_time)
+    );
     println!("inodes: {}", sb.inode_count);
     println!("fragments: {}", sb.fragment_entry_count);
     println!("ids: {}", sb.id_count);
     println!("flags: {:#06x}", sb.flags);
-    println!("xattrs: {}", if sb.flags & 0x0200 != 0 { "none" } else { "stored" });
+    println!(
+        "xattrs: {}",
+        if sb.flags & 0x0200 != 0 {
+            "none"
+        } else {
+            "stored"
+        }
+    );
     println!("exportable: {}", sb.flags & 0x0080 != 0);
     Ok(ExitCode::SUCCESS)
 }
@@ -270,12 +289,13 @@ fn mode_string(mode: u32) -> String {
     let mut s = String::with_capacity(10);
     s.push(t);
     let bit = |m: u32, c: char| if mode & m != 0 { c } else { '-' };
-    let special = |x: u32, s_bit: u32, lower: char, upper: char| match (mode & x != 0, mode & s_bit != 0) {
-        (true, true) => lower,
-        (false, true) => upper,
-        (true, false) => 'x',
-        (false, false) => '-',
-    };
+    let special =
+        |x: u32, s_bit: u32, lower: char, upper: char| match (mode & x != 0, mode & s_bit != 0) {
+            (true, true) => lower,
+            (false, true) => upper,
+            (true, false) => 'x',
+            (false, false) => '-',
+        };
     s.push(bit(0o400, 'r'));
     s.push(bit(0o200, 'w'));
     s.push(special(0o100, 0o4000, 's', 'S'));
@@ -302,7 +322,11 @@ pub fn format_time(t: u32) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}", secs / 3600, secs % 3600 / 60)
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}",
+        secs / 3600,
+        secs % 3600 / 60
+    )
 }
 
 fn pack(a: PackArgs) -> Result<ExitCode> {

@@ -13,8 +13,9 @@ use rayon::prelude::*;
 
 use super::compress::{self, XzConfig};
 use super::format::{
-    BLOCK_UNCOMPRESSED, CompressorId, Cursor, META_BLOCK_SIZE, META_UNCOMPRESSED, NO_FRAGMENT, NO_TABLE, NO_XATTR,
-    SUPERBLOCK_SIZE, Superblock, XATTR_OUT_OF_LINE, XATTR_PREFIXES, flags, inode_type,
+    BLOCK_UNCOMPRESSED, CompressorId, Cursor, META_BLOCK_SIZE, META_UNCOMPRESSED, NO_FRAGMENT,
+    NO_TABLE, NO_XATTR, SUPERBLOCK_SIZE, Superblock, XATTR_OUT_OF_LINE, XATTR_PREFIXES, flags,
+    inode_type,
 };
 use crate::error::{Error, Result, corrupt};
 use crate::io::ReadAt;
@@ -113,7 +114,9 @@ pub struct Archive {
 
 impl std::fmt::Debug for Archive {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Archive").field("superblock", &self.sb).finish_non_exhaustive()
+        f.debug_struct("Archive")
+            .field("superblock", &self.sb)
+            .finish_non_exhaustive()
     }
 }
 
@@ -125,8 +128,9 @@ impl Archive {
         let mut head = [0u8; SUPERBLOCK_SIZE];
         read_at(&*src, &mut head, 0, "superblock")?;
         let sb = Superblock::parse(&head, len)?;
-        let comp = CompressorId::from_u16(sb.compression_id)
-            .ok_or_else(|| Error::corrupt(format!("unknown compressor id {}", sb.compression_id)))?;
+        let comp = CompressorId::from_u16(sb.compression_id).ok_or_else(|| {
+            Error::corrupt(format!("unknown compressor id {}", sb.compression_id))
+        })?;
         let mut ar = Archive {
             src,
             comp,
@@ -147,7 +151,10 @@ impl Archive {
         }
         let id_bytes = ar.sb.id_count as usize * 4;
         let table = ar.read_lookup_table(ar.sb.id_table_start, id_bytes, "id")?;
-        ar.ids = table.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect();
+        ar.ids = table
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
 
         if ar.sb.flags & flags::NO_FRAGMENTS == 0
             && ar.sb.fragment_table_start != NO_TABLE
@@ -183,7 +190,12 @@ impl Archive {
         }
         if ar.sb.xattr_id_table_start != NO_TABLE && ar.sb.flags & flags::NO_XATTRS == 0 {
             let mut hdr = [0u8; 16];
-            read_at(&*ar.src, &mut hdr, ar.sb.xattr_id_table_start, "xattr id table header")?;
+            read_at(
+                &*ar.src,
+                &mut hdr,
+                ar.sb.xattr_id_table_start,
+                "xattr id table header",
+            )?;
             ar.xattr_kv_start = u64::from_le_bytes(hdr[..8].try_into().unwrap());
             ar.xattr_count = u32::from_le_bytes(hdr[8..12].try_into().unwrap());
             let blocks = (ar.xattr_count as u64 * 16).div_ceil(META_BLOCK_SIZE as u64);
@@ -191,8 +203,16 @@ impl Archive {
                 corrupt!("xattr id table header out of range");
             }
             let mut list = vec![0u8; blocks as usize * 8];
-            read_at(&*ar.src, &mut list, ar.sb.xattr_id_table_start + 16, "xattr id table")?;
-            ar.xattr_ids = list.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect();
+            read_at(
+                &*ar.src,
+                &mut list,
+                ar.sb.xattr_id_table_start + 16,
+                "xattr id table",
+            )?;
+            ar.xattr_ids = list
+                .chunks_exact(8)
+                .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+                .collect();
         }
         Ok(Arc::new(ar))
     }
@@ -279,7 +299,11 @@ impl Archive {
     /// positions at `list_at`, the entries in those blocks.
     fn read_lookup_table(&self, list_at: u64, bytes: usize, what: &str) -> Result<Vec<u8>> {
         let blocks = bytes.div_ceil(META_BLOCK_SIZE);
-        if list_at == NO_TABLE || list_at.checked_add(blocks as u64 * 8).is_none_or(|e| e > self.sb.bytes_used) {
+        if list_at == NO_TABLE
+            || list_at
+                .checked_add(blocks as u64 * 8)
+                .is_none_or(|e| e > self.sb.bytes_used)
+        {
             corrupt!("{what} table position out of range");
         }
         let mut list = vec![0u8; blocks * 8];
@@ -303,7 +327,10 @@ impl Archive {
     fn id(&self, idx: u16) -> Result<u32> {
         match self.ids.get(idx as usize) {
             Some(&v) => Ok(v),
-            None => corrupt!("id index {idx} beyond the id table ({} entries)", self.ids.len()),
+            None => corrupt!(
+                "id index {idx} beyond the id table ({} entries)",
+                self.ids.len()
+            ),
         }
     }
 
@@ -334,12 +361,17 @@ impl Archive {
         let mtime = c.u32()?;
         let number = c.u32()?;
         if number == 0 || number > self.sb.inode_count {
-            corrupt!("inode number {number} out of range (image has {})", self.sb.inode_count);
+            corrupt!(
+                "inode number {number} out of range (image has {})",
+                self.sb.inode_count
+            );
         }
         let mut xattr = NO_XATTR;
         let u32s = |r: &mut MetaStream<'_>, n: usize| -> Result<Vec<u32>> {
             let b = r.read(n * 4)?;
-            Ok(b.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect())
+            Ok(b.chunks_exact(4)
+                .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+                .collect())
         };
         let (nlink, kind) = match raw_type {
             inode_type::DIR => {
@@ -381,23 +413,28 @@ impl Archive {
                 )
             }
             inode_type::FILE | inode_type::EXT_FILE => {
-                let (blocks_start, size, sparse, nlink, frag, frag_off) = if raw_type == inode_type::FILE {
-                    let v = u32s(&mut reader, 4)?;
-                    (v[0] as u64, v[3] as u64, 0, 1, v[1], v[2])
-                } else {
-                    let b = reader.read(40)?;
-                    let mut c = Cursor::new(&b);
-                    let bs = c.u64()?;
-                    let size = c.u64()?;
-                    let sparse = c.u64()?;
-                    let nlink = c.u32()?;
-                    let frag = c.u32()?;
-                    let off = c.u32()?;
-                    xattr = c.u32()?;
-                    (bs, size, sparse, nlink, frag, off)
-                };
+                let (blocks_start, size, sparse, nlink, frag, frag_off) =
+                    if raw_type == inode_type::FILE {
+                        let v = u32s(&mut reader, 4)?;
+                        (v[0] as u64, v[3] as u64, 0, 1, v[1], v[2])
+                    } else {
+                        let b = reader.read(40)?;
+                        let mut c = Cursor::new(&b);
+                        let bs = c.u64()?;
+                        let size = c.u64()?;
+                        let sparse = c.u64()?;
+                        let nlink = c.u32()?;
+                        let frag = c.u32()?;
+                        let off = c.u32()?;
+                        xattr = c.u32()?;
+                        (bs, size, sparse, nlink, frag, off)
+                    };
                 let bs = self.sb.block_size as u64;
-                let count = if frag == NO_FRAGMENT { size.div_ceil(bs) } else { size / bs };
+                let count = if frag == NO_FRAGMENT {
+                    size.div_ceil(bs)
+                } else {
+                    size / bs
+                };
                 if count > MAX_FILE_BLOCKS {
                     corrupt!("inode {number}: file of {size} bytes has too many blocks");
                 }
@@ -428,23 +465,43 @@ impl Archive {
                 }
                 (v[0], InodeKind::Symlink(target))
             }
-            inode_type::BLOCK_DEV | inode_type::CHAR_DEV | inode_type::EXT_BLOCK_DEV | inode_type::EXT_CHAR_DEV => {
+            inode_type::BLOCK_DEV
+            | inode_type::CHAR_DEV
+            | inode_type::EXT_BLOCK_DEV
+            | inode_type::EXT_CHAR_DEV => {
                 let ext = raw_type >= inode_type::EXT_DIR;
                 let v = u32s(&mut reader, if ext { 3 } else { 2 })?;
                 if ext {
                     xattr = v[2];
                 }
                 let block = matches!(raw_type, inode_type::BLOCK_DEV | inode_type::EXT_BLOCK_DEV);
-                (v[0], if block { InodeKind::BlockDev(v[1]) } else { InodeKind::CharDev(v[1]) })
+                (
+                    v[0],
+                    if block {
+                        InodeKind::BlockDev(v[1])
+                    } else {
+                        InodeKind::CharDev(v[1])
+                    },
+                )
             }
-            inode_type::FIFO | inode_type::SOCKET | inode_type::EXT_FIFO | inode_type::EXT_SOCKET => {
+            inode_type::FIFO
+            | inode_type::SOCKET
+            | inode_type::EXT_FIFO
+            | inode_type::EXT_SOCKET => {
                 let ext = raw_type >= inode_type::EXT_DIR;
                 let v = u32s(&mut reader, if ext { 2 } else { 1 })?;
                 if ext {
                     xattr = v[1];
                 }
                 let fifo = matches!(raw_type, inode_type::FIFO | inode_type::EXT_FIFO);
-                (v[0], if fifo { InodeKind::Fifo } else { InodeKind::Socket })
+                (
+                    v[0],
+                    if fifo {
+                        InodeKind::Fifo
+                    } else {
+                        InodeKind::Socket
+                    },
+                )
             }
             other => corrupt!("inode {number}: unknown inode type {other}"),
         };
@@ -482,7 +539,10 @@ impl Archive {
         let start = self.sb.directory_table_start + start_block as u64;
         let limit = self.table_end_after_directories();
         if start >= limit || offset as usize >= META_BLOCK_SIZE {
-            corrupt!("directory inode {}: listing position out of range", dir.number);
+            corrupt!(
+                "directory inode {}: listing position out of range",
+                dir.number
+            );
         }
         let data = MetaStream {
             ar: self,
@@ -498,7 +558,10 @@ impl Archive {
             let block = c.u32()? as u64;
             let base = c.u32()?;
             if count > 256 {
-                corrupt!("directory inode {}: header with {count} entries", dir.number);
+                corrupt!(
+                    "directory inode {}: header with {count} entries",
+                    dir.number
+                );
             }
             for _ in 0..count {
                 let off = c.u16()? as u64;
@@ -554,7 +617,11 @@ impl Archive {
             corrupt!("xattr index {index} out of range");
         }
         let byte = index as usize * 16;
-        let block = self.xattr_ids.get(byte / META_BLOCK_SIZE).copied().unwrap_or(NO_TABLE);
+        let block = self
+            .xattr_ids
+            .get(byte / META_BLOCK_SIZE)
+            .copied()
+            .unwrap_or(NO_TABLE);
         let limit = self.sb.xattr_id_table_start;
         if block < self.xattr_kv_start || block >= limit {
             corrupt!("xattr id block out of range");
@@ -628,7 +695,10 @@ impl Archive {
         if size & !(BLOCK_UNCOMPRESSED | 0x00FF_FFFF) != 0 || len > self.sb.block_size as usize {
             corrupt!("data block size {size:#x} invalid");
         }
-        if start.checked_add(len as u64).is_none_or(|e| e > self.sb.inode_table_start) {
+        if start
+            .checked_add(len as u64)
+            .is_none_or(|e| e > self.sb.inode_table_start)
+        {
             corrupt!("data block at {start} (+{len}) outside the data area");
         }
         let mut raw = vec![0u8; len];
@@ -661,10 +731,15 @@ impl Archive {
     /// Reads a whole file into memory (for small files: kernels, configs).
     pub fn read_file(self: &Arc<Self>, file: &FileInode, limit: u64) -> Result<Vec<u8>> {
         if file.size > limit {
-            return Err(Error::Invalid(format!("file of {} bytes exceeds the {limit}-byte limit", file.size)));
+            return Err(Error::Invalid(format!(
+                "file of {} bytes exceeds the {limit}-byte limit",
+                file.size
+            )));
         }
         let mut out = Vec::with_capacity(file.size as usize);
-        self.open_file(file).read_to_end(&mut out).map_err(unwrap_io)?;
+        self.open_file(file)
+            .read_to_end(&mut out)
+            .map_err(unwrap_io)?;
         Ok(out)
     }
 
@@ -693,7 +768,15 @@ impl Archive {
         seen_dirs.insert(self.sb.root_inode_ref);
         let mut visited = 0u64;
         let budget = self.sb.inode_count as u64 * 2 + 16;
-        self.walk_at(&mut Vec::new(), &root, 0, &mut seen_dirs, &mut visited, budget, f)
+        self.walk_at(
+            &mut Vec::new(),
+            &root,
+            0,
+            &mut seen_dirs,
+            &mut visited,
+            budget,
+            f,
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -721,15 +804,25 @@ impl Archive {
         let mut entries = self.read_dir(inode)?;
         entries.sort_by(|a, b| a.name.cmp(&b.name));
         if let Some(w) = entries.windows(2).find(|w| w[0].name == w[1].name) {
-            corrupt!("duplicate entry {:?} in a directory", String::from_utf8_lossy(&w[0].name));
+            corrupt!(
+                "duplicate entry {:?} in a directory",
+                String::from_utf8_lossy(&w[0].name)
+            );
         }
         for e in entries {
             let child = self.inode(e.inode_ref)?;
             if child.number != e.inode_number {
-                corrupt!("directory entry inode number {} disagrees with inode {}", e.inode_number, child.number);
+                corrupt!(
+                    "directory entry inode number {} disagrees with inode {}",
+                    e.inode_number,
+                    child.number
+                );
             }
             if matches!(child.kind, InodeKind::Dir { .. }) && !seen_dirs.insert(e.inode_ref) {
-                corrupt!("directory {:?} is reachable twice (loop)", String::from_utf8_lossy(&e.name));
+                corrupt!(
+                    "directory {:?} is reachable twice (loop)",
+                    String::from_utf8_lossy(&e.name)
+                );
             }
             let len = path.len();
             if !path.is_empty() {
@@ -824,7 +917,9 @@ fn check_xattr_len(n: usize) -> Result<()> {
 fn read_at(src: &dyn ReadAt, buf: &mut [u8], pos: u64, what: &str) -> Result<()> {
     src.read_exact_at(buf, pos).map_err(|e| {
         if e.kind() == io::ErrorKind::UnexpectedEof {
-            Error::corrupt(format!("{what} at {pos} lies beyond the end of the image (truncated?)"))
+            Error::corrupt(format!(
+                "{what} at {pos} lies beyond the end of the image (truncated?)"
+            ))
         } else {
             Error::RawIo(e)
         }
@@ -855,7 +950,11 @@ impl MetaStream<'_> {
         while out.len() < len {
             let (block, next) = self.ar.read_meta_block(self.pos, self.limit)?;
             if self.off > block.len() {
-                corrupt!("metadata offset {} beyond a {}-byte block", self.off, block.len());
+                corrupt!(
+                    "metadata offset {} beyond a {}-byte block",
+                    self.off,
+                    block.len()
+                );
             }
             let n = (block.len() - self.off).min(len - out.len());
             out.extend_from_slice(&block[self.off..self.off + n]);
