@@ -3,6 +3,8 @@
 //! (a test that cannot run fails loudly instead of passing), and building
 //! fixture trees with every kind of entry SquashFS can hold.
 
+pub mod fixtures;
+
 use std::ffi::CString;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
@@ -104,17 +106,17 @@ impl Rng {
     pub fn new(seed: u64) -> Self {
         Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
     }
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
         self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
+        self.next_u64() % n.max(1)
     }
     pub fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
+        (0..n).map(|_| self.next_u64() as u8).collect()
     }
     /// Compressible, text-like bytes.
     pub fn text(&mut self, n: usize) -> Vec<u8> {
@@ -274,4 +276,257 @@ pub fn some_binaries() -> Vec<PathBuf> {
     .map(PathBuf::from)
     .filter(|p| p.is_file())
     .collect()
+}
+
+/// One entry of a tree listing, in a form that images, mounts and
+/// extracted directories can all be compared in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// `st_mode` (type and permission bits).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Size of regular files (0 otherwise).
+    pub size: u64,
+    pub target: Option<Vec<u8>>,
+    /// Device number in the kernel's 32-bit encoding.
+    pub rdev: u32,
+    pub xattrs: std::collections::BTreeMap<Vec<u8>, Vec<u8>>,
+    /// SHA-256 of regular files' contents.
+    pub sha256: Option<String>,
+    /// Inode number, to compare hard-link groups (not the numbers).
+    pub ino: u64,
+}
+
+pub type Listing = std::collections::BTreeMap<Vec<u8>, Entry>;
+
+fn sha256_reader(mut r: impl std::io::Read) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = r.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Lists a directory tree on disk (a mount point or an extracted image),
+/// with paths relative to `root` ("" for the root itself).
+pub fn disk_listing(root: &Path) -> Listing {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Listing::new();
+    fn go(root: &Path, rel: &[u8], out: &mut Listing) {
+        let p = if rel.is_empty() {
+            root.to_path_buf()
+        } else {
+            root.join(std::ffi::OsStr::from_bytes(rel))
+        };
+        let md = fs::symlink_metadata(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        let ft = md.file_type();
+        let xattrs = all_xattrs(&p);
+        let e = Entry {
+            mode: md.mode(),
+            uid: md.uid(),
+            gid: md.gid(),
+            size: if ft.is_file() { md.len() } else { 0 },
+            target: ft
+                .is_symlink()
+                .then(|| fs::read_link(&p).unwrap().as_os_str().as_bytes().to_vec()),
+            rdev: md.rdev() as u32,
+            xattrs,
+            sha256: ft
+                .is_file()
+                .then(|| sha256_reader(fs::File::open(&p).unwrap())),
+            ino: md.ino(),
+        };
+        out.insert(rel.to_vec(), e);
+        if ft.is_dir() {
+            let mut names: Vec<Vec<u8>> = fs::read_dir(&p)
+                .unwrap()
+                .map(|d| d.unwrap().file_name().as_bytes().to_vec())
+                .collect();
+            names.sort();
+            for n in names {
+                let child = if rel.is_empty() {
+                    n
+                } else {
+                    [rel, b"/", &n].concat()
+                };
+                go(root, &child, out);
+            }
+        }
+    }
+    go(root, b"", &mut out);
+    out
+}
+
+/// Every xattr of a path, empty values included (none where the file
+/// system does not support xattrs, as a squashfs mount without an xattr
+/// table answers).
+pub fn all_xattrs(p: &Path) -> std::collections::BTreeMap<Vec<u8>, Vec<u8>> {
+    let c = CString::new(p.as_os_str().as_bytes()).unwrap();
+    let mut names = vec![0u8; 1 << 16];
+    // SAFETY: valid C string and buffer.
+    let n = unsafe { libc::llistxattr(c.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+    if n < 0 {
+        let e = std::io::Error::last_os_error();
+        assert_eq!(
+            e.raw_os_error(),
+            Some(libc::EOPNOTSUPP),
+            "llistxattr {}: {e}",
+            p.display()
+        );
+        return Default::default();
+    }
+    names.truncate(n as usize);
+    let mut out = std::collections::BTreeMap::new();
+    for key in names.split(|&b| b == 0).filter(|k| !k.is_empty()) {
+        let k = CString::new(key).unwrap();
+        let mut v = vec![0u8; 1 << 16];
+        // SAFETY: valid C strings and buffer.
+        let n = unsafe { libc::lgetxattr(c.as_ptr(), k.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
+        assert!(
+            n >= 0,
+            "lgetxattr {}: {}",
+            p.display(),
+            std::io::Error::last_os_error()
+        );
+        v.truncate(n as usize);
+        out.insert(key.to_vec(), v);
+    }
+    out
+}
+
+/// Drops empty-valued xattrs, which gensquashfs (and so our writer) does
+/// not store.
+pub fn without_empty_xattrs(mut l: Listing) -> Listing {
+    for e in l.values_mut() {
+        e.xattrs.retain(|_, v| !v.is_empty());
+    }
+    l
+}
+
+/// Lists an image with the engine's reader.
+pub fn image_listing(archive: &std::sync::Arc<iukfarm_engine::sqfs::Archive>) -> Listing {
+    use iukfarm_engine::sqfs::InodeKind;
+    let mut out = Listing::new();
+    archive
+        .walk(&mut |path, inode| {
+            let xattrs = archive.xattrs(inode.xattr)?.into_iter().collect();
+            let (size, target, rdev, sha256) = match &inode.kind {
+                InodeKind::File(f) => (f.size, None, 0, Some(sha256_reader(archive.open_file(f)))),
+                InodeKind::Symlink(t) => (0, Some(t.clone()), 0, None),
+                InodeKind::BlockDev(d) | InodeKind::CharDev(d) => (0, None, *d, None),
+                _ => (0, None, 0, None),
+            };
+            out.insert(
+                path.to_vec(),
+                Entry {
+                    mode: inode.st_mode(),
+                    uid: inode.uid,
+                    gid: inode.gid,
+                    size,
+                    target,
+                    rdev,
+                    xattrs,
+                    sha256,
+                    ino: inode.number as u64,
+                },
+            );
+            Ok(())
+        })
+        .unwrap();
+    out
+}
+
+/// Opens an image file with the engine's reader.
+pub fn open_image(path: &Path) -> std::sync::Arc<iukfarm_engine::sqfs::Archive> {
+    let f = fs::File::open(path).unwrap();
+    iukfarm_engine::sqfs::Archive::open(std::sync::Arc::new(f)).unwrap()
+}
+
+/// Describes every difference between two listings, ignoring inode numbers
+/// (hard-link groups are compared separately with [`link_groups`]).
+pub fn diff_listings(a: &Listing, b: &Listing, ignore_root: bool) -> Vec<String> {
+    let mut out = Vec::new();
+    for (p, ea) in a {
+        if ignore_root && p.is_empty() {
+            continue;
+        }
+        let name = String::from_utf8_lossy(p);
+        match b.get(p) {
+            None => out.push(format!("{name}: only in the first")),
+            Some(eb) => {
+                let (mut x, mut y) = (ea.clone(), eb.clone());
+                x.ino = 0;
+                y.ino = 0;
+                if x != y {
+                    out.push(format!("{name}: {x:?} != {y:?}"));
+                }
+            }
+        }
+    }
+    for p in b.keys() {
+        if !(a.contains_key(p) || ignore_root && p.is_empty()) {
+            out.push(format!(
+                "{}: only in the second",
+                String::from_utf8_lossy(p)
+            ));
+        }
+    }
+    out
+}
+
+/// Regular files grouped by inode: the hard-link structure.
+pub fn link_groups(l: &Listing) -> std::collections::BTreeSet<Vec<Vec<u8>>> {
+    let mut by_ino: std::collections::BTreeMap<u64, Vec<Vec<u8>>> = Default::default();
+    for (p, e) in l {
+        if e.sha256.is_some() {
+            by_ino.entry(e.ino).or_default().push(p.clone());
+        }
+    }
+    by_ino.into_values().filter(|g| g.len() > 1).collect()
+}
+
+/// A read-only loop mount, unmounted when dropped.
+pub struct Mount {
+    pub dir: tempfile::TempDir,
+}
+
+impl Mount {
+    pub fn new(image: &Path, fstype: &str, extra: &str) -> Mount {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = if extra.is_empty() {
+            "loop,ro".to_string()
+        } else {
+            format!("loop,ro,{extra}")
+        };
+        let out = Command::new("mount")
+            .args(["-t", fstype, "-o", &opts])
+            .arg(image)
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mounting {} failed (needs root and a loop device): {}",
+            image.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Mount { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
 }

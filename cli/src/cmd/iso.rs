@@ -2,7 +2,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -40,12 +40,12 @@ enum Cmd {
     Cat { iso: PathBuf, path: String },
 }
 
-fn open(path: &PathBuf) -> Result<Iso> {
+fn open(path: &Path) -> Result<Iso> {
     let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     Iso::open(Arc::new(f)).with_context(|| format!("reading {} as an ISO", path.display()))
 }
 
-fn find(iso: &Iso, file: &PathBuf, path: &str) -> Result<IsoEntry> {
+fn find(iso: &Iso, file: &Path, path: &str) -> Result<IsoEntry> {
     iso.lookup(path.as_bytes())?
         .with_context(|| format!("{path} not found in {}", file.display()))
 }

@@ -211,7 +211,7 @@ fn ls(a: LsArgs) -> Result<ExitCode> {
             for (k, v) in ar.xattrs(inode.xattr)? {
                 line.extend_from_slice(b"    ");
                 line.extend_from_slice(&k);
-                write!(line, "=0x{}\n", hex(&v))?;
+                writeln!(line, "=0x{}", hex(&v))?;
             }
         }
         out.write_all(&line)?;

@@ -137,31 +137,47 @@ impl XzConfig {
     /// ties. `None` means the block must be stored uncompressed because no
     /// candidate is smaller than the input.
     pub fn compress(&self, input: &[u8]) -> Result<Option<Vec<u8>>> {
-        let mut best = self.encode(None, false, input)?;
-        if self.flags == 0 {
-            return Ok(best);
-        }
         let extreme = self.flags & xz_flags::EXTREME != 0;
-        let consider = |cand: Option<Vec<u8>>, best: &mut Option<Vec<u8>>| {
-            if let Some(c) = cand
-                && best.as_ref().is_none_or(|b| c.len() < b.len())
-            {
-                *best = Some(c);
-            }
-        };
+        // Candidates in trial order; each is independent, so they are
+        // encoded in parallel (on the caller's rayon pool, if any) and
+        // compared afterwards in the fixed order.
+        let mut trials: Vec<(Option<lz::lzma_vli>, bool)> = vec![(None, false)];
         if extreme {
-            let c = self.encode(None, true, input)?;
-            consider(c, &mut best);
+            trials.push((None, true));
         }
         for (bit, filter) in BCJ_FILTERS {
             if self.flags & bit == 0 {
                 continue;
             }
-            let c = self.encode(Some(filter), false, input)?;
-            consider(c, &mut best);
+            // The x86 filter only rewrites the 4 bytes after an E8/E9 opcode
+            // byte. Without one it is the identity, so LZMA2 sees the same
+            // bytes and the filtered stream can only be as long or longer
+            // (its header names one more filter); the strict comparison
+            // would keep the unfiltered result anyway, so skip the work.
+            if bit == xz_flags::X86 && !input.iter().any(|&b| b & 0xFE == 0xE8) {
+                continue;
+            }
+            trials.push((Some(filter), false));
             if extreme {
-                let c = self.encode(Some(filter), true, input)?;
-                consider(c, &mut best);
+                trials.push((Some(filter), true));
+            }
+        }
+        let results: Vec<Result<Option<Vec<u8>>>> = if trials.len() == 1 {
+            vec![self.encode(None, false, input)]
+        } else {
+            use rayon::prelude::*;
+            trials
+                .par_iter()
+                .with_max_len(1)
+                .map(|&(filter, ext)| self.encode(filter, ext, input))
+                .collect()
+        };
+        let mut best: Option<Vec<u8>> = None;
+        for r in results {
+            if let Some(c) = r?
+                && best.as_ref().is_none_or(|b| c.len() < b.len())
+            {
+                best = Some(c);
             }
         }
         Ok(best)
@@ -221,6 +237,7 @@ impl XzConfig {
         match ret {
             lz::LZMA_OK if written < input.len() => {
                 out.truncate(written);
+                out.shrink_to_fit();
                 Ok(Some(out))
             }
             lz::LZMA_OK | lz::LZMA_BUF_ERROR => Ok(None),
@@ -381,6 +398,24 @@ mod tests {
         let a = plain.compress(&data).unwrap().unwrap();
         let b = bcj.compress(&data).unwrap().unwrap();
         assert!(b.len() <= a.len());
+    }
+
+    #[test]
+    fn skipping_identity_bcj_changes_nothing() {
+        // Without E8/E9 bytes the x86 filter is the identity; the shortcut
+        // must give exactly what the full trial gives.
+        let mut cfg = XzConfig::for_block_size(1 << 20);
+        cfg.flags = xz_flags::X86;
+        let ascii: Vec<u8> = (0..300_000u32)
+            .map(|i| b"abcdefgh \n"[(i * 7 % 10) as usize])
+            .collect();
+        assert!(!ascii.iter().any(|&b| b & 0xFE == 0xE8));
+        let plain = cfg.encode(None, false, &ascii).unwrap();
+        let filtered = cfg
+            .encode(Some(lz::LZMA_FILTER_X86), false, &ascii)
+            .unwrap();
+        assert!(filtered.as_ref().unwrap().len() >= plain.as_ref().unwrap().len());
+        assert_eq!(cfg.compress(&ascii).unwrap(), plain);
     }
 
     #[test]

@@ -97,6 +97,9 @@ pub struct DirEntry {
     pub entry_type: u16,
 }
 
+/// Decoded metadata blocks by position, with their on-disk size.
+type MetaCache = HashMap<u64, (Arc<Vec<u8>>, u64)>;
+
 /// An open SquashFS image.
 pub struct Archive {
     src: Arc<dyn ReadAt>,
@@ -109,7 +112,7 @@ pub struct Archive {
     xattr_ids: Vec<u64>,
     xattr_count: u32,
     export: Option<Vec<u64>>,
-    meta_cache: Mutex<HashMap<u64, (Arc<Vec<u8>>, u64)>>,
+    meta_cache: Mutex<MetaCache>,
 }
 
 impl std::fmt::Debug for Archive {

@@ -195,7 +195,7 @@ pub fn write_image(
         block_size: opts.block_size,
         cfg: opts.xz,
         pool: &pool,
-        backlog: 4 * threads + 4,
+        backlog: 2 * threads + 2,
         progress,
     }
     .write(&files)?;

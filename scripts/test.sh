@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Runs the whole test suite. Installs the reference tools the tests compare
+# against (with apt-get, when missing), then runs `cargo test --workspace`.
+# Extra arguments go to cargo test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# command -> Debian package
+declare -A tools=(
+  [gensquashfs]=squashfs-tools-ng
+  [rdsquashfs]=squashfs-tools-ng
+  [sqfsdiff]=squashfs-tools-ng
+  [mksquashfs]=squashfs-tools
+  [unsquashfs]=squashfs-tools
+  [xorriso]=xorriso
+  [setfattr]=attr
+  [rsync]=rsync
+)
+missing=()
+for t in "${!tools[@]}"; do
+  command -v "$t" >/dev/null 2>&1 || missing+=("${tools[$t]}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  pkgs=$(printf '%s\n' "${missing[@]}" | sort -u | tr '\n' ' ')
+  echo "Installing reference tools: $pkgs"
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "error: not root; install them first: apt-get install $pkgs" >&2
+    exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  # shellcheck disable=SC2086
+  apt-get install -y -qq $pkgs >/dev/null
+fi
+
+exec cargo test --workspace "$@"
