@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 mod cmd;
 mod progress;
+mod samples;
 
 #[derive(Parser)]
 #[command(
@@ -23,6 +24,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the engine end to end on generated sample releases (no setup needed).
+    Demo(cmd::demo::Args),
     /// SquashFS tools: pack (a gensquashfs drop-in), ls, cat, info.
     Sqfs(cmd::sqfs::Args),
     /// ISO 9660 tools: ls, extent, cat.
@@ -55,6 +58,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
+        Command::Demo(a) => cmd::demo::run(a),
         Command::Sqfs(a) => cmd::sqfs::run(a),
         Command::Iso(a) => cmd::iso::run(a),
     };

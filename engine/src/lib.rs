@@ -3,8 +3,11 @@
 //!
 //! * [`tree`]: the directory tree model and reading a tree from disk;
 //! * [`sqfs`]: SquashFS reading in place and gensquashfs-exact writing;
+//! * [`iso`]: ISO 9660 reading in place;
+//! * [`compare`]: entry-by-entry comparison of trees (verification);
 //! * [`progress`]: the observer through which long operations report.
 
+pub mod compare;
 pub mod error;
 pub mod io;
 pub mod iso;

@@ -1,3 +1,4 @@
+pub mod demo;
 pub mod iso;
 pub mod sqfs;
 

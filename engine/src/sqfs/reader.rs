@@ -113,6 +113,9 @@ pub struct Archive {
     xattr_count: u32,
     export: Option<Vec<u64>>,
     meta_cache: Mutex<MetaCache>,
+    /// Recently decoded fragment blocks, most recent first: small files
+    /// share them, and files are mostly read in image order.
+    frag_cache: Mutex<Vec<(u32, Arc<Vec<u8>>)>>,
 }
 
 impl std::fmt::Debug for Archive {
@@ -145,6 +148,7 @@ impl Archive {
             xattr_count: 0,
             export: None,
             meta_cache: Mutex::new(HashMap::new()),
+            frag_cache: Mutex::new(Vec::new()),
             sb,
         };
         if ar.sb.flags & flags::COMPRESSOR_OPTIONS != 0 && comp == CompressorId::Xz {
@@ -684,12 +688,20 @@ impl Archive {
     }
 
     /// Reads a fragment block (decompressed).
-    fn fragment_block(&self, index: u32) -> Result<Vec<u8>> {
+    fn fragment_block(&self, index: u32) -> Result<Arc<Vec<u8>>> {
+        const KEEP: usize = 16;
+        if let Some((_, b)) = self.frag_cache.lock().expect("cache lock").iter().find(|(i, _)| *i == index) {
+            return Ok(b.clone());
+        }
         let &(start, size) = self
             .fragments
             .get(index as usize)
             .ok_or_else(|| Error::corrupt(format!("fragment {index} does not exist")))?;
-        self.data_block(start, size, self.sb.block_size as usize)
+        let block = Arc::new(self.data_block(start, size, self.sb.block_size as usize)?);
+        let mut cache = self.frag_cache.lock().expect("cache lock");
+        cache.insert(0, (index, block.clone()));
+        cache.truncate(KEEP);
+        Ok(block)
     }
 
     /// Reads and decompresses one stored data block of at most `max` bytes.

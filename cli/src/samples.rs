@@ -1,0 +1,218 @@
+//! Sample Tails-like system trees, generated natively and deterministically
+//! (no external tools, nothing downloaded), for the demo and for trying the
+//! engine on a fresh machine.
+//!
+//! Release `n` of the series is release `n - 1` plus point-release churn:
+//! some packages updated (binaries and their docs rewritten), some added,
+//! some removed, a changed kernel every other release, and a new
+//! `/etc/os-release`.
+
+use std::sync::Arc;
+
+use iukfarm_engine::tree::{FileContent, Kind, Meta, Node};
+
+/// Deterministic PRNG (xorshift64*).
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// x86-like machine code: opcodes with relative calls (E8) and jumps (E9),
+/// so that the BCJ filter trial has something to do.
+fn binary(seed: u64, len: usize) -> Vec<u8> {
+    let mut r = Rng::new(seed);
+    let mut out = Vec::with_capacity(len + 8);
+    out.extend_from_slice(b"\x7fELF\x02\x01\x01\0");
+    while out.len() < len {
+        match r.below(8) {
+            0 => {
+                out.push(0xE8);
+                out.extend_from_slice(&((r.below(4096) as i32 - 2048) as u32).to_le_bytes());
+            }
+            1 => {
+                out.push(0xE9);
+                out.extend_from_slice(&((r.below(65536) as u32).wrapping_sub(32768)).to_le_bytes());
+            }
+            2 => out.extend_from_slice(&[0x48, 0x89, 0xE5]),
+            3 => out.extend_from_slice(&[0x48, 0x83, 0xEC, (r.below(16) * 8) as u8]),
+            4 => out.extend_from_slice(b"\x55\x53\x41\x54"),
+            5 => out.extend_from_slice(&(r.next() as u32).to_le_bytes()),
+            _ => out.extend_from_slice(&[0x0F, 0x1F, 0x44, 0x00, 0x00]),
+        }
+    }
+    out.truncate(len);
+    out
+}
+
+fn text(seed: u64, len: usize) -> Vec<u8> {
+    const WORDS: [&str; 16] = [
+        "the ", "amnesic ", "incognito ", "live ", "system ", "tor ", "upgrade ", "kit ", "persistent ", "storage ",
+        "release ", "security ", "fix ", "package ", "\n", "# ",
+    ];
+    let mut r = Rng::new(seed);
+    let mut out = Vec::with_capacity(len + 16);
+    while out.len() < len {
+        out.extend_from_slice(WORDS[r.below(16) as usize].as_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn meta(mode: u16, uid: u32) -> Meta {
+    Meta {
+        mode,
+        uid,
+        gid: uid,
+        mtime: 0,
+        xattrs: Vec::new(),
+    }
+}
+
+fn file(name: &str, mode: u16, data: Vec<u8>) -> Node {
+    Node {
+        name: name.into(),
+        meta: meta(mode, 0),
+        kind: Kind::File(FileContent::from_bytes(Arc::<[u8]>::from(data))),
+    }
+}
+
+fn dir(name: &str, children: Vec<Node>) -> Node {
+    Node::dir(name, meta(0o755, 0), children)
+}
+
+/// Package `p` as it is in release `rel`: its version changes when the
+/// package was updated in or before `rel`.
+fn package_version(p: u64, rel: u64) -> u64 {
+    (0..=rel).filter(|&r| r > 0 && (p * 7 + r * 13) % 11 == 0).count() as u64
+}
+
+/// The system tree of sample release `rel` (0-based) of a series; `scale`
+/// is roughly the size in MiB.
+pub fn system_tree(rel: u64, scale: u64) -> Node {
+    let packages = 12 * scale.max(1);
+    let mut bin = Vec::new();
+    let mut lib = Vec::new();
+    let mut doc = Vec::new();
+    for p in 0..packages {
+        // Packages added in later releases, and a few removed.
+        let added_in = if p % 17 == 5 { 1 + p % 3 } else { 0 };
+        let removed_in = if p % 23 == 7 { 1 + p % 2 } else { u64::MAX };
+        if rel < added_in || rel >= removed_in {
+            continue;
+        }
+        let v = package_version(p, rel);
+        let seed = p * 1000 + v;
+        bin.push(file(&format!("tool{p:04}"), 0o755, binary(seed, 8_000 + (p as usize * 997) % 60_000)));
+        lib.push(file(&format!("libpkg{p:04}.so.{v}"), 0o644, binary(seed ^ 0xABCD, 20_000 + (p as usize * 7919) % 90_000)));
+        doc.push(dir(
+            &format!("pkg{p:04}"),
+            vec![
+                file("README", 0o644, text(seed, 3_000 + (p as usize % 7) * 1000)),
+                file("changelog.Debian.gz", 0o644, binary(seed ^ 0x77, 1_500)),
+            ],
+        ));
+    }
+    let mut ping = file("ping", 0o755, binary(42, 70_000));
+    ping.meta.xattrs.push((b"security.capability".to_vec(), vec![1, 0, 0, 2, 0, 32, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]));
+    bin.push(ping);
+    let mut sudo = file("sudo", 0o4755, binary(43, 150_000));
+    sudo.meta.gid = 0;
+    bin.push(sudo);
+    lib.push(Node {
+        name: b"libc.so.6".to_vec(),
+        meta: meta(0o777, 0),
+        kind: Kind::Symlink(b"libc-2.36.so".to_vec()),
+    });
+    lib.push(file("libc-2.36.so", 0o755, binary(44, 1_900_000)));
+    let kernel = 1 + rel / 2;
+    let os_release = format!(
+        "NAME=\"Tails\"\nID=\"tails\"\nVERSION=\"6.{rel}\"\nTAILS_PRODUCT_NAME=\"Tails\"\nTAILS_VERSION_ID=\"6.{rel}\"\n"
+    );
+    let mut amnesia = dir("amnesia", vec![file(".bashrc", 0o644, text(7, 3_500))]);
+    amnesia.meta.uid = 1000;
+    amnesia.meta.gid = 1000;
+    amnesia.meta.mode = 0o700;
+    let mut tmp = dir("tmp", vec![]);
+    tmp.meta.mode = 0o1777;
+    Node::dir(
+        "",
+        meta(0o755, 0),
+        vec![
+            dir(
+                "etc",
+                vec![
+                    file("os-release", 0o644, os_release.into_bytes()),
+                    file("hostname", 0o644, b"amnesia\n".to_vec()),
+                ],
+            ),
+            dir(
+                "usr",
+                vec![
+                    dir("bin", bin),
+                    dir("lib", lib),
+                    dir("share", vec![dir("doc", doc)]),
+                ],
+            ),
+            dir(
+                "lib",
+                vec![dir(
+                    "modules",
+                    vec![dir(
+                        &format!("6.1.0-{kernel}-amd64"),
+                        vec![file("vmlinuz-stub.ko", 0o644, binary(kernel * 31, 400_000))],
+                    )],
+                )],
+            ),
+            dir(
+                "dev",
+                vec![Node {
+                    name: b"null".to_vec(),
+                    meta: meta(0o666, 0),
+                    kind: Kind::CharDev((1 << 8) | 3),
+                }],
+            ),
+            dir("home", vec![amnesia]),
+            tmp,
+        ],
+    )
+}
+
+/// Sets every inode's time (as gensquashfs does with SOURCE_DATE_EPOCH).
+pub fn set_mtime(n: &mut Node, t: u32) {
+    n.meta.mtime = t;
+    if let Kind::Dir(c) = &mut n.kind {
+        for x in c {
+            set_mtime(x, t);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn releases_differ_but_are_deterministic() {
+        let a = system_tree(1, 2);
+        let b = system_tree(1, 2);
+        let c = system_tree(2, 2);
+        use iukfarm_engine::compare::{CompareOptions, compare_trees};
+        assert!(compare_trees(&a, &b, CompareOptions::default()).unwrap().is_empty());
+        let d = compare_trees(&a, &c, CompareOptions::default()).unwrap();
+        assert!(d.iter().any(|x| x.path == "etc/os-release"), "{d:?}");
+        a.validate().unwrap();
+        c.validate().unwrap();
+    }
+}
