@@ -188,7 +188,7 @@ impl Superblock {
         }
         if !sb.block_size.is_power_of_two()
             || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&sb.block_size)
-            || 1u32 << sb.block_log != sb.block_size
+            || 1u32.checked_shl(sb.block_log as u32) != Some(sb.block_size)
         {
             corrupt!(
                 "invalid block size {} (log {})",
