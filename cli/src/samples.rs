@@ -58,8 +58,22 @@ fn binary(seed: u64, len: usize) -> Vec<u8> {
 
 fn text(seed: u64, len: usize) -> Vec<u8> {
     const WORDS: [&str; 16] = [
-        "the ", "amnesic ", "incognito ", "live ", "system ", "tor ", "upgrade ", "kit ", "persistent ", "storage ",
-        "release ", "security ", "fix ", "package ", "\n", "# ",
+        "the ",
+        "amnesic ",
+        "incognito ",
+        "live ",
+        "system ",
+        "tor ",
+        "upgrade ",
+        "kit ",
+        "persistent ",
+        "storage ",
+        "release ",
+        "security ",
+        "fix ",
+        "package ",
+        "\n",
+        "# ",
     ];
     let mut r = Rng::new(seed);
     let mut out = Vec::with_capacity(len + 16);
@@ -95,7 +109,9 @@ fn dir(name: &str, children: Vec<Node>) -> Node {
 /// Package `p` as it is in release `rel`: its version changes when the
 /// package was updated in or before `rel`.
 fn package_version(p: u64, rel: u64) -> u64 {
-    (0..=rel).filter(|&r| r > 0 && (p * 7 + r * 13) % 11 == 0).count() as u64
+    (0..=rel)
+        .filter(|&r| r > 0 && (p * 7 + r * 13) % 11 == 0)
+        .count() as u64
 }
 
 /// The system tree of sample release `rel` (0-based) of a series; `scale`
@@ -114,8 +130,16 @@ pub fn system_tree(rel: u64, scale: u64) -> Node {
         }
         let v = package_version(p, rel);
         let seed = p * 1000 + v;
-        bin.push(file(&format!("tool{p:04}"), 0o755, binary(seed, 8_000 + (p as usize * 997) % 60_000)));
-        lib.push(file(&format!("libpkg{p:04}.so.{v}"), 0o644, binary(seed ^ 0xABCD, 20_000 + (p as usize * 7919) % 90_000)));
+        bin.push(file(
+            &format!("tool{p:04}"),
+            0o755,
+            binary(seed, 8_000 + (p as usize * 997) % 60_000),
+        ));
+        lib.push(file(
+            &format!("libpkg{p:04}.so.{v}"),
+            0o644,
+            binary(seed ^ 0xABCD, 20_000 + (p as usize * 7919) % 90_000),
+        ));
         doc.push(dir(
             &format!("pkg{p:04}"),
             vec![
@@ -125,7 +149,10 @@ pub fn system_tree(rel: u64, scale: u64) -> Node {
         ));
     }
     let mut ping = file("ping", 0o755, binary(42, 70_000));
-    ping.meta.xattrs.push((b"security.capability".to_vec(), vec![1, 0, 0, 2, 0, 32, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]));
+    ping.meta.xattrs.push((
+        b"security.capability".to_vec(),
+        vec![1, 0, 0, 2, 0, 32, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+    ));
     bin.push(ping);
     let mut sudo = file("sudo", 0o4755, binary(43, 150_000));
     sudo.meta.gid = 0;
@@ -209,7 +236,11 @@ mod tests {
         let b = system_tree(1, 2);
         let c = system_tree(2, 2);
         use iukfarm_engine::compare::{CompareOptions, compare_trees};
-        assert!(compare_trees(&a, &b, CompareOptions::default()).unwrap().is_empty());
+        assert!(
+            compare_trees(&a, &b, CompareOptions::default())
+                .unwrap()
+                .is_empty()
+        );
         let d = compare_trees(&a, &c, CompareOptions::default()).unwrap();
         assert!(d.iter().any(|x| x.path == "etc/os-release"), "{d:?}");
         a.validate().unwrap();

@@ -67,7 +67,9 @@ pub fn hash(f: &FileContent) -> Result<[u8; 32]> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
     loop {
-        let n = r.read(&mut buf).map_err(|e| crate::Error::io(f.describe(), e))?;
+        let n = r
+            .read(&mut buf)
+            .map_err(|e| crate::Error::io(f.describe(), e))?;
         if n == 0 {
             break;
         }
@@ -109,7 +111,10 @@ fn walk<'a>(
             diff(format!("mode {:04o} != {:04o}", ma.mode, mb.mode));
         }
         if (ma.uid, ma.gid) != (mb.uid, mb.gid) {
-            diff(format!("owner {}:{} != {}:{}", ma.uid, ma.gid, mb.uid, mb.gid));
+            diff(format!(
+                "owner {}:{} != {}:{}",
+                ma.uid, ma.gid, mb.uid, mb.gid
+            ));
         }
         if opts.mtime && ma.mtime != mb.mtime {
             diff(format!("mtime {} != {}", ma.mtime, mb.mtime));
@@ -118,7 +123,10 @@ fn walk<'a>(
         let xb: BTreeMap<_, _> = mb.xattrs.iter().cloned().collect();
         if xa != xb {
             let keys = |m: &BTreeMap<Vec<u8>, Vec<u8>>| {
-                m.keys().map(|k| String::from_utf8_lossy(k).into_owned()).collect::<Vec<_>>().join(",")
+                m.keys()
+                    .map(|k| String::from_utf8_lossy(k).into_owned())
+                    .collect::<Vec<_>>()
+                    .join(",")
             };
             diff(format!("xattrs [{}] != [{}]", keys(&xa), keys(&xb)));
         }
@@ -208,7 +216,15 @@ mod tests {
 
     #[test]
     fn finds_every_kind_of_difference() {
-        let a = Node::dir("", meta(), vec![file("same", b"1"), file("changed", b"a"), file("gone", b"x")]);
+        let a = Node::dir(
+            "",
+            meta(),
+            vec![
+                file("same", b"1"),
+                file("changed", b"a"),
+                file("gone", b"x"),
+            ],
+        );
         let mut owner = file("same", b"1");
         owner.meta.uid = 33;
         let b = Node::dir(
@@ -235,6 +251,10 @@ mod tests {
                 "same: owner 0:0 != 33:0"
             ]
         );
-        assert!(compare_trees(&a, &a, CompareOptions::default()).unwrap().is_empty());
+        assert!(
+            compare_trees(&a, &a, CompareOptions::default())
+                .unwrap()
+                .is_empty()
+        );
     }
 }

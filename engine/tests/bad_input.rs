@@ -41,7 +41,10 @@ fn meta(mode: u16) -> Meta {
         uid: 1000,
         gid: 100,
         mtime: 1,
-        xattrs: vec![(b"user.k".to_vec(), b"a value longer than eight bytes".to_vec())],
+        xattrs: vec![(
+            b"user.k".to_vec(),
+            b"a value longer than eight bytes".to_vec(),
+        )],
     }
 }
 
@@ -57,10 +60,19 @@ fn sample_image() -> Vec<u8> {
             })
             .collect()
     };
-    let text: Vec<u8> = b"upgrade kit ".iter().cycle().take(300_000).copied().collect();
+    let text: Vec<u8> = b"upgrade kit "
+        .iter()
+        .cycle()
+        .take(300_000)
+        .copied()
+        .collect();
     let mut files = Vec::new();
     for i in 0..40 {
-        let data = if i % 3 == 0 { noise(5_000 + i * 100) } else { text[..(7_000 * i + 10)].to_vec() };
+        let data = if i % 3 == 0 {
+            noise(5_000 + i * 100)
+        } else {
+            text[..(7_000 * i + 10)].to_vec()
+        };
         files.push(Node {
             name: format!("f{i:02}").into_bytes(),
             meta: meta(0o644),
@@ -72,11 +84,15 @@ fn sample_image() -> Vec<u8> {
         meta: meta(0o777),
         kind: Kind::Symlink(b"f01".to_vec()),
     });
-    let sub = Node::dir("sub", meta(0o755), vec![Node {
-        name: b"big".to_vec(),
-        meta: meta(0o600),
-        kind: Kind::File(FileContent::from_bytes(text.clone())),
-    }]);
+    let sub = Node::dir(
+        "sub",
+        meta(0o755),
+        vec![Node {
+            name: b"big".to_vec(),
+            meta: meta(0o600),
+            kind: Kind::File(FileContent::from_bytes(text.clone())),
+        }],
+    );
     files.push(sub);
     let root = Node::dir("", meta(0o755), files);
     let f = tempfile::tempfile().unwrap();
@@ -165,7 +181,11 @@ fn hostile_images_give_errors_with_bounded_memory() {
         let _ = exercise(bad);
     }
     let peak = PEAK.load(Ordering::Relaxed) - baseline;
-    assert!(peak < 256 << 20, "reading hostile images peaked at {} MiB", peak >> 20);
+    assert!(
+        peak < 256 << 20,
+        "reading hostile images peaked at {} MiB",
+        peak >> 20
+    );
 }
 
 /// A tiny image builder with uncompressed metadata, for precise hostile
@@ -252,7 +272,16 @@ impl Crafted {
         for v in [4u16, 12, 0x0010 | 0x0200, 1, 4, 0] {
             sb.extend(v.to_le_bytes());
         }
-        for v in [root, used, id_start, u64::MAX, inode_start, dir_start, u64::MAX, u64::MAX] {
+        for v in [
+            root,
+            used,
+            id_start,
+            u64::MAX,
+            inode_start,
+            dir_start,
+            u64::MAX,
+            u64::MAX,
+        ] {
             sb.extend(v.to_le_bytes());
         }
         img[..96].copy_from_slice(&sb);

@@ -62,8 +62,14 @@ impl Write for HashWriter<'_> {
 }
 
 pub fn run(a: Args) -> Result<ExitCode> {
-    ensure!((1..=20).contains(&a.releases), "--releases must be between 1 and 20");
-    ensure!((1..=4096).contains(&a.scale), "--scale must be between 1 and 4096 (MiB)");
+    ensure!(
+        (1..=20).contains(&a.releases),
+        "--releases must be between 1 and 20"
+    );
+    ensure!(
+        (1..=4096).contains(&a.scale),
+        "--scale must be between 1 and 4096 (MiB)"
+    );
     if a.output_dir.exists() && fs::read_dir(&a.output_dir)?.next().is_some() {
         if !a.force {
             bail!(
@@ -71,7 +77,8 @@ pub fn run(a: Args) -> Result<ExitCode> {
                 a.output_dir.display()
             );
         }
-        fs::remove_dir_all(&a.output_dir).with_context(|| format!("clearing {}", a.output_dir.display()))?;
+        fs::remove_dir_all(&a.output_dir)
+            .with_context(|| format!("clearing {}", a.output_dir.display()))?;
     }
     fs::create_dir_all(&a.output_dir)?;
     let mut opts = WriterOptions::with_block_size(1 << 20);
@@ -97,7 +104,8 @@ pub fn run(a: Args) -> Result<ExitCode> {
         let image = dir.join("filesystem.squashfs");
         let t = Instant::now();
         let tmp = temp_next_to(&image)?;
-        let stats = write_image(&tree, &opts, tmp.as_file(), &reporter).with_context(|| format!("packing {version}"))?;
+        let stats = write_image(&tree, &opts, tmp.as_file(), &reporter)
+            .with_context(|| format!("packing {version}"))?;
         persist(tmp, &image, false)?;
         let packed = t.elapsed();
 
@@ -116,7 +124,10 @@ pub fn run(a: Args) -> Result<ExitCode> {
             for d in &diffs {
                 eprintln!("  {d}");
             }
-            bail!("{version}: the image does not contain what was packed ({} differences)", diffs.len());
+            bail!(
+                "{version}: the image does not contain what was packed ({} differences)",
+                diffs.len()
+            );
         }
         let hash = sha256(&image)?;
         println!(
@@ -141,7 +152,11 @@ pub fn run(a: Args) -> Result<ExitCode> {
     one.threads = 1;
     write_image(&tree, &one, again.as_file(), &iukfarm_engine::NoProgress)?;
     let h = sha256(again.path())?;
-    ensure!(h == sums[0].0, "rebuilding 6.0 on one thread gave different bytes: {h} vs {}", sums[0].0);
+    ensure!(
+        h == sums[0].0,
+        "rebuilding 6.0 on one thread gave different bytes: {h} vs {}",
+        sums[0].0
+    );
     println!("  6.0 rebuilt on 1 thread: identical bytes");
 
     let sums_path = a.output_dir.join("SHA256SUMS");

@@ -690,7 +690,13 @@ impl Archive {
     /// Reads a fragment block (decompressed).
     fn fragment_block(&self, index: u32) -> Result<Arc<Vec<u8>>> {
         const KEEP: usize = 16;
-        if let Some((_, b)) = self.frag_cache.lock().expect("cache lock").iter().find(|(i, _)| *i == index) {
+        if let Some((_, b)) = self
+            .frag_cache
+            .lock()
+            .expect("cache lock")
+            .iter()
+            .find(|(i, _)| *i == index)
+        {
             return Ok(b.clone());
         }
         let &(start, size) = self
