@@ -83,19 +83,7 @@ pub fn run(cmd: &mut Command) -> Output {
 }
 
 pub fn sha256_file(p: &Path) -> String {
-    use sha2::{Digest, Sha256};
-    use std::io::Read;
-    let mut f = fs::File::open(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).unwrap();
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    sha256_reader(fs::File::open(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
 }
 
 /// A small deterministic PRNG (xorshift64*), so fixtures are the same on

@@ -83,6 +83,18 @@ struct Stored {
     digest: [u8; 32],
 }
 
+impl Stored {
+    /// The size as block lists and the fragment table store it.
+    fn size_field(&self) -> u32 {
+        self.bytes.len() as u32
+            | if self.compressed {
+                0
+            } else {
+                BLOCK_UNCOMPRESSED
+            }
+    }
+}
+
 fn store(cfg: &XzConfig, data: Vec<u8>) -> Result<Stored> {
     let (bytes, compressed) = match cfg.compress(&data)? {
         Some(c) => (c, true),
@@ -313,12 +325,7 @@ impl DataWriter<'_> {
                     if first {
                         file_start = blocks.len();
                     }
-                    let size = stored.bytes.len() as u32
-                        | if stored.compressed {
-                            0
-                        } else {
-                            BLOCK_UNCOMPRESSED
-                        };
+                    let size = stored.size_field();
                     self.out.write_all_at(&stored.bytes, pos)?;
                     blocks.push(pos, size, stored.digest);
                     pos += stored.bytes.len() as u64;
@@ -372,12 +379,7 @@ impl DataWriter<'_> {
                 }
                 Job::FragmentBlock { index, result } => {
                     let stored = recv(result)?;
-                    let size = stored.bytes.len() as u32
-                        | if stored.compressed {
-                            0
-                        } else {
-                            BLOCK_UNCOMPRESSED
-                        };
+                    let size = stored.size_field();
                     self.out.write_all_at(&stored.bytes, pos)?;
                     blocks.push(pos, size, stored.digest);
                     debug_assert_eq!(index as usize, fragments.len());

@@ -472,43 +472,25 @@ impl Archive {
                 }
                 (v[0], InodeKind::Symlink(target))
             }
-            inode_type::BLOCK_DEV
-            | inode_type::CHAR_DEV
-            | inode_type::EXT_BLOCK_DEV
-            | inode_type::EXT_CHAR_DEV => {
+            inode_type::BLOCK_DEV..=inode_type::SOCKET
+            | inode_type::EXT_BLOCK_DEV..=inode_type::EXT_SOCKET => {
+                // nlink, then the device number for devices, then the xattr
+                // index for extended inodes.
                 let ext = raw_type >= inode_type::EXT_DIR;
-                let v = u32s(&mut reader, if ext { 3 } else { 2 })?;
+                let basic = if ext { raw_type - 7 } else { raw_type };
+                let is_dev = matches!(basic, inode_type::BLOCK_DEV | inode_type::CHAR_DEV);
+                let n = 1 + usize::from(is_dev) + usize::from(ext);
+                let v = u32s(&mut reader, n)?;
                 if ext {
-                    xattr = v[2];
+                    xattr = v[n - 1];
                 }
-                let block = matches!(raw_type, inode_type::BLOCK_DEV | inode_type::EXT_BLOCK_DEV);
-                (
-                    v[0],
-                    if block {
-                        InodeKind::BlockDev(v[1])
-                    } else {
-                        InodeKind::CharDev(v[1])
-                    },
-                )
-            }
-            inode_type::FIFO
-            | inode_type::SOCKET
-            | inode_type::EXT_FIFO
-            | inode_type::EXT_SOCKET => {
-                let ext = raw_type >= inode_type::EXT_DIR;
-                let v = u32s(&mut reader, if ext { 2 } else { 1 })?;
-                if ext {
-                    xattr = v[1];
-                }
-                let fifo = matches!(raw_type, inode_type::FIFO | inode_type::EXT_FIFO);
-                (
-                    v[0],
-                    if fifo {
-                        InodeKind::Fifo
-                    } else {
-                        InodeKind::Socket
-                    },
-                )
+                let kind = match basic {
+                    inode_type::BLOCK_DEV => InodeKind::BlockDev(v[1]),
+                    inode_type::CHAR_DEV => InodeKind::CharDev(v[1]),
+                    inode_type::FIFO => InodeKind::Fifo,
+                    _ => InodeKind::Socket,
+                };
+                (v[0], kind)
             }
             other => corrupt!("inode {number}: unknown inode type {other}"),
         };
