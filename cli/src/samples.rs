@@ -110,7 +110,7 @@ fn dir(name: &str, children: Vec<Node>) -> Node {
 /// package was updated in or before `rel`.
 fn package_version(p: u64, rel: u64) -> u64 {
     (0..=rel)
-        .filter(|&r| r > 0 && (p * 7 + r * 13) % 11 == 0)
+        .filter(|&r| r > 0 && (p * 7 + r * 13).is_multiple_of(11))
         .count() as u64
 }
 
