@@ -5,12 +5,16 @@
 //! * [`sqfs`]: SquashFS reading in place and gensquashfs-exact writing;
 //! * [`iso`]: ISO 9660 reading in place;
 //! * [`compare`]: entry-by-entry comparison of trees (verification);
+//! * [`diff`]: the overlay diff of two system trees, as Tails computes it;
+//! * [`kit`]: assembling the IUK itself;
 //! * [`progress`]: the observer through which long operations report.
 
 pub mod compare;
+pub mod diff;
 pub mod error;
 pub mod io;
 pub mod iso;
+pub mod kit;
 pub mod progress;
 pub mod sqfs;
 pub mod tree;

@@ -68,6 +68,8 @@ impl fmt::Debug for FileContent {
 pub enum Source {
     Path(PathBuf),
     Bytes(Arc<[u8]>),
+    /// A file inside a SquashFS image, read in place.
+    Image(Arc<crate::sqfs::ImageFile>),
     Reader(Arc<dyn OpenReader>),
 }
 
@@ -89,6 +91,7 @@ impl FileContent {
         Ok(match &self.source {
             Source::Path(p) => Box::new(File::open(p).map_err(|e| Error::io(p, e))?),
             Source::Bytes(b) => Box::new(&b[..]),
+            Source::Image(f) => Box::new(f.open()),
             Source::Reader(r) => r.open()?,
         })
     }
@@ -98,7 +101,8 @@ impl FileContent {
         match &self.source {
             Source::Path(p) => p.display().to_string(),
             Source::Bytes(_) => "<in-memory file>".into(),
-            Source::Reader(_) => "<image file>".into(),
+            Source::Image(_) => "<file in a SquashFS image>".into(),
+            Source::Reader(_) => "<reader>".into(),
         }
     }
 }

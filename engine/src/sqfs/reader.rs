@@ -19,7 +19,7 @@ use super::format::{
 };
 use crate::error::{Error, Result, corrupt};
 use crate::io::ReadAt;
-use crate::tree::{FileContent, Kind, Meta, Node, OpenReader, Source, Xattr};
+use crate::tree::{FileContent, Kind, Meta, Node, Source, Xattr};
 
 /// At most this many data blocks per file (64 MiB of block list).
 const MAX_FILE_BLOCKS: u64 = 1 << 24;
@@ -874,7 +874,7 @@ impl Archive {
             InodeKind::Dir { .. } => Kind::Dir(Vec::new()),
             InodeKind::File(f) => Kind::File(FileContent {
                 size: f.size,
-                source: Source::Reader(Arc::new(ImageFile {
+                source: Source::Image(Arc::new(ImageFile {
                     ar: self.clone(),
                     file: f.clone(),
                 })),
@@ -972,14 +972,83 @@ impl MetaStream<'_> {
 }
 
 /// A file inside an image, as a tree content source.
-struct ImageFile {
+pub struct ImageFile {
     ar: Arc<Archive>,
     file: FileInode,
 }
 
-impl OpenReader for ImageFile {
-    fn open(&self) -> io::Result<Box<dyn Read + Send + '_>> {
-        Ok(Box::new(self.ar.open_file(&self.file)))
+impl ImageFile {
+    pub fn open(&self) -> FileReader {
+        self.ar.open_file(&self.file)
+    }
+
+    pub fn inode(&self) -> &FileInode {
+        &self.file
+    }
+
+    /// Decides whether two files have the same contents by comparing how
+    /// they are stored, without decompressing data blocks: when both images
+    /// use the same compressor settings and block size and the files have
+    /// the same block list, equal stored bytes mean equal contents. Returns
+    /// `None` when the stored forms cannot decide (different settings or
+    /// block lists), so the caller must compare the decompressed data.
+    pub fn same_stored_content(&self, other: &ImageFile) -> Result<Option<bool>> {
+        let (a, b) = (&self.file, &other.file);
+        if a.size != b.size {
+            return Ok(Some(false));
+        }
+        let same_settings = self.ar.comp == other.ar.comp
+            && self.ar.sb.block_size == other.ar.sb.block_size
+            && self.ar.xz_options == other.ar.xz_options;
+        if !same_settings
+            || a.block_sizes != b.block_sizes
+            || (a.fragment_index == NO_FRAGMENT) != (b.fragment_index == NO_FRAGMENT)
+        {
+            return Ok(None);
+        }
+        let stored: u64 = a
+            .block_sizes
+            .iter()
+            .map(|s| (s & !BLOCK_UNCOMPRESSED) as u64)
+            .sum();
+        let mut done = 0u64;
+        let mut x = vec![0u8; 1 << 20];
+        let mut y = vec![0u8; 1 << 20];
+        while done < stored {
+            let n = (stored - done).min(x.len() as u64) as usize;
+            for (ar, start, buf) in [
+                (&self.ar, a.blocks_start, &mut x),
+                (&other.ar, b.blocks_start, &mut y),
+            ] {
+                let pos = start + done;
+                if pos
+                    .checked_add(n as u64)
+                    .is_none_or(|e| e > ar.sb.inode_table_start)
+                {
+                    corrupt!("file data at {pos} outside the data area");
+                }
+                read_at(&*ar.src, &mut buf[..n], pos, "data blocks")?;
+            }
+            if x[..n] != y[..n] {
+                return Ok(Some(false));
+            }
+            done += n as u64;
+        }
+        if a.fragment_index == NO_FRAGMENT {
+            return Ok(Some(true));
+        }
+        let tail = (a.size % self.ar.sb.block_size as u64) as usize;
+        let fa = self.ar.fragment_block(a.fragment_index)?;
+        let fb = other.ar.fragment_block(b.fragment_index)?;
+        let slice = |f: &[u8], off: u32| -> Result<Vec<u8>> {
+            match (off as usize).checked_add(tail) {
+                Some(end) if end <= f.len() => Ok(f[off as usize..end].to_vec()),
+                _ => corrupt!("file tail lies outside its fragment block"),
+            }
+        };
+        Ok(Some(
+            slice(&fa, a.fragment_offset)? == slice(&fb, b.fragment_offset)?,
+        ))
     }
 }
 
