@@ -24,6 +24,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Build one IUK from two ISOs on this machine (tails-create-iuk's job).
+    Build(cmd::build::Args),
     /// Run the engine end to end on generated sample releases (no setup needed).
     Demo(cmd::demo::Args),
     /// SquashFS tools: pack (a gensquashfs drop-in), ls, cat, info.
@@ -58,6 +60,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
+        Command::Build(a) => cmd::build::run(a),
         Command::Demo(a) => cmd::demo::run(a),
         Command::Sqfs(a) => cmd::sqfs::run(a),
         Command::Iso(a) => cmd::iso::run(a),

@@ -81,3 +81,29 @@ impl<R: ReadAt + ?Sized> ReadAt for Slice<R> {
         Ok(self.len)
     }
 }
+
+/// Sequential reading of a whole positional source.
+pub struct SeqReader {
+    src: std::sync::Arc<dyn ReadAt>,
+    pos: u64,
+    len: u64,
+}
+
+impl SeqReader {
+    pub fn new(src: std::sync::Arc<dyn ReadAt>) -> io::Result<Self> {
+        let len = src.size()?;
+        Ok(SeqReader { src, pos: 0, len })
+    }
+}
+
+impl io::Read for SeqReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = (self.len - self.pos).min(buf.len() as u64) as usize;
+        if n == 0 {
+            return Ok(0);
+        }
+        self.src.read_exact_at(&mut buf[..n], self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}

@@ -117,8 +117,16 @@ impl Iso {
 
     /// All records of a directory, including "." and "..", in stored order.
     fn raw_records(&self, dir: &Record) -> Result<Vec<Record>> {
-        if dir.size > MAX_DIR_BYTES {
-            corrupt!("directory of {} bytes", dir.size);
+        let end = dir
+            .extent
+            .checked_mul(SECTOR)
+            .and_then(|p| p.checked_add(dir.size));
+        if dir.size > MAX_DIR_BYTES || end.is_none_or(|e| e > self.src.size().unwrap_or(0)) {
+            corrupt!(
+                "directory at sector {} ({} bytes) lies outside the ISO",
+                dir.extent,
+                dir.size
+            );
         }
         let mut data = vec![0u8; dir.size as usize];
         self.read(&mut data, dir.extent * SECTOR, "directory")?;

@@ -1,3 +1,4 @@
+pub mod build;
 pub mod demo;
 pub mod iso;
 pub mod sqfs;

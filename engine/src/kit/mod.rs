@@ -1,4 +1,503 @@
-//! Assembling an IUK ("kit"): the staging tree Tails' `tails-create-iuk`
-//! packs into the outer image. So far: `control.yml`.
+//! Assembling an IUK (format 2) from two ISOs, as `tails-create-iuk` does
+//! (tails-iuk.md §1, §3, §9), without root and without mounting anything:
+//!
+//! ```text
+//! FORMAT                    "2"
+//! control.yml               delete_files (YAML::XS bytes)
+//! overlay/live/<N>.squashfs the overlay diff of the two system images
+//! overlay/live/vmlinuz*     kernels and initrds that are new or changed
+//! overlay/EFI/ …            the new ISO's EFI/, utils/ and isolinux/ (renamed
+//! overlay/utils/ …          syslinux/, isolinux.cfg → syslinux.cfg and
+//! overlay/syslinux/ …       "/isolinux/" → "/syslinux/" in every top-level file)
+//! ```
+//!
+//! Modes are what bsdtar (umask 022) and `chmod -R go+rX` give the ISO's
+//! Rock Ridge modes; everything is owned by root and dated
+//! SOURCE_DATE_EPOCH in the outer image.
 
 pub mod yaml;
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::diff::{DiffOptions, DiffStats, overlay_diff};
+use crate::error::{Error, Result};
+use crate::io::{ReadAt, SeqReader};
+use crate::iso::{Iso, IsoEntry, cdio_translate};
+use crate::progress::Progress;
+use crate::sqfs::{Archive, WriterOptions, XzConfig, write_image};
+use crate::tree::{FileContent, Kind, Meta, Node, OpenReader, Source};
+
+/// The content of `FORMAT`.
+pub const FORMAT: &[u8] = b"2";
+
+/// ISO directories whose removed entries are listed in `delete_files`, in
+/// tails-create-iuk's order.
+pub const MONITORED_DIRS: [&str; 16] = [
+    "EFI",
+    "EFI/BOOT",
+    "EFI/BOOT/grub",
+    "EFI/BOOT/grub/i386-efi",
+    "EFI/BOOT/grub/x86_64-efi",
+    "EFI/debian",
+    "EFI/debian/grub",
+    "EFI/debian/grub/i386-efi",
+    "EFI/debian/grub/x86_64-efi",
+    "isolinux",
+    "live",
+    "syslinux",
+    "tails",
+    "utils",
+    "utils/mbr",
+    "utils/linux",
+];
+
+const SYSTEM_IMAGE: &[u8] = b"live/filesystem.squashfs";
+/// Boot files are read whole into memory when rewritten; bound them.
+const MAX_BOOT_FILE: u64 = 64 << 20;
+
+/// The writer options of the diff inside a kit: `--keep-xattr --comp-extra
+/// x86,dictsize=1024K --block-size 1048576`.
+pub fn diff_writer_options(sde: u32, threads: usize) -> WriterOptions {
+    let mut o = WriterOptions::with_block_size(1 << 20);
+    let mut xz = XzConfig::for_block_size(1 << 20);
+    xz.flags = crate::sqfs::compress::xz_flags::X86;
+    o.xz = xz;
+    o.mtime = sde;
+    o.threads = threads;
+    o
+}
+
+/// The writer options of the outer kit: gensquashfs's defaults.
+pub fn kit_writer_options(sde: u32, threads: usize) -> WriterOptions {
+    let mut o = WriterOptions::with_block_size(131072);
+    o.mtime = sde;
+    o.threads = threads;
+    o
+}
+
+/// Names in an ISO directory as libcdio's readdir + name_translate give
+/// them; a directory the ISO lacks lists as empty.
+fn cdio_names(iso: &Iso, dir: &str) -> Result<Vec<Vec<u8>>> {
+    match iso.list(dir.as_bytes()) {
+        Ok(entries) => Ok(entries.iter().map(|e| cdio_translate(&e.name)).collect()),
+        Err(Error::NotFound(_)) | Err(Error::Invalid(_)) => Ok(Vec::new()),
+        Err(e) => Err(e),
+    }
+}
+
+/// `delete_files`: for each monitored directory, the (translated) names
+/// present in the old ISO and absent from the new one, sorted.
+pub fn delete_files(old: &Iso, new: &Iso) -> Result<Vec<Vec<u8>>> {
+    let mut out = Vec::new();
+    for dir in MONITORED_DIRS {
+        let mut gone: Vec<Vec<u8>> = cdio_names(old, dir)?;
+        let now = cdio_names(new, dir)?;
+        gone.retain(|n| !now.contains(n));
+        gone.sort();
+        gone.dedup();
+        for n in gone {
+            let mut p = dir.as_bytes().to_vec();
+            p.push(b'/');
+            p.extend_from_slice(&n);
+            out.push(p);
+        }
+    }
+    Ok(out)
+}
+
+fn is_kernel_name(n: &[u8]) -> bool {
+    let digits_then = |rest: &[u8], suffix: &[u8]| {
+        rest.strip_suffix(suffix)
+            .is_some_and(|d| d.iter().all(u8::is_ascii_digit))
+    };
+    n.strip_prefix(b"vmlinuz")
+        .is_some_and(|r| digits_then(r, b""))
+        || n.strip_prefix(b"initrd")
+            .is_some_and(|r| digits_then(r, b".img"))
+}
+
+/// Kernels and initrds (`live/vmlinuz[0-9]*`, `live/initrd[0-9]*.img`) that
+/// are new in the new ISO or differ from the old one's, sorted.
+pub fn changed_kernels(old: &Iso, new: &Iso) -> Result<Vec<Vec<u8>>> {
+    let find = |iso: &Iso| -> Result<Vec<(Vec<u8>, IsoEntry)>> {
+        Ok(match iso.list(b"live") {
+            Ok(v) => v
+                .into_iter()
+                .map(|e| (cdio_translate(&e.name), e))
+                .filter(|(n, _)| is_kernel_name(n))
+                .collect(),
+            Err(Error::NotFound(_)) => Vec::new(),
+            Err(e) => return Err(e),
+        })
+    };
+    let (o, n) = (find(old)?, find(new)?);
+    let mut out = Vec::new();
+    for (name, ne) in &n {
+        if ne.is_dir {
+            return Err(Error::Invalid(format!(
+                "live/{} in the new ISO is a directory",
+                String::from_utf8_lossy(name)
+            )));
+        }
+        match o.iter().find(|(x, _)| x == name) {
+            None => out.push(name.clone()),
+            Some((_, oe)) => {
+                if oe.is_dir {
+                    return Err(Error::Invalid(format!(
+                        "live/{} in the old ISO is a directory",
+                        String::from_utf8_lossy(name)
+                    )));
+                }
+                if !same_iso_file(old, oe, new, ne)? {
+                    out.push(name.clone());
+                }
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn same_iso_file(a: &Iso, ea: &IsoEntry, b: &Iso, eb: &IsoEntry) -> Result<bool> {
+    if ea.size != eb.size {
+        return Ok(false);
+    }
+    let (ra, rb) = (a.file_reader(ea)?, b.file_reader(eb)?);
+    let mut pos = 0u64;
+    let (mut x, mut y) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    while pos < ea.size {
+        let n = (ea.size - pos).min(x.len() as u64) as usize;
+        ra.read_exact_at(&mut x[..n], pos)?;
+        rb.read_exact_at(&mut y[..n], pos)?;
+        if x[..n] != y[..n] {
+            return Ok(false);
+        }
+        pos += n as u64;
+    }
+    Ok(true)
+}
+
+/// A file of the ISO, streamed when the kit is written.
+struct IsoFile(Arc<dyn ReadAt>);
+
+impl OpenReader for IsoFile {
+    fn open(&self) -> io::Result<Box<dyn Read + Send + '_>> {
+        Ok(Box::new(SeqReader::new(self.0.clone())?))
+    }
+}
+
+/// Mode bsdtar gives an extracted entry (umask 022), then `chmod go+rX`.
+fn extracted_mode(e: &IsoEntry) -> u16 {
+    let base = match e.posix {
+        Some((mode, ..)) => mode & 0o7777,
+        None if e.is_dir => 0o555,
+        None => 0o444,
+    } as u16;
+    let mut m = base & !0o022;
+    m |= 0o044;
+    if e.is_dir || m & 0o111 != 0 {
+        m |= 0o011;
+    }
+    m
+}
+
+fn meta(mode: u16, sde: u32) -> Meta {
+    Meta {
+        mode,
+        uid: 0,
+        gid: 0,
+        mtime: sde,
+        xattrs: Vec::new(),
+    }
+}
+
+fn iso_node(iso: &Iso, path: &[u8], e: &IsoEntry, sde: u32, depth: usize) -> Result<Node> {
+    if depth > 64 {
+        return Err(Error::corrupt("ISO directories nested too deep"));
+    }
+    let kind = if e.is_dir {
+        let mut kids = Vec::new();
+        for c in iso.list(path)? {
+            let p = [path, b"/", &c.name].concat();
+            kids.push(iso_node(iso, &p, &c, sde, depth + 1)?);
+        }
+        Kind::Dir(kids)
+    } else if let Some(t) = &e.symlink {
+        Kind::Symlink(t.clone())
+    } else {
+        Kind::File(FileContent {
+            size: e.size,
+            source: Source::Reader(Arc::new(IsoFile(iso.file_reader(e)?))),
+        })
+    };
+    let mode = if e.symlink.is_some() {
+        0o777
+    } else {
+        extracted_mode(e)
+    };
+    let mut n = Node {
+        name: e.name.clone(),
+        meta: meta(mode, sde),
+        kind,
+    };
+    n.sort_children();
+    Ok(n)
+}
+
+/// A whole directory of the new ISO (EFI, isolinux, utils), which must exist.
+fn iso_tree(iso: &Iso, dir: &str, sde: u32) -> Result<Node> {
+    let e = iso
+        .lookup(dir.as_bytes())?
+        .filter(|e| e.is_dir)
+        .ok_or_else(|| {
+            Error::NotFound(format!(
+                "{dir}/ in the new ISO (an IUK needs EFI/, isolinux/ and utils/)"
+            ))
+        })?;
+    iso_node(iso, dir.as_bytes(), &e, sde, 0)
+}
+
+/// isolinux/ becomes syslinux/: isolinux.cfg is renamed syslinux.cfg and
+/// every top-level file has "/isolinux/" replaced by "/syslinux/" (which
+/// rewrites it with mode 0644).
+fn to_syslinux(mut isolinux: Node) -> Result<Node> {
+    isolinux.name = b"syslinux".to_vec();
+    let Kind::Dir(children) = &mut isolinux.kind else {
+        return Err(Error::Invalid("isolinux is not a directory".into()));
+    };
+    let cfg = children
+        .iter_mut()
+        .find(|c| c.name == b"isolinux.cfg")
+        .ok_or_else(|| Error::NotFound("isolinux/isolinux.cfg in the new ISO".into()))?;
+    cfg.name = b"syslinux.cfg".to_vec();
+    for c in children.iter_mut().filter(|c| !c.name.starts_with(b".")) {
+        let Kind::File(f) = &c.kind else {
+            return Err(Error::Unsupported(format!(
+                "isolinux/{} is not a regular file; tails-create-iuk cannot rewrite it either",
+                String::from_utf8_lossy(&c.name)
+            )));
+        };
+        if f.size > MAX_BOOT_FILE {
+            return Err(Error::Invalid(format!(
+                "isolinux/{} is too large",
+                String::from_utf8_lossy(&c.name)
+            )));
+        }
+        let mut data = Vec::with_capacity(f.size as usize);
+        f.open()?.read_to_end(&mut data)?;
+        let edited = replace_all(&data, b"/isolinux/", b"/syslinux/");
+        c.kind = Kind::File(FileContent::from_bytes(edited));
+        c.meta.mode = 0o644;
+    }
+    isolinux.sort_children();
+    Ok(isolinux)
+}
+
+fn replace_all(data: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len());
+    let mut i = 0;
+    while i < data.len() {
+        if data[i..].starts_with(from) {
+            out.extend_from_slice(to);
+            i += from.len();
+        } else {
+            out.push(data[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// What [`build_iuk`] needs besides the two ISOs.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    /// File name of the diff in `overlay/live/`, e.g. `6.9.squashfs`.
+    pub diff_name: String,
+    /// SOURCE_DATE_EPOCH of the new release.
+    pub sde: u32,
+    /// Compression threads (0: one per core).
+    pub threads: usize,
+    pub diff: DiffOptions,
+}
+
+/// What a build did.
+#[derive(Debug, Clone)]
+pub struct BuildReport {
+    pub diff: DiffStats,
+    pub diff_size: u64,
+    pub kit_size: u64,
+    pub delete_files: Vec<Vec<u8>>,
+    pub kernels: Vec<Vec<u8>>,
+}
+
+fn open_iso(path: &Path) -> Result<Iso> {
+    let f = File::open(path).map_err(|e| Error::io(path, e))?;
+    Iso::open(Arc::new(f)).map_err(|e| match e {
+        Error::Invalid(m) | Error::Corrupt(m) => Error::Invalid(format!("{}: {m}", path.display())),
+        other => other,
+    })
+}
+
+fn open_system(iso: &Iso, path: &Path) -> Result<Arc<Archive>> {
+    let e = iso
+        .lookup(SYSTEM_IMAGE)?
+        .filter(|e| !e.is_dir)
+        .ok_or_else(|| {
+            Error::NotFound(format!(
+                "SquashFS 'live/filesystem.squashfs' not found in '{}'",
+                path.display()
+            ))
+        })?;
+    Archive::open(iso.file_reader(&e)?).map_err(|e| match e {
+        Error::Corrupt(m) => {
+            Error::Corrupt(format!("{}: live/filesystem.squashfs: {m}", path.display()))
+        }
+        other => other,
+    })
+}
+
+/// Builds the IUK that upgrades `old_iso`'s system to `new_iso`'s into
+/// `kit_out`, using `diff_scratch` (an empty file in the job's directory)
+/// for the diff image.
+pub fn build_iuk(
+    old_iso: &Path,
+    new_iso: &Path,
+    opts: &BuildOptions,
+    diff_scratch: &File,
+    kit_out: &File,
+    progress: &dyn Progress,
+) -> Result<BuildReport> {
+    if opts.diff_name.is_empty() || opts.diff_name.contains('/') || opts.diff_name.starts_with('.')
+    {
+        return Err(Error::Invalid(format!(
+            "invalid diff name {:?}",
+            opts.diff_name
+        )));
+    }
+    let old = open_iso(old_iso)?;
+    let new = open_iso(new_iso)?;
+    // Fail early, before the long work, on what the kit needs from the new ISO.
+    let efi = iso_tree(&new, "EFI", opts.sde)?;
+    let syslinux = to_syslinux(iso_tree(&new, "isolinux", opts.sde)?)?;
+    let utils = iso_tree(&new, "utils", opts.sde)?;
+    let delete = delete_files(&old, &new)?;
+    let kernels = changed_kernels(&old, &new)?;
+
+    progress.phase("read", 0);
+    let old_tree = open_system(&old, old_iso)?.to_tree()?;
+    let new_tree = open_system(&new, new_iso)?.to_tree()?;
+    let (diff, stats) = overlay_diff(&old_tree, &new_tree, opts.sde, &opts.diff, progress)?;
+    write_image(
+        &diff,
+        &diff_writer_options(opts.sde, opts.threads),
+        diff_scratch,
+        progress,
+    )?;
+    let diff_size = diff_scratch.metadata()?.len();
+    let diff_file: Arc<dyn ReadAt> = Arc::new(diff_scratch.try_clone()?);
+
+    let mut live = vec![Node {
+        name: opts.diff_name.as_bytes().to_vec(),
+        meta: meta(0o644, opts.sde),
+        kind: Kind::File(FileContent {
+            size: diff_size,
+            source: Source::Reader(Arc::new(IsoFile(diff_file))),
+        }),
+    }];
+    for k in &kernels {
+        let path = [b"live/".as_slice(), k].concat();
+        let e = new.lookup(&path)?.ok_or_else(|| {
+            Error::NotFound(format!("{} in the new ISO", String::from_utf8_lossy(&path)))
+        })?;
+        live.push(iso_node(&new, &path, &e, opts.sde, 0)?);
+    }
+    let overlay = Node::dir(
+        "overlay",
+        meta(0o755, opts.sde),
+        vec![
+            efi,
+            Node::dir("live", meta(0o755, opts.sde), live),
+            syslinux,
+            utils,
+        ],
+    );
+    let root = Node::dir(
+        "",
+        meta(0o755, opts.sde),
+        vec![
+            Node {
+                name: b"FORMAT".to_vec(),
+                meta: meta(0o644, opts.sde),
+                kind: Kind::File(FileContent::from_bytes(FORMAT.to_vec())),
+            },
+            Node {
+                name: b"control.yml".to_vec(),
+                meta: meta(0o644, opts.sde),
+                kind: Kind::File(FileContent::from_bytes(yaml::control_yml(&delete))),
+            },
+            overlay,
+        ],
+    );
+    let kit = write_image(
+        &root,
+        &kit_writer_options(opts.sde, opts.threads),
+        kit_out,
+        progress,
+    )?;
+    Ok(BuildReport {
+        diff: stats,
+        diff_size,
+        kit_size: kit.image_size,
+        delete_files: delete,
+        kernels,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_names_like_tails() {
+        for ok in [&b"vmlinuz"[..], b"vmlinuz2", b"initrd.img", b"initrd2.img"] {
+            assert!(is_kernel_name(ok), "{}", String::from_utf8_lossy(ok));
+        }
+        for no in [
+            &b"vmlinuz.old"[..],
+            b"initrd.img.bak",
+            b"filesystem.squashfs",
+            b"xvmlinuz",
+            b"initrd2img",
+        ] {
+            assert!(!is_kernel_name(no), "{}", String::from_utf8_lossy(no));
+        }
+    }
+
+    #[test]
+    fn modes_as_bsdtar_and_chmod_give_them() {
+        let e = |mode: u32, dir: bool| IsoEntry {
+            name: b"x".to_vec(),
+            is_dir: dir,
+            extents: Vec::new(),
+            size: 0,
+            posix: Some((mode, 1, 0, 0)),
+            symlink: None,
+        };
+        assert_eq!(extracted_mode(&e(0o100444, false)), 0o444);
+        assert_eq!(extracted_mode(&e(0o040555, true)), 0o555);
+        assert_eq!(extracted_mode(&e(0o100600, false)), 0o644);
+        assert_eq!(extracted_mode(&e(0o100700, false)), 0o755);
+        assert_eq!(extracted_mode(&e(0o100666, false)), 0o644);
+    }
+
+    #[test]
+    fn syslinux_rewrite() {
+        assert_eq!(
+            replace_all(b"a/isolinux/b /isolinux/", b"/isolinux/", b"/syslinux/"),
+            b"a/syslinux/b /syslinux/"
+        );
+    }
+}
