@@ -15,11 +15,15 @@ declare -A tools=(
   [xorriso]=xorriso
   [setfattr]=attr
   [rsync]=rsync
+  [bsdtar]=libarchive-tools
 )
 missing=()
 for t in "${!tools[@]}"; do
   command -v "$t" >/dev/null 2>&1 || missing+=("${tools[$t]}")
 done
+# Perl modules the reference tails-create-iuk pipeline uses, as Tails does.
+perl -MDevice::Cdio::ISO9660::IFS -e 1 2>/dev/null || missing+=(libdevice-cdio-perl)
+perl -MYAML::XS -e 1 2>/dev/null || missing+=(libyaml-libyaml-perl)
 if [ ${#missing[@]} -gt 0 ]; then
   pkgs=$(printf '%s\n' "${missing[@]}" | sort -u | tr '\n' ' ')
   echo "Installing reference tools: $pkgs"

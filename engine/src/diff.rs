@@ -18,8 +18,9 @@
 //! * hard links are not preserved; the diff's root carries the new root's
 //!   xattrs.
 //!
-//! xattrs are listed in key order, as tmpfs (the upper directory) lists
-//! them on current kernels.
+//! xattrs are listed in descending key order: that is how tmpfs (where
+//! the upper directory lives) lists them on kernels since 6.2, whose xattr
+//! rbtree gensquashfs then reads; the order decides the xattr table's bytes.
 
 use std::collections::HashMap;
 
@@ -73,7 +74,7 @@ fn clean_xattrs(x: &[Xattr]) -> Vec<Xattr> {
         .filter(|(k, _)| !k.starts_with(b"trusted.overlay."))
         .cloned()
         .collect();
-    out.sort();
+    out.sort_by(|a, b| b.0.cmp(&a.0));
     out
 }
 

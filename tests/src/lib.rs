@@ -4,6 +4,7 @@
 //! fixture trees with every kind of entry SquashFS can hold.
 
 pub mod fixtures;
+pub mod releases;
 
 use std::ffi::CString;
 use std::fs;

@@ -2,124 +2,17 @@
 //! Tails IUK v2 format (tails-iuk.md §1, §7.1), and the kernel, stacking the
 //! diff on the old system with overlayfs, sees exactly the new system.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use iukfarm_tests::fixtures::random_tree;
+use iukfarm_tests::releases::{boot_files, make_iso, systems};
 use iukfarm_tests::{
     Mount, Rng, Tree, diff_listings, disk_listing, iukfarm, require_root, require_tool, run,
     sha256_file,
 };
 
 const SDE: &str = "1730285444";
-
-/// Boot files of a release; `v` changes the kernel.
-fn boot_files(cd: &Tree, kernel: &[u8], extra_efi: bool) {
-    cd.file("live/vmlinuz", kernel)
-        .file("live/initrd.img", &Rng::new(77).bytes(50_000))
-        .file("EFI/BOOT/bootx64.efi", b"efi")
-        .file(
-            "isolinux/isolinux.cfg",
-            b"bla\n   bli/isolinux/blu\n\n\n bla/isolinux/",
-        )
-        .file(
-            "isolinux/live.cfg",
-            b"kernel /live/vmlinuz\nappend initrd=/live/initrd.img /isolinux/x\n",
-        )
-        .file("isolinux/isolinux.bin", &Rng::new(5).bytes(8192))
-        .file("utils/linux/syslinux", b"")
-        .file("utils/mbr/mbr.bin", &[0u8; 440]);
-    if extra_efi {
-        cd.file("EFI/BOOT/OLD.EFI", b"gone in the new release")
-            .file("live/a", b"deleted later");
-    }
-}
-
-fn make_iso(work: &Path, version: &str, sys: &Path, kernel: &[u8], old: bool) -> PathBuf {
-    let cd = work.join(format!("cd-{version}"));
-    let t = Tree::new(&cd);
-    boot_files(&t, kernel, old);
-    run(Command::new("mksquashfs")
-        .arg(sys)
-        .arg(cd.join("live/filesystem.squashfs"))
-        .args([
-            "-noappend",
-            "-no-progress",
-            "-quiet",
-            "-comp",
-            "xz",
-            "-Xbcj",
-            "x86",
-            "-b",
-            "1M",
-        ]));
-    let iso = work.join(format!("tails-amd64-{version}.iso"));
-    run(Command::new("xorriso")
-        .args([
-            "-as",
-            "mkisofs",
-            "-quiet",
-            "-R",
-            "-r",
-            "-J",
-            "-joliet-long",
-            "-l",
-            "-iso-level",
-            "3",
-            "-o",
-        ])
-        .arg(&iso)
-        .arg(&cd));
-    iso
-}
-
-/// The old system and a new one with every kind of change of §2.2.
-fn systems(work: &Path) -> (PathBuf, PathBuf) {
-    let old = work.join("sys-old");
-    random_tree(&Tree::new(&old), 11);
-    let t = Tree::new(&old);
-    t.file("etc/os-release", b"VERSION=6.0\n")
-        .file("changed", b"old content")
-        .file("meta-only", b"same")
-        .file("mode-only", b"same")
-        .file("deleted", b"x")
-        .file("deleted-tree/a/b", b"y")
-        .file("file-to-dir", b"f")
-        .file("dir-to-file/inner", b"i")
-        .symlink("link", "target-a")
-        .file("xattr-change", b"x")
-        .xattr(
-            "xattr-change",
-            "security.capability",
-            &[1, 0, 0, 2, 0, 32, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-        )
-        .file("system-systemd\\x2dcryptsetup.slice", b"unit")
-        .file("hard", b"linked")
-        .hardlink("hard2", "hard");
-    let new = work.join("sys-new");
-    run(Command::new("cp").args(["-a"]).arg(&old).arg(&new));
-    let t = Tree::new(&new);
-    std::fs::remove_file(new.join("deleted")).unwrap();
-    std::fs::remove_dir_all(new.join("deleted-tree")).unwrap();
-    std::fs::remove_file(new.join("file-to-dir")).unwrap();
-    std::fs::remove_dir_all(new.join("dir-to-file")).unwrap();
-    std::fs::remove_file(new.join("link")).unwrap();
-    t.file("etc/os-release", b"VERSION=6.1\n")
-        .file("changed", b"new content!")
-        .chown("meta-only", 33, 33)
-        .chmod("mode-only", 0o600)
-        .file("file-to-dir/now-inside", b"d")
-        .file("dir-to-file", b"now a file")
-        .symlink("link", "target-b")
-        .xattr("xattr-change", "user.new", b"v")
-        .file("A", b"new file")
-        .chown("A", 33, 33)
-        .node("newdev", libc::S_IFCHR, 10, 200);
-    run(Command::new("touch")
-        .args(["-d", "2030-01-01"])
-        .arg(new.join("system-systemd\\x2dcryptsetup.slice")));
-    (old, new)
-}
 
 fn build(old: &Path, new: &Path, out: &Path, threads: &str) -> std::process::Output {
     Command::new(iukfarm())
@@ -150,8 +43,10 @@ fn kit_layout_and_overlay_semantics() {
     let tmp = tempfile::tempdir().unwrap();
     let work = tmp.path();
     let (old_sys, new_sys) = systems(work);
-    let old_iso = make_iso(work, "6.0", &old_sys, b"kernel 1", true);
-    let new_iso = make_iso(work, "6.1", &new_sys, b"kernel 2", false);
+    let old_iso = make_iso(work, "6.0", &old_sys, &|t| boot_files(t, b"kernel 1", true));
+    let new_iso = make_iso(work, "6.1", &new_sys, &|t| {
+        boot_files(t, b"kernel 2", false)
+    });
 
     let outdir = work.join("out");
     std::fs::create_dir(&outdir).unwrap();
@@ -298,7 +193,7 @@ fn identical_isos_and_clear_failures() {
     let work = tmp.path();
     let sys = work.join("sys");
     random_tree(&Tree::new(&sys), 3);
-    let iso = make_iso(work, "6.0", &sys, b"k", false);
+    let iso = make_iso(work, "6.0", &sys, &|t| boot_files(t, b"k", false));
     let kit = work.join("same.iuk");
     let res = build(&iso, &iso, &kit, "2");
     assert!(

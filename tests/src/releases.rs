@@ -1,0 +1,119 @@
+//! Generated release pairs: system trees, boot files and ISOs made with
+//! mksquashfs and xorriso, as Tails' own test helpers make them.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::fixtures::random_tree;
+use crate::{Rng, Tree, run};
+
+/// Boot files of a release, with the given kernel; `old_extras` adds
+/// files the next release removes.
+pub fn boot_files(cd: &Tree, kernel: &[u8], old_extras: bool) {
+    cd.file("live/vmlinuz", kernel)
+        .file("live/initrd.img", &Rng::new(77).bytes(50_000))
+        .file("EFI/BOOT/bootx64.efi", b"efi")
+        .file(
+            "isolinux/isolinux.cfg",
+            b"bla\n   bli/isolinux/blu\n\n\n bla/isolinux/",
+        )
+        .file(
+            "isolinux/live.cfg",
+            b"kernel /live/vmlinuz\nappend initrd=/live/initrd.img /isolinux/x\n",
+        )
+        .file("isolinux/isolinux.bin", &Rng::new(5).bytes(8192))
+        .file("utils/linux/syslinux", b"")
+        .file("utils/mbr/mbr.bin", &[0u8; 440]);
+    if old_extras {
+        cd.file("EFI/BOOT/OLD.EFI", b"gone in the new release")
+            .file("live/a", b"deleted later");
+    }
+}
+
+/// Writes `work/cd-<version>/` (the system image made by mksquashfs, the
+/// boot files from `boot`) and the ISO `work/tails-amd64-<version>.iso`.
+pub fn make_iso(work: &Path, version: &str, sys: &Path, boot: &dyn Fn(&Tree)) -> PathBuf {
+    let cd = work.join(format!("cd-{version}"));
+    let t = Tree::new(&cd);
+    boot(&t);
+    run(Command::new("mksquashfs")
+        .arg(sys)
+        .arg(cd.join("live/filesystem.squashfs"))
+        .args([
+            "-noappend",
+            "-no-progress",
+            "-quiet",
+            "-comp",
+            "xz",
+            "-Xbcj",
+            "x86",
+            "-b",
+            "1M",
+        ]));
+    let iso = work.join(format!("tails-amd64-{version}.iso"));
+    run(Command::new("xorriso")
+        .args([
+            "-as",
+            "mkisofs",
+            "-quiet",
+            "-R",
+            "-r",
+            "-J",
+            "-joliet-long",
+            "-l",
+            "-iso-level",
+            "3",
+            "-o",
+        ])
+        .arg(&iso)
+        .arg(&cd));
+    iso
+}
+
+/// An old system and a new one with every kind of change of tails-iuk.md §2.2.
+pub fn systems(work: &Path) -> (PathBuf, PathBuf) {
+    let old = work.join("sys-old");
+    random_tree(&Tree::new(&old), 11);
+    let t = Tree::new(&old);
+    t.file("etc/os-release", b"VERSION=6.0\n")
+        .file("changed", b"old content")
+        .file("meta-only", b"same")
+        .file("mode-only", b"same")
+        .file("deleted", b"x")
+        .file("deleted-tree/a/b", b"y")
+        .file("file-to-dir", b"f")
+        .file("dir-to-file/inner", b"i")
+        .symlink("link", "target-a")
+        .file("xattr-change", b"x")
+        .xattr(
+            "xattr-change",
+            "security.capability",
+            &[1, 0, 0, 2, 0, 32, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        )
+        .file("system-systemd\\x2dcryptsetup.slice", b"unit")
+        .file("hard", b"linked")
+        .hardlink("hard2", "hard");
+    let new = work.join("sys-new");
+    run(Command::new("cp").args(["-a"]).arg(&old).arg(&new));
+    let t = Tree::new(&new);
+    std::fs::remove_file(new.join("deleted")).unwrap();
+    std::fs::remove_dir_all(new.join("deleted-tree")).unwrap();
+    std::fs::remove_file(new.join("file-to-dir")).unwrap();
+    std::fs::remove_dir_all(new.join("dir-to-file")).unwrap();
+    std::fs::remove_file(new.join("link")).unwrap();
+    t.file("etc/os-release", b"VERSION=6.1\n")
+        .file("changed", b"new content!")
+        .chown("meta-only", 33, 33)
+        .chmod("mode-only", 0o600)
+        .file("file-to-dir/now-inside", b"d")
+        .file("dir-to-file", b"now a file")
+        .symlink("link", "target-b")
+        .xattr("xattr-change", "user.new", b"v")
+        .file("A", b"new file")
+        .chown("A", 33, 33)
+        .node("newdev", libc::S_IFCHR, 10, 200);
+    run(Command::new("touch")
+        .args(["-d", "2030-01-01"])
+        .arg(new.join("system-systemd\\x2dcryptsetup.slice")));
+    (old, new)
+}

@@ -1,0 +1,142 @@
+//! `iukfarm build` must write the same bytes as the Tails method, re-enacted
+//! by `tests/reference/tails-create-iuk.sh` with loop mounts, overlayfs,
+//! rsync, gensquashfs, bsdtar, libcdio and YAML::XS, on release pairs that
+//! cover the cases of tails-iuk.md §2.2 and §7.1.
+
+use std::path::Path;
+use std::process::Command;
+
+use iukfarm_tests::fixtures::random_tree;
+use iukfarm_tests::releases::{boot_files, make_iso, systems};
+use iukfarm_tests::{Tree, iukfarm, require_root, require_tool, run, sha256_file};
+
+const SDE: &str = "1730285444";
+
+fn reference(old: &Path, new: &Path, diff_name: &str, out: &Path) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("reference/tails-create-iuk.sh");
+    run(Command::new("bash")
+        .arg(script)
+        .arg(old)
+        .arg(new)
+        .arg(diff_name)
+        .arg(out)
+        .env("SOURCE_DATE_EPOCH", SDE));
+}
+
+fn ours(old: &Path, new: &Path, diff_name: &str, out: &Path) {
+    run(Command::new(iukfarm())
+        .env("SOURCE_DATE_EPOCH", SDE)
+        .args([
+            "build",
+            "-q",
+            "--squashfs-diff-name",
+            diff_name,
+            "--old-iso",
+        ])
+        .arg(old)
+        .arg("--new-iso")
+        .arg(new)
+        .arg("--out")
+        .arg(out));
+}
+
+/// What differs between two kits, to make a failure readable.
+fn explain(a: &Path, b: &Path, diff_name: &str) -> String {
+    let ls = |img: &Path| {
+        String::from_utf8_lossy(
+            &run(Command::new(iukfarm()).args(["sqfs", "ls", "-x"]).arg(img)).stdout,
+        )
+        .into_owned()
+    };
+    let mut report = String::new();
+    let (la, lb) = (ls(a), ls(b));
+    if la != lb {
+        report.push_str(&format!(
+            "kit listings differ:\n--- reference\n{la}\n--- ours\n{lb}\n"
+        ));
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut diffs = Vec::new();
+    for (k, img) in [a, b].iter().enumerate() {
+        let p = tmp.path().join(format!("d{k}"));
+        let data = run(Command::new(iukfarm())
+            .args(["sqfs", "cat"])
+            .arg(img)
+            .arg(format!("overlay/live/{diff_name}")))
+        .stdout;
+        std::fs::write(&p, data).unwrap();
+        diffs.push(ls(&p));
+    }
+    if diffs[0] != diffs[1] {
+        report.push_str(&format!(
+            "diff listings differ:\n--- reference\n{}\n--- ours\n{}\n",
+            diffs[0], diffs[1]
+        ));
+    } else {
+        report.push_str("diff listings are equal (layout or xattr order differs)\n");
+    }
+    report
+}
+
+#[test]
+fn same_bytes_as_the_tails_method() {
+    require_root("loop mounts, overlayfs, fixtures with owners and devices");
+    for tool in [
+        "mksquashfs",
+        "xorriso",
+        "gensquashfs",
+        "rsync",
+        "bsdtar",
+        "perl",
+        "python3",
+    ] {
+        require_tool(tool);
+    }
+    let probe = Command::new("perl")
+        .args(["-MDevice::Cdio::ISO9660::IFS", "-MYAML::XS", "-e", "1"])
+        .status();
+    assert!(
+        probe.is_ok_and(|s| s.success()),
+        "the reference needs libdevice-cdio-perl and libyaml-libyaml-perl (scripts/test.sh installs them)"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path();
+
+    // 1. Every kind of system change, a changed kernel, removed boot files.
+    let (old_sys, new_sys) = systems(work);
+    let old = make_iso(work, "6.0", &old_sys, &|t| boot_files(t, b"kernel 1", true));
+    let new = make_iso(work, "6.1", &new_sys, &|t| {
+        boot_files(t, b"kernel 2", false)
+    });
+
+    // 2. Unchanged kernel, a kernel added, a boot config changed, a larger
+    //    system change (a different random tree under usr/).
+    let sys3 = work.join("sys-6.2");
+    run(Command::new("cp").arg("-a").arg(&new_sys).arg(&sys3));
+    random_tree(&Tree::new(&sys3.join("usr")), 12);
+    let v3 = make_iso(work, "6.2", &sys3, &|t| {
+        boot_files(t, b"kernel 2", false);
+        t.file("live/vmlinuz2", b"second kernel")
+            .file("live/initrd2.img", b"second initrd")
+            .file("isolinux/live.cfg", b"new /isolinux/ config\n");
+    });
+
+    let mut failures = Vec::new();
+    let cases: [(&str, &Path, &Path); 4] = [
+        ("changes", &old, &new),
+        ("identical", &new, &new),
+        ("kernel-added", &new, &v3),
+        ("two-releases", &old, &v3),
+    ];
+    for (name, a, b) in cases {
+        let diff_name = format!("{name}.squashfs");
+        let r = work.join(format!("{name}.reference.iuk"));
+        let o = work.join(format!("{name}.ours.iuk"));
+        reference(a, b, &diff_name, &r);
+        ours(a, b, &diff_name, &o);
+        if sha256_file(&r) != sha256_file(&o) {
+            failures.push(format!("{name}: {}", explain(&r, &o, &diff_name)));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
