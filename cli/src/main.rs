@@ -26,6 +26,8 @@ struct Cli {
 enum Command {
     /// Build one IUK from two ISOs on this machine (tails-create-iuk's job).
     Build(cmd::build::Args),
+    /// Check an IUK by applying it to the old release and comparing with the new.
+    VerifyIuk(cmd::verify_iuk::Args),
     /// Run the engine end to end on generated sample releases (no setup needed).
     Demo(cmd::demo::Args),
     /// SquashFS tools: pack (a gensquashfs drop-in), ls, cat, info.
@@ -62,6 +64,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Build(a) => cmd::build::run(a),
         Command::Demo(a) => cmd::demo::run(a),
+        Command::VerifyIuk(a) => cmd::verify_iuk::run(a),
         Command::Sqfs(a) => cmd::sqfs::run(a),
         Command::Iso(a) => cmd::iso::run(a),
     };

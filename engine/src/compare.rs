@@ -17,6 +17,9 @@ pub struct CompareOptions {
     pub mtime: bool,
     /// Skip the roots' own metadata (mode, owner, times, xattrs).
     pub ignore_root_meta: bool,
+    /// Compare only names, types, link targets and contents (files on a
+    /// FAT boot partition have no modes or owners).
+    pub contents_only: bool,
 }
 
 /// One difference, with the path it was found at.
@@ -105,7 +108,7 @@ fn walk<'a>(
             what,
         })
     };
-    if !(root && opts.ignore_root_meta) {
+    if !(opts.contents_only || root && opts.ignore_root_meta) {
         let (ma, mb) = (&a.meta, &b.meta);
         if ma.mode != mb.mode {
             diff(format!("mode {:04o} != {:04o}", ma.mode, mb.mode));

@@ -177,11 +177,106 @@ fn kit_layout_and_overlay_semantics() {
         problems.join("\n")
     );
 
+    // verify-iuk accepts the kit, and catches broken ones.
+    let verify = |k: &Path| {
+        Command::new(iukfarm())
+            .args(["verify-iuk", "-q", "--old-iso"])
+            .arg(&old_iso)
+            .arg("--new-iso")
+            .arg(&new_iso)
+            .arg(k)
+            .output()
+            .unwrap()
+    };
+    let ok = verify(&kit);
+    assert!(
+        ok.status.success(),
+        "good kit refused:\n{}{}",
+        String::from_utf8_lossy(&ok.stdout),
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let breakages: [(&str, &str, &Breakage); 4] = [
+        ("missing whiteout", "system: deleted", &|_, diff| {
+            std::fs::remove_file(diff.join("deleted")).unwrap()
+        }),
+        ("wrong owner", "system: A: owner", &|_, diff| {
+            std::os::unix::fs::lchown(diff.join("A"), Some(0), Some(0)).unwrap()
+        }),
+        ("stale kernel", "boot: live/vmlinuz", &|kit, _| {
+            std::fs::write(kit.join("overlay/live/vmlinuz"), b"kernel 1").unwrap()
+        }),
+        ("missing delete_files entry", "boot: live/a", &|kit, _| {
+            std::fs::write(
+                kit.join("control.yml"),
+                b"---\ndelete_files:\n- EFI/BOOT/old.efi\n",
+            )
+            .unwrap()
+        }),
+    ];
+    for (what, expect, breakage) in breakages {
+        let broken = rebuild_kit(work, &kit, breakage);
+        let res = verify(&broken);
+        let out = String::from_utf8_lossy(&res.stdout);
+        assert_eq!(
+            res.status.code(),
+            Some(1),
+            "{what}: not caught:\n{out}{}",
+            String::from_utf8_lossy(&res.stderr)
+        );
+        assert!(
+            out.contains(expect),
+            "{what}: expected a difference at {expect:?}:\n{out}"
+        );
+    }
+
     // Same bytes whatever the thread count.
     let kit8 = work.join("k8.iuk");
     let res = build(&old_iso, &new_iso, &kit8, "8");
     assert!(res.status.success());
     assert_eq!(sha256_file(&kit), sha256_file(&kit8));
+}
+
+/// Changes an unpacked kit (first directory) or its unpacked diff (second).
+type Breakage = dyn Fn(&Path, &Path);
+
+/// Unpacks a kit and its diff, lets `breakage` change them, packs both again.
+fn rebuild_kit(work: &Path, kit: &Path, breakage: &Breakage) -> std::path::PathBuf {
+    let dir = tempfile::tempdir_in(work).unwrap().keep();
+    let k = dir.join("kit");
+    let d = dir.join("diff");
+    run(Command::new("unsquashfs")
+        .args(["-no-progress", "-d"])
+        .arg(&k)
+        .arg(kit));
+    let diff_img = k.join("overlay/live/6.1.squashfs");
+    run(Command::new("unsquashfs")
+        .args(["-no-progress", "-d"])
+        .arg(&d)
+        .arg(&diff_img));
+    breakage(&k, &d);
+    std::fs::remove_file(&diff_img).unwrap();
+    run(Command::new(iukfarm())
+        .env("SOURCE_DATE_EPOCH", SDE)
+        .args([
+            "sqfs",
+            "pack",
+            "-q",
+            "--keep-xattr",
+            "--comp-extra",
+            "x86,dictsize=1024K",
+            "-b",
+            "1M",
+            "-D",
+        ])
+        .arg(&d)
+        .arg(&diff_img));
+    let out = dir.join("broken.iuk");
+    run(Command::new(iukfarm())
+        .env("SOURCE_DATE_EPOCH", SDE)
+        .args(["sqfs", "pack", "-q", "--all-root", "-D"])
+        .arg(&k)
+        .arg(&out));
+    out
 }
 
 #[test]

@@ -117,7 +117,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
             &read_back,
             CompareOptions {
                 mtime: true,
-                ignore_root_meta: false,
+                ..Default::default()
             },
         )?;
         if !diffs.is_empty() {

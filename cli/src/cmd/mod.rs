@@ -2,6 +2,7 @@ pub mod build;
 pub mod demo;
 pub mod iso;
 pub mod sqfs;
+pub mod verify_iuk;
 
 use anyhow::{Context, Result, bail};
 

@@ -15,6 +15,7 @@
 //! Rock Ridge modes; everything is owned by root and dated
 //! SOURCE_DATE_EPOCH in the outer image.
 
+pub mod verify;
 pub mod yaml;
 
 use std::fs::File;

@@ -1,0 +1,60 @@
+//! `iukfarm verify-iuk`: apply a kit in memory to the old release and
+//! compare the result with the new one.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use iukfarm_engine::kit::verify::verify_iuk;
+
+use super::sqfs::temp_next_to;
+use crate::progress::Reporter;
+
+#[derive(Parser)]
+#[command(
+    after_help = "Exit status: 0 the kit turns the old release into exactly the new one; \
+1 differences were found (each is printed) or a file could not be read; 2 bad usage."
+)]
+pub struct Args {
+    /// ISO of the release the kit upgrades from.
+    #[arg(long, value_name = "ISO")]
+    old_iso: PathBuf,
+    /// ISO of the release the kit upgrades to.
+    #[arg(long, value_name = "ISO")]
+    new_iso: PathBuf,
+    /// The IUK to check.
+    kit: PathBuf,
+    /// No progress bar.
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+pub fn run(a: Args) -> Result<ExitCode> {
+    let reporter = Reporter::new(a.quiet);
+    // The diff is copied next to the kit while it is checked, then removed.
+    let scratch = temp_next_to(&a.kit)?;
+    let result = verify_iuk(&a.old_iso, &a.new_iso, &a.kit, scratch.as_file(), &reporter);
+    reporter.finish();
+    let v = result.with_context(|| format!("verifying {}", a.kit.display()))?;
+    if v.differences.is_empty() {
+        println!(
+            "OK: {} turns {} into {} (diff {}, {} deletions)",
+            a.kit.display(),
+            a.old_iso.display(),
+            a.new_iso.display(),
+            v.diffs_applied.join(", "),
+            v.delete_files.len()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{}: {} differences after applying it:",
+        a.kit.display(),
+        v.differences.len()
+    );
+    for d in &v.differences {
+        println!("  {d}");
+    }
+    Ok(ExitCode::from(crate::exit::FAILURE))
+}
