@@ -111,7 +111,8 @@ pub fn systems(work: &Path) -> (PathBuf, PathBuf) {
         .xattr("xattr-change", "user.new", b"v")
         .file("A", b"new file")
         .chown("A", 33, 33)
-        .node("newdev", libc::S_IFCHR, 10, 200);
+        .node("newdev", libc::S_IFCHR, 10, 200)
+        .node("newfifo", libc::S_IFIFO, 0, 0);
     run(Command::new("touch")
         .args(["-d", "2030-01-01"])
         .arg(new.join("system-systemd\\x2dcryptsetup.slice")));

@@ -144,6 +144,21 @@ fn kit_layout_and_overlay_semantics() {
         "whiteout not at the topmost path:\n{diff_ls}"
     );
     assert!(!diff_ls.contains("/untouched"), "{diff_ls}");
+    let root_line = diff_ls.lines().position(|l| l.ends_with(" /")).unwrap();
+    assert!(
+        !diff_ls
+            .lines()
+            .nth(root_line + 1)
+            .unwrap_or("")
+            .starts_with("    "),
+        "the diff's root has xattrs (IUKs would not be reproducible):\n{diff_ls}"
+    );
+    assert!(
+        diff_ls
+            .lines()
+            .any(|l| l.starts_with('p') && l.ends_with("/newfifo")),
+        "{diff_ls}"
+    );
 
     let old_img = work.join("old.sqfs");
     let new_img = work.join("new.sqfs");
@@ -230,10 +245,16 @@ fn kit_layout_and_overlay_semantics() {
     }
 
     // Same bytes whatever the thread count.
-    let kit8 = work.join("k8.iuk");
-    let res = build(&old_iso, &new_iso, &kit8, "8");
-    assert!(res.status.success());
-    assert_eq!(sha256_file(&kit), sha256_file(&kit8));
+    for threads in ["1", "8"] {
+        let other = work.join(format!("k{threads}.iuk"));
+        let res = build(&old_iso, &new_iso, &other, threads);
+        assert!(res.status.success());
+        assert_eq!(
+            sha256_file(&kit),
+            sha256_file(&other),
+            "--threads {threads} changed the bytes"
+        );
+    }
 }
 
 /// Changes an unpacked kit (first directory) or its unpacked diff (second).
@@ -277,6 +298,86 @@ fn rebuild_kit(work: &Path, kit: &Path, breakage: &Breakage) -> std::path::PathB
         .arg(&k)
         .arg(&out));
     out
+}
+
+/// Tails' scenarios: a new kernel added ships only it; a file deleted from a
+/// directory tails-create-iuk does not monitor is not listed for deletion.
+#[test]
+fn added_kernel_and_unmonitored_deletion() {
+    require_root("fixtures with owners");
+    require_tool("mksquashfs");
+    require_tool("xorriso");
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path();
+    let sys = work.join("sys");
+    random_tree(&Tree::new(&sys), 4);
+    let old = make_iso(work, "6.0", &sys, &|t| {
+        boot_files(t, b"k", false);
+        t.file("whatever.dir/a", b"not monitored");
+    });
+    let new = make_iso(work, "6.1", &sys, &|t| {
+        boot_files(t, b"k", false);
+        t.file("live/vmlinuz2", b"k2")
+            .file("live/initrd2.img", b"i2");
+    });
+    let kit = work.join("k.iuk");
+    let res = build(&old, &new, &kit, "2");
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    assert_eq!(cat(&kit, "control.yml"), b"---\ndelete_files: []\n");
+    let ls = String::from_utf8(run(Command::new(iukfarm()).args(["sqfs", "ls"]).arg(&kit)).stdout)
+        .unwrap();
+    let live: Vec<&str> = ls
+        .lines()
+        .filter_map(|l| l.rsplit_once(" /overlay/live/").map(|x| x.1))
+        .collect();
+    assert_eq!(live, ["6.1.squashfs", "initrd2.img", "vmlinuz2"]);
+}
+
+/// Ctrl-C in the middle of a build: exit 130, nothing left behind.
+#[test]
+fn interrupted_build_leaves_nothing() {
+    require_root("fixtures with owners");
+    require_tool("mksquashfs");
+    require_tool("xorriso");
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path();
+    let old_sys = work.join("old");
+    random_tree(&Tree::new(&old_sys), 5);
+    let new_sys = work.join("new");
+    random_tree(&Tree::new(&new_sys), 6);
+    Tree::new(&new_sys).file("big", &Rng::new(8).bytes(40 << 20));
+    let old = make_iso(work, "6.0", &old_sys, &|t| boot_files(t, b"k", false));
+    let new = make_iso(work, "6.1", &new_sys, &|t| boot_files(t, b"k", false));
+    let outdir = work.join("out");
+    std::fs::create_dir(&outdir).unwrap();
+    let mut child = Command::new(iukfarm())
+        .env("SOURCE_DATE_EPOCH", SDE)
+        .args(["build", "-q", "--threads", "1", "--old-iso"])
+        .arg(&old)
+        .arg("--new-iso")
+        .arg(&new)
+        .arg("--output-dir")
+        .arg(&outdir)
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(130),
+        "expected the interrupted exit status, got {status}"
+    );
+    let left: Vec<_> = std::fs::read_dir(&outdir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "left behind after Ctrl-C: {left:?}");
 }
 
 #[test]
