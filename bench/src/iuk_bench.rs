@@ -43,23 +43,32 @@ fn make_iso(work: &Path, version: &str, sys: &Path, kernel: &[u8]) -> Result<Pat
     }
     fs::write(cd.join("live/vmlinuz"), kernel)?;
     fs::write(cd.join("EFI/BOOT/bootx64.efi"), b"efi")?;
-    fs::write(cd.join("isolinux/isolinux.cfg"), b"kernel /live/vmlinuz\nappend /isolinux/x\n")?;
+    fs::write(
+        cd.join("isolinux/isolinux.cfg"),
+        b"kernel /live/vmlinuz\nappend /isolinux/x\n",
+    )?;
     fs::write(cd.join("utils/linux/syslinux"), b"")?;
-    run(Command::new("mksquashfs").arg(sys).arg(cd.join("live/filesystem.squashfs")).args([
-        "-noappend",
-        "-no-progress",
-        "-quiet",
-        "-comp",
-        "xz",
-        "-Xbcj",
-        "x86",
-        "-b",
-        "1M",
-        "-Xdict-size",
-        "1M",
-    ]))?;
+    run(Command::new("mksquashfs")
+        .arg(sys)
+        .arg(cd.join("live/filesystem.squashfs"))
+        .args([
+            "-noappend",
+            "-no-progress",
+            "-quiet",
+            "-comp",
+            "xz",
+            "-Xbcj",
+            "x86",
+            "-b",
+            "1M",
+            "-Xdict-size",
+            "1M",
+        ]))?;
     let iso = work.join(format!("tails-amd64-{version}.iso"));
-    run(Command::new("xorriso").args(["-as", "mkisofs", "-quiet", "-R", "-r", "-J", "-o"]).arg(&iso).arg(&cd))?;
+    run(Command::new("xorriso")
+        .args(["-as", "mkisofs", "-quiet", "-R", "-r", "-J", "-o"])
+        .arg(&iso)
+        .arg(&cd))?;
     fs::remove_dir_all(&cd)?;
     Ok(iso)
 }
@@ -103,7 +112,8 @@ fn main() -> Result<()> {
         Some(p) => p,
         None => std::env::current_exe()?.with_file_name("iukfarm"),
     };
-    let reference = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/reference/tails-create-iuk.sh");
+    let reference =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/reference/tails-create-iuk.sh");
     let tmp = tempfile::tempdir()?;
     let work = tmp.path();
     let old_sys = work.join("old");
@@ -119,7 +129,10 @@ fn main() -> Result<()> {
         run(Command::new("cp").arg("-a").arg(&old_sys).arg(&new_sys))?;
         let (mut counter, mut changed) = (0, 0);
         touch_files(&new_sys, every, &mut counter, &mut changed)?;
-        eprintln!("{pair}: {:.1} MiB in changed files", changed as f64 / 1048576.0);
+        eprintln!(
+            "{pair}: {:.1} MiB in changed files",
+            changed as f64 / 1048576.0
+        );
         let new_iso = make_iso(work, &format!("6.{every}"), &new_sys, b"kernel 2")?;
         fs::remove_dir_all(&new_sys)?;
         let theirs = work.join("tails.iuk");
@@ -137,7 +150,13 @@ fn main() -> Result<()> {
         eprintln!("{pair}: running iukfarm build...");
         let us = measure(
             Command::new(&iukfarm)
-                .args(["build", "-q", "--squashfs-diff-name", "6.1.squashfs", "--old-iso"])
+                .args([
+                    "build",
+                    "-q",
+                    "--squashfs-diff-name",
+                    "6.1.squashfs",
+                    "--old-iso",
+                ])
                 .arg(&old_iso)
                 .arg("--new-iso")
                 .arg(&new_iso)
@@ -174,7 +193,15 @@ fn main() -> Result<()> {
     for r in &rows {
         report.push_str(&format!(
             "{:<14} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>9.0} {:>9.0} {:>12} {:>5}\n",
-            r.pair, r.tails.wall, r.ours.wall, r.tails.cpu, r.ours.cpu, r.tails.max_rss_mib, r.ours.max_rss_mib, r.size, r.same
+            r.pair,
+            r.tails.wall,
+            r.ours.wall,
+            r.tails.cpu,
+            r.ours.cpu,
+            r.tails.max_rss_mib,
+            r.ours.max_rss_mib,
+            r.size,
+            r.same
         ));
     }
     for r in &rows {

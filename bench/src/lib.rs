@@ -104,4 +104,3 @@ pub fn sha256(p: &Path) -> Result<String> {
     }
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
-

@@ -137,6 +137,20 @@ fn same_bytes_as_the_tails_method() {
         if sha256_file(&r) != sha256_file(&o) {
             failures.push(format!("{name}: {}", explain(&r, &o, &diff_name)));
         }
+        let v = Command::new(iukfarm())
+            .args(["verify-iuk", "-q", "--old-iso"])
+            .arg(a)
+            .arg("--new-iso")
+            .arg(b)
+            .arg(&o)
+            .output()
+            .unwrap();
+        if !v.status.success() {
+            failures.push(format!(
+                "{name}: verify-iuk refused the kit:\n{}",
+                String::from_utf8_lossy(&v.stdout)
+            ));
+        }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
