@@ -164,7 +164,7 @@ pub fn overlay_diff(
                 && let Some(new_file) = find_file(new, &path)
                 && same_content(old_file, new_file)?.0
             {
-                remove_path(&mut root, &path);
+                root.remove_path(&path);
             }
         }
     }
@@ -296,24 +296,6 @@ fn find_file<'a>(root: &'a Node, path: &[u8]) -> Option<&'a FileContent> {
     match &cur.kind {
         Kind::File(f) => Some(f),
         _ => None,
-    }
-}
-
-fn remove_path(root: &mut Node, path: &[u8]) {
-    let comps: Vec<&[u8]> = path.split(|&b| b == b'/').collect();
-    let mut cur = root;
-    for (k, comp) in comps.iter().enumerate() {
-        let Kind::Dir(children) = &mut cur.kind else {
-            return;
-        };
-        let Ok(i) = children.binary_search_by(|x| x.name.as_slice().cmp(comp)) else {
-            return;
-        };
-        if k + 1 == comps.len() {
-            children.remove(i);
-            return;
-        }
-        cur = &mut children[i];
     }
 }
 

@@ -192,6 +192,29 @@ impl Node {
         Ok(())
     }
 
+    /// Removes the entry at `path` (relative, `/`-separated) with its
+    /// subtree; a path that does not exist is left alone (like `rm -rf`).
+    pub fn remove_path(&mut self, path: &[u8]) {
+        let comps: Vec<&[u8]> = path
+            .split(|&b| b == b'/')
+            .filter(|c| !c.is_empty())
+            .collect();
+        let mut cur = self;
+        for (k, comp) in comps.iter().enumerate() {
+            let Kind::Dir(children) = &mut cur.kind else {
+                return;
+            };
+            let Ok(i) = children.binary_search_by(|x| x.name.as_slice().cmp(comp)) else {
+                return;
+            };
+            if k + 1 == comps.len() {
+                children.remove(i);
+                return;
+            }
+            cur = &mut children[i];
+        }
+    }
+
     /// Visits every node depth-first, parents before children, with its path
     /// relative to this node (`""` for this node itself).
     pub fn walk(&self, f: &mut dyn FnMut(&[u8], &Node)) {

@@ -177,27 +177,6 @@ fn copy_onto(base: &mut Node, src: &Node) {
     }
 }
 
-fn remove(root: &mut Node, path: &[u8]) {
-    let comps: Vec<&[u8]> = path
-        .split(|&b| b == b'/')
-        .filter(|c| !c.is_empty())
-        .collect();
-    let mut cur = root;
-    for (k, comp) in comps.iter().enumerate() {
-        let Kind::Dir(children) = &mut cur.kind else {
-            return;
-        };
-        let Ok(i) = children.binary_search_by(|x| x.name.as_slice().cmp(comp)) else {
-            return;
-        };
-        if k + 1 == comps.len() {
-            children.remove(i);
-            return;
-        }
-        cur = &mut children[i];
-    }
-}
-
 fn empty_meta() -> Meta {
     Meta {
         mode: 0o755,
@@ -401,7 +380,7 @@ pub fn verify_iuk(
     }
     copy_onto(&mut installed, &copied);
     for p in &delete {
-        remove(&mut installed, &p.to_ascii_lowercase());
+        installed.remove_path(&p.to_ascii_lowercase());
     }
     let mut expected = fold_case(medium(&new)?);
     prune_live(&mut installed, &mut expected);
