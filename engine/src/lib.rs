@@ -14,6 +14,7 @@ pub mod diff;
 pub mod error;
 pub mod io;
 pub mod iso;
+pub mod iso_writer;
 pub mod kit;
 pub mod progress;
 pub mod sqfs;

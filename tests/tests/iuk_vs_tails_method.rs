@@ -10,6 +10,7 @@ use iukfarm_tests::fixtures::random_tree;
 use iukfarm_tests::releases::{boot_files, make_iso, systems};
 use iukfarm_tests::{Tree, iukfarm, require_root, require_tool, run, sha256_file};
 
+/// The demo uses the same SOURCE_DATE_EPOCH.
 const SDE: &str = "1730285444";
 
 fn reference(old: &Path, new: &Path, diff_name: &str, out: &Path) {
@@ -153,4 +154,37 @@ fn same_bytes_as_the_tails_method() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The demo's natively written ISOs (no xorriso) are read by libcdio, bsdtar
+/// and xorriso in the reference pipeline, which then makes the same IUK the
+/// demo made.
+#[test]
+fn demo_isos_and_iuks_match_the_tails_method() {
+    require_root("loop mounts and overlayfs in the reference pipeline");
+    for tool in [
+        "xorriso",
+        "gensquashfs",
+        "rsync",
+        "bsdtar",
+        "perl",
+        "python3",
+    ] {
+        require_tool(tool);
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("demo");
+    run(Command::new(iukfarm())
+        .args(["demo", "--releases", "2", "--scale", "2", "--output-dir"])
+        .arg(&out));
+    let old = out.join("tails-amd64-6.0/tails-amd64-6.0.iso");
+    let new = out.join("tails-amd64-6.1/tails-amd64-6.1.iso");
+    let r = tmp.path().join("reference.iuk");
+    reference(&old, &new, "6.1.squashfs", &r);
+    assert_eq!(
+        sha256_file(&r),
+        sha256_file(&out.join("iuks/Tails_amd64_6.0_to_6.1.iuk"))
+    );
+    let sums = std::fs::read_to_string(out.join("iuks/SHA256SUMS")).unwrap();
+    assert!(sums.starts_with(&sha256_file(&r)), "SHA256SUMS: {sums}");
 }
