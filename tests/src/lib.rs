@@ -57,6 +57,22 @@ pub fn require_tool(tool: &str) {
     );
 }
 
+/// [`require_tool`] for each of `tools`.
+pub fn require_tools(tools: &[&str]) {
+    for t in tools {
+        require_tool(t);
+    }
+}
+
+/// `iukfarm sqfs ls [extra…] IMAGE` as text.
+pub fn sqfs_ls(image: &Path, extra: &[&str]) -> String {
+    let out = run(Command::new(iukfarm())
+        .args(["sqfs", "ls"])
+        .args(extra)
+        .arg(image));
+    String::from_utf8(out.stdout).expect("listing is UTF-8 for these fixtures")
+}
+
 /// Fails the test unless running as root (fixtures need mknod, chown,
 /// trusted.* xattrs; kernel checks need loop mounts).
 pub fn require_root(why: &str) {

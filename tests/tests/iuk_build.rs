@@ -8,8 +8,8 @@ use std::process::Command;
 use iukfarm_tests::fixtures::random_tree;
 use iukfarm_tests::releases::{boot_files, make_iso, systems};
 use iukfarm_tests::{
-    Mount, Rng, Tree, diff_listings, disk_listing, iukfarm, require_root, require_tool, run,
-    sha256_file,
+    Mount, Rng, Tree, diff_listings, disk_listing, iukfarm, require_root, require_tools, run,
+    sha256_file, sqfs_ls,
 };
 
 const SDE: &str = "1730285444";
@@ -27,6 +27,14 @@ fn build(old: &Path, new: &Path, out: &Path, threads: &str) -> std::process::Out
         .unwrap()
 }
 
+fn assert_built(res: &std::process::Output) {
+    assert!(
+        res.status.success(),
+        "build failed: {}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+}
+
 fn cat(image: &Path, path: &str) -> Vec<u8> {
     run(Command::new(iukfarm())
         .args(["sqfs", "cat"])
@@ -38,8 +46,7 @@ fn cat(image: &Path, path: &str) -> Vec<u8> {
 #[test]
 fn kit_layout_and_overlay_semantics() {
     require_root("fixtures with owners and devices, loop and overlay mounts");
-    require_tool("mksquashfs");
-    require_tool("xorriso");
+    require_tools(&["mksquashfs", "xorriso"]);
     let tmp = tempfile::tempdir().unwrap();
     let work = tmp.path();
     let (old_sys, new_sys) = systems(work);
@@ -52,11 +59,7 @@ fn kit_layout_and_overlay_semantics() {
     std::fs::create_dir(&outdir).unwrap();
     let kit = outdir.join("Tails_amd64_6.0_to_6.1.iuk");
     let res = build(&old_iso, &new_iso, &kit, "2");
-    assert!(
-        res.status.success(),
-        "build failed: {}",
-        String::from_utf8_lossy(&res.stderr)
-    );
+    assert_built(&res);
     let names: Vec<_> = std::fs::read_dir(&outdir)
         .unwrap()
         .map(|e| e.unwrap().file_name())
@@ -74,9 +77,7 @@ fn kit_layout_and_overlay_semantics() {
         b"---\ndelete_files:\n- EFI/BOOT/old.efi\n- live/a\n",
         "delete_files (libcdio names, lower-cased)"
     );
-    let listing =
-        String::from_utf8(run(Command::new(iukfarm()).args(["sqfs", "ls"]).arg(&kit)).stdout)
-            .unwrap();
+    let listing = sqfs_ls(&kit, &[]);
     for want in [
         "/overlay/live/6.1.squashfs",
         "/overlay/live/vmlinuz",
@@ -115,13 +116,7 @@ fn kit_layout_and_overlay_semantics() {
     // kernel stacking it on the old system sees the new one.
     let diff = work.join("diff.sqfs");
     std::fs::write(&diff, cat(&kit, "overlay/live/6.1.squashfs")).unwrap();
-    let diff_ls = String::from_utf8(
-        run(Command::new(iukfarm())
-            .args(["sqfs", "ls", "-x"])
-            .arg(&diff))
-        .stdout,
-    )
-    .unwrap();
+    let diff_ls = sqfs_ls(&diff, &["-x"]);
     assert!(!diff_ls.contains("trusted.overlay"), "{diff_ls}");
     assert!(
         diff_ls
@@ -305,8 +300,7 @@ fn rebuild_kit(work: &Path, kit: &Path, breakage: &Breakage) -> std::path::PathB
 #[test]
 fn added_kernel_and_unmonitored_deletion() {
     require_root("fixtures with owners");
-    require_tool("mksquashfs");
-    require_tool("xorriso");
+    require_tools(&["mksquashfs", "xorriso"]);
     let tmp = tempfile::tempdir().unwrap();
     let work = tmp.path();
     let sys = work.join("sys");
@@ -322,14 +316,9 @@ fn added_kernel_and_unmonitored_deletion() {
     });
     let kit = work.join("k.iuk");
     let res = build(&old, &new, &kit, "2");
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
-    );
+    assert_built(&res);
     assert_eq!(cat(&kit, "control.yml"), b"---\ndelete_files: []\n");
-    let ls = String::from_utf8(run(Command::new(iukfarm()).args(["sqfs", "ls"]).arg(&kit)).stdout)
-        .unwrap();
+    let ls = sqfs_ls(&kit, &[]);
     let live: Vec<&str> = ls
         .lines()
         .filter_map(|l| l.rsplit_once(" /overlay/live/").map(|x| x.1))
@@ -341,8 +330,7 @@ fn added_kernel_and_unmonitored_deletion() {
 #[test]
 fn interrupted_build_leaves_nothing() {
     require_root("fixtures with owners");
-    require_tool("mksquashfs");
-    require_tool("xorriso");
+    require_tools(&["mksquashfs", "xorriso"]);
     let tmp = tempfile::tempdir().unwrap();
     let work = tmp.path();
     let old_sys = work.join("old");
@@ -383,8 +371,7 @@ fn interrupted_build_leaves_nothing() {
 #[test]
 fn identical_isos_and_clear_failures() {
     require_root("fixtures with owners");
-    require_tool("mksquashfs");
-    require_tool("xorriso");
+    require_tools(&["mksquashfs", "xorriso"]);
     let tmp = tempfile::tempdir().unwrap();
     let work = tmp.path();
     let sys = work.join("sys");
@@ -392,14 +379,9 @@ fn identical_isos_and_clear_failures() {
     let iso = make_iso(work, "6.0", &sys, &|t| boot_files(t, b"k", false));
     let kit = work.join("same.iuk");
     let res = build(&iso, &iso, &kit, "2");
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
-    );
+    assert_built(&res);
     assert_eq!(cat(&kit, "control.yml"), b"---\ndelete_files: []\n");
-    let ls = String::from_utf8(run(Command::new(iukfarm()).args(["sqfs", "ls"]).arg(&kit)).stdout)
-        .unwrap();
+    let ls = sqfs_ls(&kit, &[]);
     assert!(
         ls.contains("/overlay/syslinux/syslinux.cfg") && !ls.contains("vmlinuz"),
         "{ls}"

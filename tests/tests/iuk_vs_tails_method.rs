@@ -8,7 +8,7 @@ use std::process::Command;
 
 use iukfarm_tests::fixtures::random_tree;
 use iukfarm_tests::releases::{boot_files, make_iso, systems};
-use iukfarm_tests::{Tree, iukfarm, require_root, require_tool, run, sha256_file};
+use iukfarm_tests::{Tree, iukfarm, require_root, require_tools, run, sha256_file, sqfs_ls};
 
 /// The demo uses the same SOURCE_DATE_EPOCH.
 const SDE: &str = "1730285444";
@@ -43,12 +43,7 @@ fn ours(old: &Path, new: &Path, diff_name: &str, out: &Path) {
 
 /// What differs between two kits, to make a failure readable.
 fn explain(a: &Path, b: &Path, diff_name: &str) -> String {
-    let ls = |img: &Path| {
-        String::from_utf8_lossy(
-            &run(Command::new(iukfarm()).args(["sqfs", "ls", "-x"]).arg(img)).stdout,
-        )
-        .into_owned()
-    };
+    let ls = |img: &Path| sqfs_ls(img, &["-x"]);
     let mut report = String::new();
     let (la, lb) = (ls(a), ls(b));
     if la != lb {
@@ -82,7 +77,7 @@ fn explain(a: &Path, b: &Path, diff_name: &str) -> String {
 #[test]
 fn same_bytes_as_the_tails_method() {
     require_root("loop mounts, overlayfs, fixtures with owners and devices");
-    for tool in [
+    require_tools(&[
         "mksquashfs",
         "xorriso",
         "gensquashfs",
@@ -90,9 +85,7 @@ fn same_bytes_as_the_tails_method() {
         "bsdtar",
         "perl",
         "python3",
-    ] {
-        require_tool(tool);
-    }
+    ]);
     let probe = Command::new("perl")
         .args(["-MDevice::Cdio::ISO9660::IFS", "-MYAML::XS", "-e", "1"])
         .status();
@@ -162,16 +155,14 @@ fn same_bytes_as_the_tails_method() {
 #[test]
 fn demo_isos_and_iuks_match_the_tails_method() {
     require_root("loop mounts and overlayfs in the reference pipeline");
-    for tool in [
+    require_tools(&[
         "xorriso",
         "gensquashfs",
         "rsync",
         "bsdtar",
         "perl",
         "python3",
-    ] {
-        require_tool(tool);
-    }
+    ]);
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("demo");
     run(Command::new(iukfarm())

@@ -381,43 +381,34 @@ impl Archive {
                 .collect())
         };
         let (nlink, kind) = match raw_type {
-            inode_type::DIR => {
-                let b = reader.read(16)?;
-                let mut c = Cursor::new(&b);
-                let start_block = c.u32()?;
-                let nlink = c.u32()?;
-                let size = c.u16()? as u32;
-                let offset = c.u16()?;
-                let parent = c.u32()?;
-                (
-                    nlink,
-                    InodeKind::Dir {
-                        start_block,
-                        offset,
-                        size,
-                        parent,
-                    },
-                )
-            }
-            inode_type::EXT_DIR => {
-                let b = reader.read(24)?;
-                let mut c = Cursor::new(&b);
-                let nlink = c.u32()?;
-                let size = c.u32()?;
-                let start_block = c.u32()?;
-                let parent = c.u32()?;
-                let _index_count = c.u16()?;
-                let offset = c.u16()?;
-                xattr = c.u32()?;
-                (
-                    nlink,
-                    InodeKind::Dir {
-                        start_block,
-                        offset,
-                        size,
-                        parent,
-                    },
-                )
+            inode_type::DIR | inode_type::EXT_DIR => {
+                let (nlink, size, start_block, parent, offset) = if raw_type == inode_type::DIR {
+                    let b = reader.read(16)?;
+                    let mut c = Cursor::new(&b);
+                    let start_block = c.u32()?;
+                    let nlink = c.u32()?;
+                    let size = c.u16()? as u32;
+                    let offset = c.u16()?;
+                    (nlink, size, start_block, c.u32()?, offset)
+                } else {
+                    let b = reader.read(24)?;
+                    let mut c = Cursor::new(&b);
+                    let nlink = c.u32()?;
+                    let size = c.u32()?;
+                    let start_block = c.u32()?;
+                    let parent = c.u32()?;
+                    let _index_count = c.u16()?;
+                    let offset = c.u16()?;
+                    xattr = c.u32()?;
+                    (nlink, size, start_block, parent, offset)
+                };
+                let kind = InodeKind::Dir {
+                    start_block,
+                    offset,
+                    size,
+                    parent,
+                };
+                (nlink, kind)
             }
             inode_type::FILE | inode_type::EXT_FILE => {
                 let (blocks_start, size, sparse, nlink, frag, frag_off) =
