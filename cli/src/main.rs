@@ -28,8 +28,28 @@ enum Command {
     Build(cmd::build::Args),
     /// Check an IUK by applying it to the old release and comparing with the new.
     VerifyIuk(cmd::verify_iuk::Args),
-    /// Run the engine end to end on generated sample releases (no setup needed).
+    /// Run the coordinator of one release (workers connect to it).
+    Coordinator(cmd::farm::CoordinatorArgs),
+    /// Run a worker daemon: lease jobs from coordinators and build them.
+    Worker(cmd::farm::WorkerArgs),
+    /// Run a whole release on this machine: a coordinator plus in-process workers.
+    Release(cmd::farm::ReleaseCmdArgs),
+    /// Show a release's jobs.
+    Status(cmd::client::StatusArgs),
+    /// Follow a release with progress bars until it ends.
+    Watch(cmd::client::WatchArgs),
+    /// List the workers connected to a coordinator.
+    Workers(cmd::client::WorkersArgs),
+    /// Cancel a release.
+    Cancel(cmd::client::CancelArgs),
+    /// Download a finished release's IUKs, SHA256SUMS and signed manifest.
+    Fetch(cmd::client::FetchArgs),
+    /// Check a directory of IUKs against a release's SHA256SUMS, manifest and signature.
+    Verify(cmd::verify::Args),
+    /// A whole release on generated sample ISOs, farm included (no setup needed).
     Demo(cmd::demo::Args),
+    /// Write sample Tails-like ISOs (an ISO archive to try a farm on).
+    Samples(cmd::demo::SamplesArgs),
     /// SquashFS tools: pack (a gensquashfs drop-in), ls, cat, info.
     Sqfs(cmd::sqfs::Args),
     /// ISO 9660 tools: ls, extent, cat.
@@ -48,7 +68,13 @@ pub mod exit {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Daemons report what they do by default; the other commands are quiet.
+    let daemon = matches!(
+        cli.command,
+        Command::Coordinator(_) | Command::Worker(_) | Command::Release(_)
+    );
     let level = match cli.verbose {
+        0 if daemon => "warn,iukfarm_coordinator=info,iukfarm_worker=info",
         0 => "warn",
         1 => "info",
         2 => "debug",
@@ -64,6 +90,16 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Build(a) => cmd::build::run(a),
         Command::Demo(a) => cmd::demo::run(a),
+        Command::Samples(a) => cmd::demo::samples(a),
+        Command::Coordinator(a) => cmd::farm::coordinator(a),
+        Command::Worker(a) => cmd::farm::worker(a),
+        Command::Release(a) => cmd::farm::release(a),
+        Command::Status(a) => cmd::client::status(a),
+        Command::Watch(a) => cmd::client::watch(a),
+        Command::Workers(a) => cmd::client::workers(a),
+        Command::Cancel(a) => cmd::client::cancel(a),
+        Command::Fetch(a) => cmd::client::fetch(a),
+        Command::Verify(a) => cmd::verify::run(a),
         Command::VerifyIuk(a) => cmd::verify_iuk::run(a),
         Command::Sqfs(a) => cmd::sqfs::run(a),
         Command::Iso(a) => cmd::iso::run(a),

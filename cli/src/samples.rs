@@ -7,9 +7,18 @@
 //! some removed, a changed kernel every other release, and a new
 //! `/etc/os-release`.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Instant;
 
-use iukfarm_engine::tree::{FileContent, Kind, Meta, Node};
+use anyhow::Context;
+use iukfarm_engine::Progress;
+use iukfarm_engine::iso_writer::write_iso;
+use iukfarm_engine::kit::diff_writer_options;
+use iukfarm_engine::sqfs::write_image;
+use iukfarm_engine::tree::{FileContent, Kind, Meta, Node, Source};
+
+use crate::cmd::sqfs::{persist, temp_next_to};
 
 /// Deterministic PRNG (xorshift64*).
 struct Rng(u64);
@@ -224,6 +233,129 @@ pub fn set_mtime(n: &mut Node, t: u32) {
             set_mtime(x, t);
         }
     }
+}
+
+/// The SOURCE_DATE_EPOCH of the sample releases (Tails 6.9's).
+pub const SAMPLE_SDE: u32 = 1_730_285_444;
+
+/// Version of sample release `rel`.
+pub fn version(rel: u64) -> String {
+    format!("6.{rel}")
+}
+
+fn iso_file(name: &str, data: impl Into<Vec<u8>>) -> Node {
+    let mut n = file(name, 0o444, data.into());
+    n.meta.mtime = SAMPLE_SDE;
+    n
+}
+
+fn iso_dir(name: &str, children: Vec<Node>) -> Node {
+    let mut n = dir(name, children);
+    n.meta.mode = 0o555;
+    n.meta.mtime = SAMPLE_SDE;
+    n
+}
+
+/// The ISO of sample release `rel`: its system image plus boot files; the
+/// kernel changes every other release, a boot file goes away in the last.
+fn iso_tree(rel: u64, last: bool, image: &Path, image_size: u64) -> Node {
+    let kernel = 1 + rel / 2;
+    let mut efi_boot = vec![iso_file("bootx64.efi", format!("EFI loader {kernel}\n"))];
+    if !last {
+        efi_boot.push(iso_file(
+            "grubx64.efi",
+            "legacy loader, dropped in the newest release\n",
+        ));
+    }
+    let mut image_node = iso_file("filesystem.squashfs", Vec::new());
+    image_node.kind = Kind::File(FileContent {
+        size: image_size,
+        source: Source::Path(image.to_path_buf()),
+    });
+    iso_dir(
+        "",
+        vec![
+            iso_dir("EFI", vec![iso_dir("BOOT", efi_boot)]),
+            iso_dir(
+                "isolinux",
+                vec![
+                    iso_file("isolinux.cfg", "include /isolinux/live.cfg\ndefault live\n"),
+                    iso_file(
+                        "live.cfg",
+                        format!(
+                            "label live\n  kernel /live/vmlinuz\n  append initrd=/live/initrd.img # 6.{rel}\n"
+                        ),
+                    ),
+                ],
+            ),
+            iso_dir(
+                "live",
+                vec![
+                    image_node,
+                    iso_file(
+                        "initrd.img",
+                        format!("initramfs for kernel {kernel}\n").repeat(2000),
+                    ),
+                    iso_file("vmlinuz", format!("kernel {kernel}\n").repeat(5000)),
+                ],
+            ),
+            iso_dir(
+                "utils",
+                vec![
+                    iso_dir("linux", vec![iso_file("syslinux", "syslinux installer\n")]),
+                    iso_dir("mbr", vec![iso_file("mbr.bin", vec![0u8; 440])]),
+                ],
+            ),
+        ],
+    )
+}
+
+/// Writes `releases` sample releases as a Tails-layout ISO archive under
+/// `root` (`tails-amd64-<v>/tails-amd64-<v>.iso`); returns (version, ISO).
+pub fn write_releases(
+    root: &Path,
+    releases: u64,
+    scale: u64,
+    threads: usize,
+    progress: &dyn Progress,
+    mut said: impl FnMut(String),
+) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    let mut isos = Vec::new();
+    for rel in 0..releases {
+        let version = version(rel);
+        let t = Instant::now();
+        let dir = root.join(format!("tails-amd64-{version}"));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut system = system_tree(rel, scale);
+        set_mtime(&mut system, SAMPLE_SDE);
+        let image = tempfile::NamedTempFile::new_in(&dir)?;
+        let stats = write_image(
+            &system,
+            &diff_writer_options(SAMPLE_SDE, threads),
+            image.as_file(),
+            progress,
+        )
+        .with_context(|| format!("writing the system image of {version}"))?;
+        let iso_path = dir.join(format!("tails-amd64-{version}.iso"));
+        let tmp = temp_next_to(&iso_path)?;
+        let tree = iso_tree(rel, rel + 1 == releases, image.path(), stats.image_size);
+        write_iso(
+            &tree,
+            &format!("TAILS {version}"),
+            &mut tmp.as_file().try_clone()?,
+        )
+        .with_context(|| format!("writing {}", iso_path.display()))?;
+        persist(tmp, &iso_path, true)?;
+        said(format!(
+            "release {version}: {:.1} MiB system, {} inodes -> {} in {:.1}s",
+            stats.data.bytes_read as f64 / 1048576.0,
+            stats.inodes,
+            iso_path.display(),
+            t.elapsed().as_secs_f64()
+        ));
+        isos.push((version, iso_path));
+    }
+    Ok(isos)
 }
 
 #[cfg(test)]

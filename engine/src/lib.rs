@@ -7,11 +7,13 @@
 //! * [`compare`]: entry-by-entry comparison of trees (verification);
 //! * [`diff`]: the overlay diff of two system trees, as Tails computes it;
 //! * [`kit`]: assembling the IUK itself;
-//! * [`progress`]: the observer through which long operations report.
+//! * [`progress`]: the observer through which long operations report;
+//! * [`fingerprint`]: what besides the inputs determines the output bytes.
 
 pub mod compare;
 pub mod diff;
 pub mod error;
+pub mod fingerprint;
 pub mod io;
 pub mod iso;
 pub mod iso_writer;

@@ -1,7 +1,10 @@
 pub mod build;
+pub mod client;
 pub mod demo;
+pub mod farm;
 pub mod iso;
 pub mod sqfs;
+pub mod verify;
 pub mod verify_iuk;
 
 use anyhow::{Context, Result, bail};
@@ -16,4 +19,13 @@ pub fn source_date_epoch() -> Result<Option<u32>> {
             format!("SOURCE_DATE_EPOCH={s:?} is not a number of seconds that fits in 32 bits")
         }),
     }
+}
+
+/// Runs the networked subcommands on a tokio runtime.
+pub fn block_on<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(f)
 }

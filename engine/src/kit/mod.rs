@@ -360,6 +360,15 @@ fn open_system(iso: &Iso, path: &Path) -> Result<Arc<Archive>> {
     })
 }
 
+/// Checks, without reading much, that `path` is a release ISO the engine
+/// can use: an ISO 9660 image holding a readable `live/filesystem.squashfs`.
+/// Returns the system image's size.
+pub fn check_iso(path: &Path) -> Result<u64> {
+    let iso = open_iso(path)?;
+    let system = open_system(&iso, path)?;
+    Ok(system.superblock().bytes_used)
+}
+
 /// Builds the IUK that upgrades `old_iso`'s system to `new_iso`'s into
 /// `kit_out`, using `diff_scratch` (an empty file in the job's directory)
 /// for the diff image.

@@ -1,0 +1,582 @@
+//! The RM's client: `status`, `watch`, `workers`, `cancel`, `fetch`.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use iukfarm_coordinator::manifest;
+use iukfarm_proto::v1;
+use iukfarm_proto::{ClientConfig, FarmClient};
+use sha2::{Digest, Sha256};
+
+use crate::exit;
+
+/// Where the coordinator is and how to talk to it.
+#[derive(Parser, Clone)]
+pub struct Conn {
+    /// Coordinator address (http://HOST:PORT, or https:// with --tls-ca).
+    #[arg(
+        long,
+        env = "IUKFARM_COORDINATOR",
+        default_value = "http://127.0.0.1:7447"
+    )]
+    pub coordinator: String,
+    /// File holding the coordinator's token.
+    #[arg(long, env = "IUKFARM_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// CA certificate (PEM) that signed the coordinator's TLS certificate.
+    #[arg(long, env = "IUKFARM_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl Conn {
+    pub fn config(&self) -> Result<ClientConfig> {
+        Ok(ClientConfig::from_files(
+            &self.coordinator,
+            self.tls_ca.as_deref(),
+            self.token_file.as_deref(),
+        )?)
+    }
+
+    pub async fn connect(&self) -> Result<FarmClient> {
+        Ok(iukfarm_proto::connect(&self.config()?).await?)
+    }
+}
+
+fn call_err(url: &str, s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!(iukfarm_proto::explain(url, &s))
+}
+
+/// Exit status mirroring a release's final state.
+pub fn exit_for(state: &str) -> u8 {
+    match state {
+        "succeeded" => 0,
+        "cancelled" => exit::INTERRUPTED,
+        _ => exit::FAILURE,
+    }
+}
+
+fn human(bytes: u64) -> String {
+    if bytes >= 1 << 30 {
+        format!("{:.1}G", bytes as f64 / (1u64 << 30) as f64)
+    } else if bytes >= 1 << 20 {
+        format!("{:.1}M", bytes as f64 / (1u64 << 20) as f64)
+    } else if bytes >= 1 << 10 {
+        format!("{:.1}K", bytes as f64 / 1024.0)
+    } else {
+        format!("{bytes}B")
+    }
+}
+
+fn secs(s: f64) -> String {
+    if s <= 0.0 {
+        "-".into()
+    } else if s < 60.0 {
+        format!("{s:.0}s")
+    } else {
+        format!("{}m{:02}s", (s / 60.0) as u64, (s % 60.0) as u64)
+    }
+}
+
+fn label(j: &v1::JobStatus) -> String {
+    format!(
+        "{}{}",
+        j.old_version,
+        if j.reproduction { " (repro)" } else { "" }
+    )
+}
+
+fn progress_text(j: &v1::JobStatus) -> String {
+    match j.state.as_str() {
+        "leased" if j.total > 0 => {
+            format!("{} {}%", j.phase, (j.done * 100 / j.total.max(1)).min(100))
+        }
+        "leased" => j.phase.clone(),
+        "done" if j.resumed => "journal".into(),
+        _ => String::new(),
+    }
+}
+
+/// The job table, as `status` prints it.
+pub fn table(s: &v1::ReleaseStatus) -> String {
+    let mut out = format!(
+        "{}: {}{}\n",
+        s.release,
+        s.state,
+        if s.message.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", s.message)
+        }
+    );
+    out.push_str(&format!(
+        "{:<16} {:<10} {:<14} {:<16} {:>8} {:>7} {:>8} {:<16} {:>3}\n",
+        "SOURCE", "STATE", "WORKER", "PROGRESS", "ELAPSED", "ETA", "SIZE", "SHA256", "TRY"
+    ));
+    for j in &s.jobs {
+        out.push_str(&format!(
+            "{:<16} {:<10} {:<14} {:<16} {:>8} {:>7} {:>8} {:<16} {:>3}\n",
+            label(j),
+            j.state,
+            j.worker,
+            progress_text(j),
+            secs(j.elapsed_seconds),
+            secs(j.eta_seconds),
+            if j.size > 0 {
+                human(j.size)
+            } else {
+                "-".into()
+            },
+            j.sha256.get(..16).unwrap_or("-"),
+            j.attempts,
+        ));
+        if !j.error.is_empty() && j.state != "done" {
+            out.push_str(&format!("    {}\n", j.error));
+        }
+    }
+    out
+}
+
+fn job_json(j: &v1::JobStatus) -> serde_json::Value {
+    serde_json::json!({
+        "job_id": j.job_id, "source_version": j.old_version, "name": j.output_name,
+        "state": j.state, "worker": j.worker, "phase": j.phase, "done": j.done,
+        "total": j.total, "elapsed_seconds": j.elapsed_seconds, "eta_seconds": j.eta_seconds,
+        "size": j.size, "sha256": j.sha256, "attempts": j.attempts, "error": j.error,
+        "reproduction": j.reproduction, "resumed": j.resumed,
+    })
+}
+
+fn worker_json(w: &v1::WorkerStatus) -> serde_json::Value {
+    serde_json::json!({
+        "id": w.id, "name": w.name, "slots": w.slots, "busy": w.busy,
+        "connected": w.connected, "last_seen_seconds": w.last_seen_seconds,
+        "jobs_done": w.jobs_done, "memory_bytes": w.memory_bytes,
+    })
+}
+
+#[derive(Parser)]
+#[command(
+    after_help = "Exit status: 0 the status was printed; 1 the coordinator could not be reached or refused."
+)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    conn: Conn,
+    /// Machine-readable output.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn status(a: StatusArgs) -> Result<ExitCode> {
+    super::block_on(async {
+        let mut c = a.conn.connect().await?;
+        let s = c
+            .status(v1::StatusRequest {})
+            .await
+            .map_err(|e| call_err(&a.conn.coordinator, e))?
+            .into_inner();
+        if a.json {
+            let v = serde_json::json!({
+                "release": s.release, "new_version": s.new_version, "state": s.state,
+                "message": s.message, "output_dir": s.output_dir, "files": s.files,
+                "jobs": s.jobs.iter().map(job_json).collect::<Vec<_>>(),
+                "workers": s.workers.iter().map(worker_json).collect::<Vec<_>>(),
+            });
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            print!("{}", table(&s));
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+#[derive(Parser)]
+#[command(
+    after_help = "Exit status: 0 the list was printed; 1 the coordinator could not be reached or refused."
+)]
+pub struct WorkersArgs {
+    #[command(flatten)]
+    conn: Conn,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn workers(a: WorkersArgs) -> Result<ExitCode> {
+    super::block_on(async {
+        let mut c = a.conn.connect().await?;
+        let s = c
+            .status(v1::StatusRequest {})
+            .await
+            .map_err(|e| call_err(&a.conn.coordinator, e))?
+            .into_inner();
+        if a.json {
+            let v: Vec<_> = s.workers.iter().map(worker_json).collect();
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            return Ok(ExitCode::SUCCESS);
+        }
+        println!(
+            "{:<24} {:<20} {:>5} {:>4} {:>5} {:>9} {:>9}",
+            "ID", "NAME", "SLOTS", "BUSY", "DONE", "MEMORY", "SEEN"
+        );
+        for w in &s.workers {
+            println!(
+                "{:<24} {:<20} {:>5} {:>4} {:>5} {:>9} {:>9}",
+                w.id,
+                w.name,
+                w.slots,
+                w.busy,
+                w.jobs_done,
+                human(w.memory_bytes),
+                if w.connected {
+                    format!("{:.0}s ago", w.last_seen_seconds)
+                } else {
+                    "lost".into()
+                }
+            );
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+#[derive(Parser)]
+#[command(
+    after_help = "Exit status: 0 the coordinator cancelled the release; 1 it could not be reached or refused."
+)]
+pub struct CancelArgs {
+    #[command(flatten)]
+    conn: Conn,
+    /// Why (shown in the status and the JUnit report).
+    #[arg(long, default_value = "cancelled by the RM")]
+    reason: String,
+}
+
+pub fn cancel(a: CancelArgs) -> Result<ExitCode> {
+    super::block_on(async {
+        let mut c = a.conn.connect().await?;
+        c.cancel(v1::CancelRequest {
+            reason: a.reason.clone(),
+        })
+        .await
+        .map_err(|e| call_err(&a.conn.coordinator, e))?;
+        println!("cancelled: {}", a.reason);
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+#[derive(Parser)]
+#[command(
+    after_help = "Exit status: mirrors the release: 0 succeeded, 1 failed (or the coordinator \
+was lost), 130 cancelled. Progress bars on a terminal; one line per change otherwise (or with --plain)."
+)]
+pub struct WatchArgs {
+    #[command(flatten)]
+    conn: Conn,
+    /// One line per change instead of progress bars.
+    #[arg(long)]
+    plain: bool,
+}
+
+pub fn watch(a: WatchArgs) -> Result<ExitCode> {
+    super::block_on(async {
+        let mut c = a.conn.connect().await?;
+        let plain = a.plain || !std::io::stderr().is_terminal();
+        let state = follow(&mut c, &a.conn.coordinator, plain).await?;
+        Ok(ExitCode::from(exit_for(&state)))
+    })
+}
+
+/// Follows a release until it ends, drawing it; returns the final state.
+pub async fn follow(c: &mut FarmClient, url: &str, plain: bool) -> Result<String> {
+    let mut stream = c
+        .watch(v1::StatusRequest {})
+        .await
+        .map_err(|e| call_err(url, e))?
+        .into_inner();
+    let mut view = if plain {
+        View::Plain(Default::default())
+    } else {
+        View::Bars(Bars::new())
+    };
+    let mut last: Option<v1::ReleaseStatus> = None;
+    loop {
+        match stream.message().await {
+            Ok(Some(s)) => {
+                view.show(&s);
+                let over = matches!(s.state.as_str(), "succeeded" | "failed" | "cancelled");
+                last = Some(s);
+                if over {
+                    break;
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                view.done();
+                return Err(call_err(url, e));
+            }
+        }
+    }
+    view.done();
+    let Some(s) = last else {
+        bail!("the coordinator at {url} sent no status")
+    };
+    if !matches!(s.state.as_str(), "succeeded" | "failed" | "cancelled") {
+        bail!("lost the coordinator at {url} before the release ended");
+    }
+    let mut out = std::io::stdout().lock();
+    write!(out, "{}", table(&s))?;
+    Ok(s.state)
+}
+
+enum View {
+    Plain(std::collections::BTreeMap<String, String>),
+    Bars(Bars),
+}
+
+struct Bars {
+    multi: MultiProgress,
+    header: ProgressBar,
+    bars: std::collections::BTreeMap<String, ProgressBar>,
+}
+
+impl Bars {
+    fn new() -> Bars {
+        let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+        let header = multi.add(ProgressBar::new_spinner());
+        header.enable_steady_tick(Duration::from_millis(200));
+        Bars {
+            multi,
+            header,
+            bars: Default::default(),
+        }
+    }
+}
+
+impl View {
+    fn show(&mut self, s: &v1::ReleaseStatus) {
+        match self {
+            View::Plain(seen) => {
+                let mut err = std::io::stderr().lock();
+                let head = format!("{} {}", s.state, s.message);
+                if seen.get("") != Some(&head) {
+                    let _ = writeln!(err, "release {}: {}", s.release, head.trim_end());
+                    seen.insert(String::new(), head);
+                }
+                for j in &s.jobs {
+                    let line = format!(
+                        "{} {} {}{}",
+                        j.state,
+                        if j.worker.is_empty() { "-" } else { &j.worker },
+                        if j.state == "leased" { &j.phase } else { "" },
+                        if j.state == "failed" || (j.state == "pending" && !j.error.is_empty()) {
+                            format!(" ({})", j.error)
+                        } else if j.state == "done" {
+                            format!(" {} bytes sha256 {}", j.size, j.sha256)
+                        } else {
+                            String::new()
+                        }
+                    );
+                    let key = j.job_id.clone();
+                    if seen.get(&key) != Some(&line) {
+                        let _ = writeln!(err, "  {}: {}", label(j), line.trim_end());
+                        seen.insert(key, line);
+                    }
+                }
+            }
+            View::Bars(b) => {
+                b.header.set_message(format!(
+                    "{}: {}{}  ({} workers)",
+                    s.release,
+                    s.state,
+                    if s.message.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", {}", s.message)
+                    },
+                    s.workers.iter().filter(|w| w.connected).count()
+                ));
+                for j in &s.jobs {
+                    let bar = b.bars.entry(j.job_id.clone()).or_insert_with(|| {
+                        let bar = b.multi.add(ProgressBar::new(0));
+                        bar.set_style(
+                            ProgressStyle::with_template(
+                                "{prefix:>16} [{bar:30}] {percent:>3}% {msg}",
+                            )
+                            .expect("static template")
+                            .progress_chars("=> "),
+                        );
+                        bar.set_prefix(label(j));
+                        bar
+                    });
+                    match j.state.as_str() {
+                        "done" => {
+                            bar.set_length(1);
+                            bar.set_position(1);
+                        }
+                        "leased" => {
+                            bar.set_length(j.total.max(1));
+                            bar.set_position(j.done.min(j.total));
+                        }
+                        _ => {
+                            bar.set_length(1);
+                            bar.set_position(0);
+                        }
+                    }
+                    bar.set_message(format!(
+                        "{} {} {}{}",
+                        j.state,
+                        j.worker,
+                        if j.state == "leased" {
+                            format!("{} ETA {}", j.phase, secs(j.eta_seconds))
+                        } else {
+                            String::new()
+                        },
+                        if !j.error.is_empty() && j.state != "done" {
+                            format!(" ({})", j.error)
+                        } else {
+                            String::new()
+                        }
+                    ));
+                }
+            }
+        }
+    }
+
+    fn done(&mut self) {
+        if let View::Bars(b) = self {
+            for bar in b.bars.values() {
+                bar.finish_and_clear();
+            }
+            b.header.finish_and_clear();
+            let _ = b.multi.clear();
+        }
+    }
+}
+
+#[derive(Parser)]
+#[command(
+    after_help = "Exit status: 0 every file of the release was downloaded and checked; 1 a file \
+failed its check, the release is not over (without --wait), or the coordinator was lost."
+)]
+pub struct FetchArgs {
+    #[command(flatten)]
+    conn: Conn,
+    /// Where to put the IUKs, SHA256SUMS, manifest.json and its signature.
+    #[arg(long, default_value = ".")]
+    output_dir: PathBuf,
+    /// Wait for the release to end first.
+    #[arg(long)]
+    wait: bool,
+    /// Check the manifest's signature against this certificate.
+    #[arg(long, value_name = "FILE")]
+    cert: Option<PathBuf>,
+}
+
+pub fn fetch(a: FetchArgs) -> Result<ExitCode> {
+    super::block_on(async {
+        let mut c = a.conn.connect().await?;
+        let url = a.conn.coordinator.clone();
+        if a.wait {
+            follow(&mut c, &url, true).await?;
+        }
+        let s = c
+            .status(v1::StatusRequest {})
+            .await
+            .map_err(|e| call_err(&url, e))?
+            .into_inner();
+        if s.state != "succeeded" {
+            bail!(
+                "the release is {} (not succeeded): nothing signed to fetch yet; use --wait",
+                s.state
+            );
+        }
+        std::fs::create_dir_all(&a.output_dir)
+            .with_context(|| format!("creating {}", a.output_dir.display()))?;
+        for name in &s.files {
+            if name.contains('/') || name.starts_with('.') {
+                bail!("the coordinator offered a strange file name {name:?}");
+            }
+            let dst = a.output_dir.join(name);
+            let expected = s
+                .jobs
+                .iter()
+                .find(|j| &j.output_name == name && !j.reproduction);
+            download(
+                &mut c,
+                &url,
+                name,
+                &dst,
+                expected.map(|j| (j.size, j.sha256.as_str())),
+            )
+            .await?;
+            eprintln!("fetched {}", dst.display());
+        }
+        let certs = a
+            .cert
+            .as_ref()
+            .map(std::fs::read)
+            .transpose()
+            .context("reading --cert")?;
+        let check = manifest::check_dir(&a.output_dir, &a.output_dir, certs.as_deref(), false)?;
+        report_check(&check, certs.is_some())
+    })
+}
+
+async fn download(
+    c: &mut FarmClient,
+    url: &str,
+    name: &str,
+    dst: &Path,
+    expected: Option<(u64, &str)>,
+) -> Result<()> {
+    let dir = dst.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    let mut stream = c
+        .download(v1::DownloadRequest {
+            name: name.to_string(),
+        })
+        .await
+        .map_err(|e| call_err(url, e))?
+        .into_inner();
+    let mut h = Sha256::new();
+    let mut n = 0u64;
+    while let Some(chunk) = stream.message().await.map_err(|e| call_err(url, e))? {
+        h.update(&chunk.data);
+        n += chunk.data.len() as u64;
+        tmp.write_all(&chunk.data)?;
+    }
+    if let Some((size, sha)) = expected {
+        let got: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        if n != size || got != sha {
+            bail!("{name} arrived damaged ({n} bytes, sha256 {got}; expected {size}, {sha})");
+        }
+    }
+    super::sqfs::persist(tmp, dst, true)
+}
+
+/// Prints a directory check and gives its exit status.
+pub fn report_check(c: &manifest::DirCheck, signature_checked: bool) -> Result<ExitCode> {
+    for g in &c.good {
+        println!("OK   {g}");
+    }
+    for p in &c.problems {
+        println!("BAD  {p}");
+    }
+    match &c.signer {
+        Some(who) => println!("manifest.json: good signature by {who}"),
+        None if !signature_checked => {
+            println!("manifest.json: signature NOT checked (pass --cert)")
+        }
+        None => {}
+    }
+    if c.problems.is_empty() {
+        println!("{} IUKs match the release manifest", c.good.len());
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("{} problems", c.problems.len());
+        Ok(ExitCode::from(exit::FAILURE))
+    }
+}

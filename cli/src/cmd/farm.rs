@@ -1,0 +1,519 @@
+//! `iukfarm coordinator`, `iukfarm release` (coordinator plus in-process
+//! workers) and `iukfarm worker`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Parser;
+use iukfarm_coordinator::config::{self, Config, ReleaseFile, Reproduce};
+use iukfarm_coordinator::signing::SigningKey;
+use iukfarm_coordinator::{Outcome, Running};
+use iukfarm_proto::ClientConfig;
+use iukfarm_worker::TestHooks;
+use tokio::sync::watch;
+use tracing::error;
+
+use crate::exit;
+
+const EXIT_HELP: &str = "Exit status: 0 every IUK was built, verified by applying it, and the \
+manifest signed; 1 some IUKs failed (each is named, also in the JUnit report); 2 bad input or \
+configuration (a missing or unusable ISO, an unknown option, no signing key), found before any \
+work starts; 130 interrupted (SIGINT, SIGTERM or `iukfarm cancel`). Finished IUKs are journalled: \
+run the same command again to resume.";
+
+/// A release's parameters; a `--release-file` (TOML, same names) gives
+/// defaults that flags override.
+#[derive(Parser, Clone)]
+pub struct ReleaseArgs {
+    /// TOML file with any of the settings below (e.g. new-version = "6.4").
+    #[arg(long, value_name = "FILE")]
+    release_file: Option<PathBuf>,
+    /// The version being released.
+    #[arg(long)]
+    new_version: Option<String>,
+    /// Versions to build IUKs from, separated by spaces or commas.
+    #[arg(long, value_name = "VERSIONS")]
+    source_versions: Option<String>,
+    /// SOURCE_DATE_EPOCH of the new release (default: the environment's).
+    #[arg(long, value_name = "SECONDS")]
+    source_date_epoch: Option<u32>,
+    /// Root of the ISO archive.
+    #[arg(long, value_name = "DIR")]
+    iso_root: Option<PathBuf>,
+    /// Path of an ISO under the root; {version} is replaced.
+    #[arg(long, value_name = "PATTERN")]
+    iso_pattern: Option<String>,
+    /// Where the IUKs, SHA256SUMS, manifest.json and its signature go.
+    #[arg(long, value_name = "DIR")]
+    output_dir: Option<PathBuf>,
+    /// Product name in IUK names [default: Tails].
+    #[arg(long)]
+    product: Option<String>,
+    /// Build target in IUK names [default: amd64].
+    #[arg(long)]
+    build_target: Option<String>,
+    /// Engine option for every job, e.g. ignore-if-same-content=GLOB. Repeatable.
+    #[arg(long = "engine-option", value_name = "NAME=VALUE")]
+    engine_options: Vec<String>,
+    /// Engine workers must run: VERSION or VERSION@COMMIT [default: this build's].
+    #[arg(long, value_name = "VERSION[@COMMIT]")]
+    require_engine: Option<String>,
+    /// TLS certificate (PEM) of the coordinator.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) of the coordinator.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// File holding the token every worker and client must present.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// Sign the manifest with an unencrypted OpenPGP secret key file.
+    #[arg(long, value_name = "FILE", conflicts_with = "gpg_key")]
+    signing_key: Option<PathBuf>,
+    /// Sign the manifest with gpg's key KEYID (gpg-agent and smartcards work).
+    #[arg(long, value_name = "KEYID")]
+    gpg_key: Option<String>,
+    /// Build N IUKs (or `all`) a second time on another worker; different bytes fail the release.
+    #[arg(long, value_name = "N|all")]
+    reproduce: Option<String>,
+    /// Write a JUnit XML report (one test case per IUK).
+    #[arg(long, value_name = "FILE")]
+    junit: Option<PathBuf>,
+    /// A worker silent for this long loses its job to another.
+    #[arg(long, default_value = "30s", value_parser = config::parse_duration)]
+    lease_timeout: Duration,
+    /// Attempts per IUK after transient failures.
+    #[arg(long, default_value_t = 4)]
+    max_attempts: u32,
+    /// Keep serving status and downloads this long after the end.
+    #[arg(long, default_value = "0s", value_parser = config::parse_duration)]
+    linger: Duration,
+    /// IUKs verified by applying them at the same time.
+    #[arg(long, default_value_t = 1)]
+    verify_jobs: usize,
+}
+
+fn need<T>(v: Option<T>, flag: &str) -> Result<T, iukfarm_coordinator::Error> {
+    v.ok_or_else(|| {
+        iukfarm_coordinator::Error::Config(format!("missing {flag} (or its key in --release-file)"))
+    })
+}
+
+impl ReleaseArgs {
+    /// Flags over the release file over defaults.
+    pub fn config(
+        self,
+        listen: Option<String>,
+        default_listen: &str,
+    ) -> Result<Config, iukfarm_coordinator::Error> {
+        use iukfarm_coordinator::Error as E;
+        let f = match &self.release_file {
+            Some(p) => ReleaseFile::load(p)?,
+            None => ReleaseFile::default(),
+        };
+        let source_versions = match self.source_versions {
+            Some(s) => config::parse_versions(&s)?,
+            None => need(f.source_versions, "--source-versions")?.into_list()?,
+        };
+        let sde = match self.source_date_epoch.or(f.source_date_epoch) {
+            Some(s) => s,
+            None => super::source_date_epoch()
+                .map_err(|e| E::Config(e.to_string()))?
+                .ok_or_else(|| {
+                    E::Config("missing --source-date-epoch (or SOURCE_DATE_EPOCH)".into())
+                })?,
+        };
+        let listen_s = listen
+            .or(f.listen)
+            .unwrap_or_else(|| default_listen.to_string());
+        let listen: SocketAddr = listen_s.parse().map_err(|_| {
+            E::Config(format!(
+                "--listen {listen_s:?}: expected ADDRESS:PORT, e.g. 0.0.0.0:7447"
+            ))
+        })?;
+        let token = self
+            .token_file
+            .or(f.token_file)
+            .map(|p| iukfarm_proto::read_token(&p))
+            .transpose()
+            .map_err(|e| E::Config(e.to_string()))?;
+        let tls = match (self.tls_cert.or(f.tls_cert), self.tls_key.or(f.tls_key)) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            _ => return Err(E::Config("--tls-cert and --tls-key go together".into())),
+        };
+        let signing = match (
+            self.signing_key.or(f.signing_key),
+            self.gpg_key.or(f.gpg_key),
+        ) {
+            (Some(p), None) => SigningKey::KeyFile(p),
+            (None, Some(k)) => SigningKey::Gpg(k),
+            (Some(_), Some(_)) => {
+                return Err(E::Config(
+                    "give --signing-key or --gpg-key, not both".into(),
+                ));
+            }
+            (None, None) => {
+                return Err(E::Config(
+                    "the manifest must be signed: pass --gpg-key KEYID or --signing-key FILE"
+                        .into(),
+                ));
+            }
+        };
+        let reproduce = match self.reproduce.or(f.reproduce) {
+            Some(r) => r.parse::<Reproduce>().map_err(E::Config)?,
+            None => Reproduce::None,
+        };
+        let mut engine_options = f.engine_options.unwrap_or_default();
+        engine_options.extend(self.engine_options);
+        Ok(Config {
+            new_version: config::check_version(need(
+                self.new_version.or(f.new_version),
+                "--new-version",
+            )?)?,
+            source_versions,
+            source_date_epoch: sde,
+            iso_root: need(self.iso_root.or(f.iso_root), "--iso-root")?,
+            iso_pattern: self
+                .iso_pattern
+                .or(f.iso_pattern)
+                .unwrap_or_else(|| config::DEFAULT_ISO_PATTERN.into()),
+            output_dir: need(self.output_dir.or(f.output_dir), "--output-dir")?,
+            product: self.product.or(f.product).unwrap_or_else(|| "Tails".into()),
+            build_target: self
+                .build_target
+                .or(f.build_target)
+                .unwrap_or_else(|| "amd64".into()),
+            engine_options,
+            require_engine: self.require_engine.or(f.require_engine),
+            listen,
+            tls,
+            token,
+            signing,
+            reproduce,
+            junit: self.junit.or(f.junit),
+            lease_timeout: self.lease_timeout,
+            max_attempts: self.max_attempts,
+            linger: self.linger,
+            verify_jobs: self.verify_jobs,
+        })
+    }
+}
+
+#[derive(Parser)]
+#[command(after_help = EXIT_HELP)]
+pub struct CoordinatorArgs {
+    #[command(flatten)]
+    release: ReleaseArgs,
+    /// Address to listen on (workers and clients connect here).
+    #[arg(long, value_name = "ADDRESS:PORT")]
+    listen: Option<String>,
+}
+
+/// Exit status and message for a coordinator error.
+fn failed(e: iukfarm_coordinator::Error) -> ExitCode {
+    eprintln!("iukfarm: error: {e}");
+    ExitCode::from(if e.is_usage() {
+        exit::USAGE
+    } else {
+        exit::FAILURE
+    })
+}
+
+fn outcome(o: Outcome) -> ExitCode {
+    match o {
+        Outcome::Succeeded => ExitCode::SUCCESS,
+        Outcome::Failed(why) => {
+            eprintln!("iukfarm: {} IUKs failed:", why.len());
+            for w in why {
+                eprintln!("  {w}");
+            }
+            ExitCode::from(exit::FAILURE)
+        }
+        Outcome::Cancelled(r) => {
+            eprintln!("iukfarm: release cancelled: {r}");
+            ExitCode::from(exit::INTERRUPTED)
+        }
+    }
+}
+
+/// Turns SIGINT/SIGTERM into `cancel`.
+fn on_signal(cancel: impl Fn(&str) + Send + Sync + 'static) {
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(e) => {
+                    error!("cannot watch SIGTERM: {e}");
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => cancel("interrupted (SIGINT)"),
+            _ = term.recv() => cancel("terminated (SIGTERM)"),
+        }
+    });
+}
+
+pub fn coordinator(a: CoordinatorArgs) -> Result<ExitCode> {
+    let cfg = match a.release.config(
+        a.listen,
+        &format!("127.0.0.1:{}", iukfarm_proto::DEFAULT_PORT),
+    ) {
+        Ok(c) => c,
+        Err(e) => return Ok(failed(e)),
+    };
+    super::block_on(async move {
+        let running = match iukfarm_coordinator::start(cfg, None).await {
+            Ok(r) => r,
+            Err(e) => return Ok(failed(e)),
+        };
+        eprintln!("iukfarm coordinator: listening on {}", running.addr());
+        on_signal(running.canceller());
+        Ok(match running.wait().await {
+            Ok(o) => outcome(o),
+            Err(e) => failed(e),
+        })
+    })
+}
+
+#[derive(Parser)]
+#[command(after_help = EXIT_HELP)]
+pub struct ReleaseCmdArgs {
+    #[command(flatten)]
+    release: ReleaseArgs,
+    /// In-process workers.
+    #[arg(long, default_value_t = 1)]
+    workers: u32,
+    /// Compression threads per worker (default: the cores shared among the workers).
+    #[arg(short = 'j', long)]
+    threads: Option<usize>,
+    /// Also serve status and downloads here (needs --token-file unless loopback).
+    #[arg(long, value_name = "ADDRESS:PORT")]
+    listen: Option<String>,
+    /// One line per change instead of progress bars.
+    #[arg(long)]
+    plain: bool,
+}
+
+pub fn release(a: ReleaseCmdArgs) -> Result<ExitCode> {
+    let workers = a.workers;
+    let threads = a.threads;
+    let plain = a.plain;
+    let cfg = match a.release.config(a.listen, "127.0.0.1:0") {
+        Ok(c) => c,
+        Err(e) => return Ok(failed(e)),
+    };
+    super::block_on(async move {
+        let interrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let r = embedded(cfg, workers, threads, plain, None, interrupted).await?;
+        Ok(r)
+    })
+}
+
+/// Runs a release with `workers` in-process workers over loopback, the
+/// same code paths as a farm; follows it on stderr. `interrupted` (e.g. a
+/// Ctrl-C flag set elsewhere) cancels it.
+pub async fn embedded(
+    mut cfg: Config,
+    workers: u32,
+    threads: Option<usize>,
+    plain: bool,
+    demo_token: Option<String>,
+    interrupted: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Result<ExitCode> {
+    use std::sync::atomic::Ordering;
+    if workers == 0 {
+        return Ok(failed(iukfarm_coordinator::Error::Config(
+            "--workers must be at least 1".into(),
+        )));
+    }
+    if workers < 2 && cfg.reproduce != Reproduce::None {
+        return Ok(failed(iukfarm_coordinator::Error::Config(
+            "--reproduce needs a second worker: pass --workers 2 or more".into(),
+        )));
+    }
+    // Long enough for the in-process workers to hear that the release is over.
+    cfg.linger = cfg.linger.max(Duration::from_millis(1500));
+    // In-process workers authenticate like remote ones.
+    let token = cfg
+        .token
+        .clone()
+        .or(demo_token)
+        .unwrap_or_else(random_token);
+    cfg.token = Some(token.clone());
+    let cache_root = cfg.output_dir.join(".iukfarm").join("workers");
+    let iso_root = cfg.iso_root.clone();
+    if cfg.tls.is_some() {
+        return Ok(failed(iukfarm_coordinator::Error::Config(
+            "in-process workers talk over loopback: TLS applies to `iukfarm coordinator`".into(),
+        )));
+    }
+    let running: Running = match iukfarm_coordinator::start(cfg, None).await {
+        Ok(r) => r,
+        Err(e) => return Ok(failed(e)),
+    };
+    let addr = running.addr();
+    let url = format!("http://127.0.0.1:{}", addr.port());
+    let cancel = running.canceller();
+    on_signal(running.canceller());
+    let flag = interrupted.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if flag.load(Ordering::SeqCst) {
+                cancel("interrupted (SIGINT)");
+                return;
+            }
+        }
+    });
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per_worker = threads.unwrap_or((cores / workers as usize).max(1));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let client = ClientConfig {
+        url: url.clone(),
+        tls_ca: None,
+        token: Some(token),
+    };
+    let mut handles = Vec::new();
+    for n in 1..=workers {
+        let wcfg = iukfarm_worker::Config {
+            client: client.clone(),
+            name: format!("local-{n}"),
+            iso_root: Some(iso_root.clone()),
+            cache_dir: cache_root.join(format!("local-{n}")),
+            slots: 1,
+            threads: per_worker,
+            memory: iukfarm_worker::available_memory(),
+            once: true,
+            test: TestHooks::default(),
+        };
+        handles.push(tokio::spawn(iukfarm_worker::run(wcfg, stop_rx.clone())));
+    }
+    let follower = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let mut c = iukfarm_proto::connect(&client).await?;
+            super::client::follow(&mut c, &client.url, plain).await
+        })
+    };
+    let result = running.wait().await;
+    let _ = stop_tx.send(true);
+    for h in handles {
+        match h.await {
+            Ok(Err(e)) => eprintln!("iukfarm: worker: {e}"),
+            Err(e) => eprintln!("iukfarm: worker task: {e}"),
+            Ok(Ok(())) => {}
+        }
+    }
+    let _ = std::fs::remove_dir_all(&cache_root);
+    match follower.await {
+        Ok(Err(e)) => eprintln!("iukfarm: {e:#}"),
+        Err(e) => eprintln!("iukfarm: {e}"),
+        Ok(Ok(_)) => {}
+    }
+    Ok(match result {
+        Ok(o) => outcome(o),
+        Err(e) => failed(e),
+    })
+}
+
+fn random_token() -> String {
+    let mut b = [0u8; 24];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut b);
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[derive(Parser)]
+#[command(
+    after_help = "Exit status: 0 stopped (SIGINT/SIGTERM, or with --once after a release); \
+2 refused by the coordinator (wrong token, engine fingerprint, protocol) or bad configuration; \
+1 other errors. Waits, retrying with backoff, while no coordinator is up."
+)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    conn: super::client::Conn,
+    /// Name shown in status and manifests [default: the host name].
+    #[arg(long)]
+    name: Option<String>,
+    /// Local copy of the ISO archive (files are used when their sha256 matches).
+    #[arg(long, value_name = "DIR")]
+    iso_root: Option<PathBuf>,
+    /// ISOs fetched from coordinators and the jobs' directories.
+    #[arg(long, value_name = "DIR", default_value = "/var/cache/iukfarm")]
+    cache_dir: PathBuf,
+    /// Jobs at once.
+    #[arg(long, default_value_t = 1)]
+    slots: u32,
+    /// Compression threads per job (default: the cores shared among the slots).
+    #[arg(short = 'j', long, default_value_t = 0)]
+    threads: usize,
+    /// Memory to advertise in MiB [default: MemAvailable].
+    #[arg(long, value_name = "MIB")]
+    memory: Option<u64>,
+    /// Exit when the release is over instead of waiting for the next coordinator.
+    #[arg(long)]
+    once: bool,
+    #[arg(long, hide = true, default_value_t = 0)]
+    test_corrupt_uploads: u32,
+    #[arg(long, hide = true)]
+    test_perturb: bool,
+    #[arg(long, hide = true, default_value = "0s", value_parser = config::parse_duration)]
+    test_job_delay: Duration,
+}
+
+pub fn worker(a: WorkerArgs) -> Result<ExitCode> {
+    let client = match a.conn.config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("iukfarm: error: {e:#}");
+            return Ok(ExitCode::from(exit::USAGE));
+        }
+    };
+    let cfg = iukfarm_worker::Config {
+        client,
+        name: a.name.unwrap_or_else(iukfarm_worker::hostname),
+        iso_root: a.iso_root,
+        cache_dir: a.cache_dir,
+        slots: a.slots,
+        threads: a.threads,
+        memory: a
+            .memory
+            .map(|m| m << 20)
+            .unwrap_or_else(iukfarm_worker::available_memory),
+        once: a.once,
+        test: TestHooks {
+            corrupt_uploads: a.test_corrupt_uploads,
+            perturb: a.test_perturb,
+            job_delay: a.test_job_delay,
+        },
+    };
+    super::block_on(async move {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        tokio::spawn(async move {
+            let Ok(mut term) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            else {
+                return;
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            let _ = stop_tx.send(true);
+        });
+        match iukfarm_worker::run(cfg, stop_rx).await {
+            Ok(()) => Ok(ExitCode::SUCCESS),
+            Err(e @ (iukfarm_worker::Error::Refused(_) | iukfarm_worker::Error::Config(_))) => {
+                eprintln!("iukfarm: error: {e}");
+                Ok(ExitCode::from(exit::USAGE))
+            }
+            Err(e) => Err(anyhow::Error::new(e).context("worker")),
+        }
+    })
+}

@@ -1,0 +1,282 @@
+//! A release's parameters, as the RM gives them (flags or a TOML release
+//! file), checked before anything starts.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::Error;
+use crate::signing::SigningKey;
+
+/// The release file (`--release-file`): the same settings as the flags.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ReleaseFile {
+    pub new_version: Option<String>,
+    /// A list, or one string of versions separated by spaces or commas.
+    pub source_versions: Option<Versions>,
+    pub source_date_epoch: Option<u32>,
+    pub iso_root: Option<PathBuf>,
+    pub iso_pattern: Option<String>,
+    pub output_dir: Option<PathBuf>,
+    pub product: Option<String>,
+    pub build_target: Option<String>,
+    pub engine_options: Option<Vec<String>>,
+    pub require_engine: Option<String>,
+    pub listen: Option<String>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub token_file: Option<PathBuf>,
+    pub signing_key: Option<PathBuf>,
+    pub gpg_key: Option<String>,
+    pub reproduce: Option<String>,
+    pub junit: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Versions {
+    List(Vec<String>),
+    Text(String),
+}
+
+impl ReleaseFile {
+    pub fn load(path: &Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+    }
+}
+
+impl Versions {
+    pub fn into_list(self) -> Result<Vec<String>, Error> {
+        match self {
+            Versions::List(l) => l.into_iter().map(check_version).collect(),
+            Versions::Text(t) => parse_versions(&t),
+        }
+    }
+}
+
+/// How many IUKs to build twice, on two workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Reproduce {
+    #[default]
+    None,
+    Some(usize),
+    All,
+}
+
+impl std::str::FromStr for Reproduce {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "all" => Ok(Reproduce::All),
+            "0" | "none" => Ok(Reproduce::None),
+            n => n
+                .parse()
+                .map(Reproduce::Some)
+                .map_err(|_| format!("--reproduce takes a number or `all`, not {n:?}")),
+        }
+    }
+}
+
+/// Everything a coordinator needs, checked.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub new_version: String,
+    pub source_versions: Vec<String>,
+    pub source_date_epoch: u32,
+    pub iso_root: PathBuf,
+    /// Path of an ISO under `iso_root`; `{version}` is replaced.
+    pub iso_pattern: String,
+    pub output_dir: PathBuf,
+    pub product: String,
+    pub build_target: String,
+    pub engine_options: Vec<String>,
+    /// `VERSION` or `VERSION@COMMIT` workers must run (default: ours).
+    pub require_engine: Option<String>,
+    pub listen: SocketAddr,
+    pub tls: Option<(PathBuf, PathBuf)>,
+    pub token: Option<String>,
+    pub signing: SigningKey,
+    pub reproduce: Reproduce,
+    pub junit: Option<PathBuf>,
+    /// A worker that has not renewed a lease for this long loses it.
+    pub lease_timeout: Duration,
+    /// Attempts per IUK before it fails (transient failures only).
+    pub max_attempts: u32,
+    /// How long to keep serving status and downloads once the release ended.
+    pub linger: Duration,
+    /// Concurrent verifications by applying (each reads both systems).
+    pub verify_jobs: usize,
+}
+
+pub const DEFAULT_ISO_PATTERN: &str = "tails-amd64-{version}/tails-amd64-{version}.iso";
+
+/// Splits versions as the RM pastes them: separated by spaces and/or commas.
+pub fn parse_versions(text: &str) -> Result<Vec<String>, Error> {
+    text.split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|s| !s.is_empty())
+        .map(|s| check_version(s.to_string()))
+        .collect()
+}
+
+/// Versions end up in file names: keep them to what Tails uses.
+pub fn check_version(v: String) -> Result<String, Error> {
+    let ok = !v.is_empty()
+        && v.len() <= 64
+        && !v.starts_with(['.', '-', '~'])
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '~' | '-' | '+' | '_'));
+    if ok {
+        Ok(v)
+    } else {
+        Err(Error::Config(format!(
+            "invalid version {v:?}: use letters, digits and . ~ - + _"
+        )))
+    }
+}
+
+impl Config {
+    /// Checks what can be checked without reading the ISOs.
+    pub fn validate(&self) -> Result<(), Error> {
+        check_version(self.new_version.clone())?;
+        if self.source_versions.is_empty() {
+            return Err(Error::Config(
+                "no source versions: pass --source-versions (the releases to upgrade from)".into(),
+            ));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for v in &self.source_versions {
+            check_version(v.clone())?;
+            if v == &self.new_version {
+                return Err(Error::Config(format!(
+                    "source version {v} is the new version itself"
+                )));
+            }
+            if !seen.insert(v) {
+                return Err(Error::Config(format!("source version {v} is listed twice")));
+            }
+        }
+        for (what, s) in [
+            ("product", &self.product),
+            ("build target", &self.build_target),
+        ] {
+            if s.is_empty() || !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+                return Err(Error::Config(format!("invalid {what} {s:?}")));
+            }
+        }
+        if !self.iso_pattern.contains("{version}") {
+            return Err(Error::Config(format!(
+                "ISO pattern {:?} has no {{version}}",
+                self.iso_pattern
+            )));
+        }
+        iukfarm_engine::diff::DiffOptions::from_options(&self.engine_options)
+            .map_err(|e| Error::Config(e.to_string()))?;
+        if self.max_attempts == 0 || self.verify_jobs == 0 {
+            return Err(Error::Config(
+                "--max-attempts and --verify-jobs must be at least 1".into(),
+            ));
+        }
+        if self.lease_timeout < Duration::from_secs(1) {
+            return Err(Error::Config("--lease-timeout must be at least 1s".into()));
+        }
+        if self.token.is_none() && !self.listen.ip().is_loopback() {
+            return Err(Error::Config(format!(
+                "listening on {} without a token would let anyone on the network take jobs: \
+                 pass --token-file (or listen on 127.0.0.1)",
+                self.listen
+            )));
+        }
+        Ok(())
+    }
+
+    /// Relative path of a version's ISO under the archive root.
+    pub fn iso_relpath(&self, version: &str) -> String {
+        self.iso_pattern.replace("{version}", version)
+    }
+
+    /// The kit's file name, as Tails names it.
+    pub fn output_name(&self, old: &str) -> String {
+        format!(
+            "{}_{}_{old}_to_{}.iuk",
+            self.product, self.build_target, self.new_version
+        )
+    }
+
+    pub fn diff_name(&self) -> String {
+        format!("{}.squashfs", self.new_version)
+    }
+}
+
+/// Parses `1.5s`, `30s`, `2m`, `500ms` or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map(|i| s.split_at(i))
+        .unwrap_or((s, "s"));
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("bad duration {s:?}: use e.g. 30s, 2m, 500ms"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("bad duration unit in {s:?}: use ms, s, m or h")),
+    };
+    if !(0.0..=1e7).contains(&secs) {
+        return Err(format!("duration {s:?} out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_as_pasted() {
+        assert_eq!(
+            parse_versions("6.0 6.1,6.2 , 6.3~rc1\n").unwrap(),
+            ["6.0", "6.1", "6.2", "6.3~rc1"]
+        );
+        assert!(parse_versions("6.0 ../etc").is_err());
+        assert!(parse_versions("6.0 a/b").is_err());
+    }
+
+    #[test]
+    fn release_file() {
+        let f: ReleaseFile = toml::from_str(
+            "new-version = \"6.4\"\nsource-versions = \"6.0, 6.1 6.2\"\nsource-date-epoch = 5\n",
+        )
+        .unwrap();
+        assert_eq!(
+            f.source_versions.unwrap().into_list().unwrap(),
+            ["6.0", "6.1", "6.2"]
+        );
+        let f: ReleaseFile = toml::from_str("source-versions = [\"6.0\"]\n").unwrap();
+        assert_eq!(f.source_versions.unwrap().into_list().unwrap(), ["6.0"]);
+        let e = toml::from_str::<ReleaseFile>("new-verison = \"6.4\"\n").unwrap_err();
+        assert!(e.to_string().contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+        assert!(parse_duration("3 days").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn reproduce_counts() {
+        assert_eq!("all".parse::<Reproduce>().unwrap(), Reproduce::All);
+        assert_eq!("2".parse::<Reproduce>().unwrap(), Reproduce::Some(2));
+        assert!("x".parse::<Reproduce>().is_err());
+    }
+}

@@ -1,0 +1,377 @@
+//! The job table: which IUK is pending, leased to whom, verified, failed.
+//! Pure bookkeeping (time is passed in), so scheduling, lease expiry and
+//! retries are tested without a network.
+
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobState {
+    Pending,
+    Leased,
+    Verifying,
+    Done,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn name(self) -> &'static str {
+        match self {
+            JobState::Pending => "pending",
+            JobState::Leased => "leased",
+            JobState::Verifying => "verifying",
+            JobState::Done => "done",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobState::Done | JobState::Failed | JobState::Cancelled
+        )
+    }
+}
+
+/// A job handed to a worker until `deadline`, renewed by its heartbeats.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    pub id: String,
+    pub worker_id: String,
+    pub worker_name: String,
+    pub deadline: Instant,
+    pub started: Instant,
+    pub phase: String,
+    pub phase_started: Instant,
+    pub done: u64,
+    pub total: u64,
+}
+
+/// A kit that arrived intact.
+#[derive(Debug, Clone)]
+pub struct Built {
+    pub sha256: String,
+    pub size: u64,
+    pub worker: String,
+    pub build_seconds: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// Content-derived: the same inputs, engine and options give the same id.
+    pub id: String,
+    pub old_version: String,
+    pub output_name: String,
+    /// For a second build checking the first: the first's index.
+    pub reproduction_of: Option<usize>,
+    pub state: JobState,
+    pub attempts: u32,
+    pub not_before: Instant,
+    pub lease: Option<Lease>,
+    pub built: Option<Built>,
+    /// Worker names that ran (or run) it, for the reproduction rule.
+    pub ran_on: Vec<String>,
+    pub error: String,
+    /// Found built and verified in the journal of an earlier run.
+    pub resumed: bool,
+    /// Larger first.
+    pub priority: u64,
+    /// What happened to it, for the RM and the JUnit report (bounded).
+    pub log: Vec<String>,
+}
+
+const LOG_LINES: usize = 100;
+
+impl Job {
+    pub fn new(
+        id: String,
+        old_version: String,
+        output_name: String,
+        priority: u64,
+        now: Instant,
+    ) -> Job {
+        Job {
+            id,
+            old_version,
+            output_name,
+            reproduction_of: None,
+            state: JobState::Pending,
+            attempts: 0,
+            not_before: now,
+            lease: None,
+            built: None,
+            ran_on: Vec::new(),
+            error: String::new(),
+            resumed: false,
+            priority,
+            log: Vec::new(),
+        }
+    }
+
+    pub fn note(&mut self, line: String) {
+        if self.log.len() == LOG_LINES {
+            self.log.remove(1);
+        }
+        self.log.push(line);
+    }
+}
+
+/// Delay before attempt `attempts + 1` after a transient failure.
+pub fn backoff(attempts: u32) -> Duration {
+    Duration::from_secs(1u64 << attempts.saturating_sub(1).min(5)).min(Duration::from_secs(30))
+}
+
+#[derive(Debug, Default)]
+pub struct Table {
+    pub jobs: Vec<Job>,
+}
+
+impl Table {
+    /// The job a worker should take now: pending, due, allowed on this
+    /// worker, highest priority first (ties: table order).
+    pub fn pick(&self, worker_name: &str, now: Instant) -> Option<usize> {
+        self.jobs
+            .iter()
+            .enumerate()
+            .filter(|(i, j)| {
+                j.state == JobState::Pending && j.not_before <= now && self.allowed(*i, worker_name)
+            })
+            .max_by(|(ia, a), (ib, b)| a.priority.cmp(&b.priority).then(ib.cmp(ia)))
+            .map(|(i, _)| i)
+    }
+
+    /// A build and its reproduction must run on different workers.
+    fn allowed(&self, i: usize, worker: &str) -> bool {
+        let twins: Vec<usize> = match self.jobs[i].reproduction_of {
+            Some(p) => vec![p],
+            None => (0..self.jobs.len())
+                .filter(|&k| self.jobs[k].reproduction_of == Some(i))
+                .collect(),
+        };
+        twins.iter().all(|&t| {
+            let tj = &self.jobs[t];
+            let on_it = tj.lease.as_ref().is_some_and(|l| l.worker_name == worker)
+                || tj.built.as_ref().is_some_and(|b| b.worker == worker);
+            !on_it
+        })
+    }
+
+    pub fn by_lease(&self, lease_id: &str) -> Option<usize> {
+        self.jobs
+            .iter()
+            .position(|j| j.lease.as_ref().is_some_and(|l| l.id == lease_id))
+    }
+
+    pub fn start(&mut self, i: usize, lease: Lease) {
+        let j = &mut self.jobs[i];
+        j.attempts += 1;
+        j.state = JobState::Leased;
+        j.error.clear();
+        j.ran_on.push(lease.worker_name.clone());
+        j.note(format!(
+            "attempt {}: leased to {} ({})",
+            j.attempts, lease.worker_name, lease.id
+        ));
+        j.lease = Some(lease);
+    }
+
+    /// A transient failure: run again after a backoff, unless out of attempts.
+    pub fn retry(&mut self, i: usize, why: &str, max_attempts: u32, now: Instant) {
+        let j = &mut self.jobs[i];
+        j.lease = None;
+        j.note(why.to_string());
+        if j.attempts >= max_attempts {
+            j.state = JobState::Failed;
+            j.error = format!("{why} (gave up after {} attempts)", j.attempts);
+        } else {
+            j.state = JobState::Pending;
+            j.not_before = now + backoff(j.attempts);
+            j.error = why.to_string();
+        }
+    }
+
+    /// A failure that another attempt cannot fix.
+    pub fn fail(&mut self, i: usize, why: &str) {
+        let j = &mut self.jobs[i];
+        j.lease = None;
+        j.state = JobState::Failed;
+        j.error = why.to_string();
+        j.note(format!("failed: {why}"));
+    }
+
+    /// Leases whose worker stopped renewing them: back to pending.
+    pub fn expire(&mut self, now: Instant, max_attempts: u32) -> Vec<usize> {
+        let expired: Vec<usize> = (0..self.jobs.len())
+            .filter(|&i| {
+                self.jobs[i].state == JobState::Leased
+                    && self.jobs[i]
+                        .lease
+                        .as_ref()
+                        .is_some_and(|l| l.deadline <= now)
+            })
+            .collect();
+        for &i in &expired {
+            let who = self.jobs[i]
+                .lease
+                .as_ref()
+                .map(|l| l.worker_name.clone())
+                .unwrap_or_default();
+            self.retry(
+                i,
+                &format!("worker {who} stopped renewing its lease"),
+                max_attempts,
+                now,
+            );
+        }
+        expired
+    }
+
+    pub fn all_terminal(&self) -> bool {
+        self.jobs.iter().all(|j| j.state.is_terminal())
+    }
+
+    /// Ends every job that has not ended.
+    pub fn cancel_all(&mut self, why: &str) {
+        for j in &mut self.jobs {
+            if !j.state.is_terminal() {
+                j.state = JobState::Cancelled;
+                j.lease = None;
+                j.error = why.to_string();
+            }
+        }
+    }
+
+    /// Once a build and its reproduction are both done, fails the build if
+    /// their digests differ.
+    pub fn check_reproduction(&mut self, i: usize) {
+        let (p, r) = match self.jobs[i].reproduction_of {
+            Some(p) => (p, i),
+            None => match (0..self.jobs.len()).find(|&k| self.jobs[k].reproduction_of == Some(i)) {
+                Some(r) => (i, r),
+                None => return,
+            },
+        };
+        if self.jobs[p].state != JobState::Done || self.jobs[r].state != JobState::Done {
+            return;
+        }
+        let (a, b) = match (&self.jobs[p].built, &self.jobs[r].built) {
+            (Some(a), Some(b)) => (a.clone(), b.clone()),
+            _ => return,
+        };
+        if a.sha256 != b.sha256 || a.size != b.size {
+            let why = format!(
+                "not reproducible: {} built sha256 {} ({} bytes), {} built sha256 {} ({} bytes)",
+                a.worker, a.sha256, a.size, b.worker, b.sha256, b.size
+            );
+            self.fail(p, &why);
+            self.fail(r, &why);
+        } else {
+            self.jobs[r].note(format!("same bytes as {}'s build", a.worker));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(n: usize, now: Instant) -> Table {
+        Table {
+            jobs: (0..n)
+                .map(|k| {
+                    Job::new(
+                        format!("j{k}"),
+                        format!("6.{k}"),
+                        format!("k{k}.iuk"),
+                        (n - k) as u64,
+                        now,
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    fn lease(id: &str, worker: &str, now: Instant) -> Lease {
+        Lease {
+            id: id.into(),
+            worker_id: worker.into(),
+            worker_name: worker.into(),
+            deadline: now + Duration::from_secs(10),
+            started: now,
+            phase: String::new(),
+            phase_started: now,
+            done: 0,
+            total: 0,
+        }
+    }
+
+    #[test]
+    fn largest_first_then_leases_expire_and_retry() {
+        let now = Instant::now();
+        let mut t = table(3, now);
+        t.jobs[2].priority = 100;
+        assert_eq!(t.pick("w", now), Some(2));
+        t.start(2, lease("l1", "w", now));
+        assert_eq!(t.pick("w", now), Some(0));
+        assert_eq!(t.by_lease("l1"), Some(2));
+        // No heartbeat: the lease ends, the job waits its backoff, then is due again.
+        assert!(t.expire(now + Duration::from_secs(5), 3).is_empty());
+        assert_eq!(t.expire(now + Duration::from_secs(10), 3), vec![2]);
+        assert_eq!(t.jobs[2].state, JobState::Pending);
+        assert!(t.jobs[2].error.contains("stopped renewing"));
+        let later = now + Duration::from_secs(10);
+        assert_eq!(t.pick("w", later), Some(0));
+        assert_eq!(t.pick("w", later + backoff(1)), Some(2));
+    }
+
+    #[test]
+    fn attempts_are_bounded() {
+        let now = Instant::now();
+        let mut t = table(1, now);
+        for k in 0..3 {
+            t.start(0, lease(&format!("l{k}"), "w", now));
+            t.retry(0, "upload corrupted", 3, now);
+        }
+        assert_eq!(t.jobs[0].state, JobState::Failed);
+        assert!(t.jobs[0].error.contains("gave up after 3 attempts"));
+        assert!(t.all_terminal());
+    }
+
+    #[test]
+    fn reproductions_run_elsewhere_and_must_match() {
+        let now = Instant::now();
+        let mut t = table(1, now);
+        let mut r = Job::new("j0/r".into(), "6.0".into(), "k0.iuk".into(), 1, now);
+        r.reproduction_of = Some(0);
+        t.jobs.push(r);
+        t.start(0, lease("l1", "a", now));
+        assert_eq!(t.pick("a", now), None, "not on the same worker");
+        assert_eq!(t.pick("b", now), Some(1));
+        t.start(1, lease("l2", "b", now));
+        for (i, w, sha) in [(0, "a", "11"), (1, "b", "22")] {
+            t.jobs[i].state = JobState::Done;
+            t.jobs[i].lease = None;
+            t.jobs[i].built = Some(Built {
+                sha256: sha.into(),
+                size: 5,
+                worker: w.into(),
+                build_seconds: 1.0,
+            });
+        }
+        t.check_reproduction(1);
+        assert_eq!(t.jobs[0].state, JobState::Failed);
+        assert!(
+            t.jobs[0].error.contains("not reproducible"),
+            "{}",
+            t.jobs[0].error
+        );
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert_eq!(backoff(1), Duration::from_secs(1));
+        assert_eq!(backoff(2), Duration::from_secs(2));
+        assert_eq!(backoff(9), Duration::from_secs(30));
+    }
+}

@@ -1,0 +1,777 @@
+//! A running coordinator: shared state, the main loop, and the end of the
+//! release (manifest, signature, JUnit report).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use iukfarm_engine::fingerprint::Fingerprint;
+use iukfarm_proto::v1;
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, oneshot, watch};
+use tokio::task::JoinHandle;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tracing::{info, warn};
+
+use crate::config::{Config, Reproduce};
+use crate::inputs::{self, DigestCache, IsoInput};
+use crate::jobs::{Built, Job, JobState, Table};
+use crate::journal::{Entry, Journal};
+use crate::manifest::{self, Manifest};
+use crate::{Error, junit};
+
+/// Where the coordinator keeps its own files, inside the output directory.
+pub const STATE_DIR: &str = ".iukfarm";
+
+/// Planned memory per job, checked against what a worker advertises.
+pub const JOB_MEMORY: u64 = 1 << 30;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Preparing,
+    Running,
+    Finishing,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl Phase {
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Preparing => "preparing",
+            Phase::Running => "running",
+            Phase::Finishing => "finishing",
+            Phase::Succeeded => "succeeded",
+            Phase::Failed => "failed",
+            Phase::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn is_over(self) -> bool {
+        matches!(self, Phase::Succeeded | Phase::Failed | Phase::Cancelled)
+    }
+}
+
+pub(crate) struct WorkerInfo {
+    pub name: String,
+    pub slots: u32,
+    pub memory: u64,
+    pub last_seen: Instant,
+    pub jobs_done: u32,
+}
+
+pub(crate) struct State {
+    pub phase: Phase,
+    pub message: String,
+    pub table: Table,
+    /// Index 0: the new release; then the sources in the RM's order.
+    pub inputs: Vec<IsoInput>,
+    /// For each job: its source's index in `inputs`.
+    pub job_input: Vec<usize>,
+    pub workers: BTreeMap<String, WorkerInfo>,
+    pub next_id: u64,
+    /// Files Download serves, in the output directory.
+    pub files: Vec<String>,
+    pub cancel_reason: Option<String>,
+}
+
+pub(crate) struct Shared {
+    pub cfg: Config,
+    pub fingerprint: Fingerprint,
+    pub required_version: String,
+    pub required_commit: String,
+    /// Per process: ids of leases and workers from an earlier process are
+    /// recognisably stale.
+    pub instance: String,
+    pub state: Mutex<State>,
+    pub changed: watch::Sender<u64>,
+    pub state_dir: PathBuf,
+    pub incoming: PathBuf,
+    pub verify_slots: Semaphore,
+    pub journal: Mutex<Option<Journal>>,
+}
+
+impl Shared {
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wakes the main loop and every watcher.
+    pub fn bump(&self) {
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    pub fn new_id(&self, st: &mut State, what: &str) -> String {
+        st.next_id += 1;
+        format!("{what}-{}-{}", self.instance, st.next_id)
+    }
+
+    /// Cancels the release (SIGINT, SIGTERM, `iukfarm cancel`).
+    pub fn cancel(&self, reason: &str) {
+        let mut st = self.lock();
+        if !st.phase.is_over() && st.cancel_reason.is_none() {
+            warn!("cancelling the release: {reason}");
+            st.cancel_reason = Some(reason.to_string());
+            st.table.cancel_all(&format!("cancelled: {reason}"));
+        }
+        drop(st);
+        self.bump();
+    }
+
+    pub fn input_path(&self, st: &State, sha256: &str) -> Option<PathBuf> {
+        st.inputs
+            .iter()
+            .find(|i| i.sha256 == sha256)
+            .map(|i| i.path.clone())
+    }
+
+    pub fn journal(&self, e: &Entry) -> Result<(), Error> {
+        let mut j = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+        match j.as_mut() {
+            Some(j) => j.append(e),
+            None => Ok(()),
+        }
+    }
+}
+
+/// How a release ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every IUK built, verified and signed.
+    Succeeded,
+    /// Some IUKs failed; the messages name them.
+    Failed(Vec<String>),
+    /// Interrupted or cancelled.
+    Cancelled(String),
+}
+
+/// A started coordinator.
+pub struct Running {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    server: JoinHandle<Result<(), tonic::transport::Error>>,
+    stop_server: oneshot::Sender<()>,
+}
+
+fn required(cfg: &Config, own: &Fingerprint) -> (String, String) {
+    match cfg.require_engine.as_deref() {
+        None => (own.engine_version.clone(), own.git_commit.clone()),
+        Some(r) => match r.split_once('@') {
+            Some((v, c)) => (v.to_string(), c.to_string()),
+            None => (r.to_string(), String::new()),
+        },
+    }
+}
+
+fn random_hex(n: usize) -> String {
+    let mut b = vec![0u8; n];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut b);
+    }
+    inputs::hex(&b)
+}
+
+/// An exclusive lock on the output directory for this process's lifetime.
+fn lock_dir(state_dir: &Path) -> Result<std::fs::File, Error> {
+    use std::os::fd::AsRawFd;
+    let p = state_dir.join("lock");
+    let f = std::fs::File::create(&p).map_err(|e| Error::io(&p, e))?;
+    // SAFETY: flock on a file descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(Error::Config(format!(
+            "another coordinator is using {}; stop it or choose another --output-dir",
+            state_dir.parent().unwrap_or(state_dir).display()
+        )));
+    }
+    Ok(f)
+}
+
+/// Checks the configuration and the inputs, then starts serving on
+/// `listener` (or `cfg.listen`). Bad input fails here, before any work.
+pub async fn start(cfg: Config, listener: Option<TcpListener>) -> Result<Running, Error> {
+    cfg.validate()?;
+    cfg.signing
+        .certificate()
+        .map_err(|e| Error::Config(e.to_string()))?;
+    let own = iukfarm_engine::fingerprint::fingerprint();
+    let (required_version, required_commit) = required(&cfg, &own);
+
+    // Inputs: every ISO must be there and usable before anything else.
+    let mut wanted = vec![cfg.new_version.clone()];
+    wanted.extend(cfg.source_versions.iter().cloned());
+    let root = cfg.iso_root.clone();
+    let relpaths: Vec<(String, String)> = wanted
+        .iter()
+        .map(|v| (v.clone(), cfg.iso_relpath(v)))
+        .collect();
+    let checked = tokio::task::spawn_blocking(move || {
+        relpaths
+            .into_iter()
+            .map(|(v, rel)| {
+                let path = root.join(&rel);
+                let system_size = inputs::check(&v, &path)?;
+                let size = std::fs::metadata(&path)
+                    .map_err(|e| Error::io(&path, e))?
+                    .len();
+                Ok(IsoInput {
+                    version: v,
+                    relpath: rel,
+                    path,
+                    size,
+                    sha256: String::new(),
+                    system_size,
+                })
+            })
+            .collect::<Result<Vec<_>, Error>>()
+    })
+    .await
+    .map_err(|e| Error::Other(e.to_string()))??;
+
+    // The output directory and our state inside it.
+    let state_dir = cfg.output_dir.join(STATE_DIR);
+    let incoming = state_dir.join("incoming");
+    std::fs::create_dir_all(&incoming).map_err(|e| Error::io(&incoming, e))?;
+    let lock = lock_dir(&state_dir)?;
+    // Partial uploads of a killed run are worthless; stale release files
+    // would be mistaken for this run's.
+    for e in std::fs::read_dir(&incoming).map_err(|e| Error::io(&incoming, e))? {
+        let p = e.map_err(|e| Error::io(&incoming, e))?.path();
+        std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
+    }
+    for f in [manifest::SUMS, manifest::MANIFEST, manifest::SIGNATURE] {
+        let p = cfg.output_dir.join(f);
+        if p.exists() {
+            std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
+        }
+    }
+
+    let listener = match listener {
+        Some(l) => l,
+        None => TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|e| Error::Config(format!("cannot listen on {}: {e}", cfg.listen)))?,
+    };
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::Other(e.to_string()))?;
+    let tls = match &cfg.tls {
+        None => None,
+        Some((cert, key)) => {
+            let c = std::fs::read(cert).map_err(|e| Error::io(cert, e))?;
+            let k = std::fs::read(key).map_err(|e| Error::io(key, e))?;
+            Some(ServerTlsConfig::new().identity(Identity::from_pem(c, k)))
+        }
+    };
+
+    let (changed, _) = watch::channel(0u64);
+    let shared = Arc::new(Shared {
+        verify_slots: Semaphore::new(cfg.verify_jobs),
+        fingerprint: own,
+        required_version,
+        required_commit,
+        instance: random_hex(4),
+        state: Mutex::new(State {
+            phase: Phase::Preparing,
+            message: "hashing the input ISOs".into(),
+            table: Table::default(),
+            inputs: checked,
+            job_input: Vec::new(),
+            workers: BTreeMap::new(),
+            next_id: 0,
+            files: Vec::new(),
+            cancel_reason: None,
+        }),
+        changed,
+        state_dir,
+        incoming,
+        journal: Mutex::new(None),
+        cfg,
+    });
+
+    let (stop_server, stop_rx) = oneshot::channel::<()>();
+    let svc = crate::service::FarmService::new(shared.clone());
+    let token = iukfarm_proto::CheckToken::new(shared.cfg.token.as_deref());
+    let mut builder = Server::builder();
+    if let Some(tls) = tls {
+        builder = builder
+            .tls_config(tls)
+            .map_err(|e| Error::Config(format!("TLS certificate or key: {e}")))?;
+    }
+    let router = builder.add_service(tonic::service::interceptor::InterceptedService::new(
+        v1::farm_server::FarmServer::new(svc).max_decoding_message_size(16 << 20),
+        token,
+    ));
+    let incoming_conns = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let server = tokio::spawn(async move {
+        let _lock = lock;
+        router
+            .serve_with_incoming_shutdown(incoming_conns, async {
+                let _ = stop_rx.await;
+            })
+            .await
+    });
+    info!("coordinator listening on {addr}");
+    Ok(Running {
+        shared,
+        addr,
+        server,
+        stop_server,
+    })
+}
+
+/// Orders versions as Debian does, enough for Tails': numbers numerically,
+/// `~` before anything.
+pub fn version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    fn parts(s: &str) -> Vec<(bool, String)> {
+        let mut out: Vec<(bool, String)> = Vec::new();
+        for c in s.chars() {
+            let digit = c.is_ascii_digit();
+            match out.last_mut() {
+                Some((d, p)) if *d == digit => p.push(c),
+                _ => out.push((digit, c.to_string())),
+            }
+        }
+        out
+    }
+    let (pa, pb) = (parts(a), parts(b));
+    for i in 0..pa.len().max(pb.len()) {
+        let o = match (pa.get(i), pb.get(i)) {
+            (Some((true, x)), Some((true, y))) => x
+                .trim_start_matches('0')
+                .len()
+                .cmp(&y.trim_start_matches('0').len())
+                .then_with(|| x.trim_start_matches('0').cmp(y.trim_start_matches('0'))),
+            (Some((_, x)), Some((_, y))) => {
+                let key = |s: &str| {
+                    s.chars()
+                        .map(|c| if c == '~' { 0u32 } else { c as u32 + 1 })
+                        .collect::<Vec<_>>()
+                };
+                key(x).cmp(&key(y))
+            }
+            (Some((_, x)), None) => {
+                if x.starts_with('~') {
+                    std::cmp::Ordering::Less
+                } else {
+                    std::cmp::Ordering::Greater
+                }
+            }
+            (None, Some((_, y))) => {
+                if y.starts_with('~') {
+                    std::cmp::Ordering::Greater
+                } else {
+                    std::cmp::Ordering::Less
+                }
+            }
+            (None, None) => std::cmp::Ordering::Equal,
+        };
+        if o != std::cmp::Ordering::Equal {
+            return o;
+        }
+    }
+    std::cmp::Ordering::Equal
+}
+
+impl Running {
+    /// The address workers and clients connect to.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Cancels the release; [`Running::wait`] then returns `Cancelled`.
+    pub fn cancel(&self, reason: &str) {
+        self.shared.cancel(reason);
+    }
+
+    /// A handle that can cancel the release from elsewhere (a signal task).
+    pub fn canceller(&self) -> impl Fn(&str) + Send + Sync + 'static {
+        let s = self.shared.clone();
+        move |r: &str| s.cancel(r)
+    }
+
+    /// Runs the release to its end, then keeps serving for the linger time.
+    pub async fn wait(self) -> Result<Outcome, Error> {
+        let result = self.run().await;
+        if let Err(e) = &result {
+            let mut st = self.shared.lock();
+            st.phase = Phase::Failed;
+            st.message = e.to_string();
+            st.table.cancel_all(&e.to_string());
+        }
+        self.shared.bump();
+        let linger = self.shared.cfg.linger;
+        if !linger.is_zero() {
+            info!("release over; serving status and downloads for {linger:?}");
+            tokio::time::sleep(linger).await;
+        }
+        let _ = self.stop_server.send(());
+        match tokio::time::timeout(Duration::from_secs(5), self.server).await {
+            Ok(Ok(Err(e))) => warn!("server: {e}"),
+            Ok(Err(e)) => warn!("server task: {e}"),
+            _ => {}
+        }
+        result
+    }
+
+    async fn run(&self) -> Result<Outcome, Error> {
+        let sh = &self.shared;
+        self.hash_inputs().await?;
+        self.plan()?;
+        {
+            let mut st = sh.lock();
+            if st.cancel_reason.is_none() {
+                st.phase = Phase::Running;
+                st.message.clear();
+            }
+        }
+        sh.bump();
+        let mut changed = sh.changed.subscribe();
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = changed.changed() => {}
+            }
+            let mut st = sh.lock();
+            let expired = st.table.expire(Instant::now(), sh.cfg.max_attempts);
+            for i in &expired {
+                warn!(
+                    "{}: {}",
+                    st.table.jobs[*i].output_name, st.table.jobs[*i].error
+                );
+            }
+            if let Some(r) = st.cancel_reason.clone() {
+                st.phase = Phase::Cancelled;
+                st.message = r.clone();
+                drop(st);
+                self.write_junit()?;
+                return Ok(Outcome::Cancelled(r));
+            }
+            if st.table.all_terminal() {
+                break;
+            }
+            drop(st);
+            if !expired.is_empty() {
+                sh.bump();
+            }
+        }
+        let failed: Vec<String> = {
+            let st = sh.lock();
+            st.table
+                .jobs
+                .iter()
+                .filter(|j| j.state != JobState::Done)
+                .map(|j| format!("{}: {}", j.output_name, j.error))
+                .collect()
+        };
+        if !failed.is_empty() {
+            let mut st = sh.lock();
+            st.phase = Phase::Failed;
+            st.message = format!("{} of {} jobs failed", failed.len(), st.table.jobs.len());
+            drop(st);
+            self.write_junit()?;
+            return Ok(Outcome::Failed(failed));
+        }
+        sh.lock().phase = Phase::Finishing;
+        sh.bump();
+        self.finish().await?;
+        self.write_junit()?;
+        let mut st = sh.lock();
+        st.phase = Phase::Succeeded;
+        st.message = format!(
+            "{} IUKs built, verified and signed in {}",
+            st.table
+                .jobs
+                .iter()
+                .filter(|j| j.reproduction_of.is_none())
+                .count(),
+            sh.cfg.output_dir.display()
+        );
+        info!("{}", st.message);
+        Ok(Outcome::Succeeded)
+    }
+
+    async fn hash_inputs(&self) -> Result<(), Error> {
+        let sh = &self.shared;
+        let cache_path = sh.state_dir.join("digests.json");
+        let mut cache = DigestCache::load(&cache_path);
+        let n = sh.lock().inputs.len();
+        for k in 0..n {
+            let (path, version) = {
+                let st = sh.lock();
+                (st.inputs[k].path.clone(), st.inputs[k].version.clone())
+            };
+            let sha = match cache.get(&path) {
+                Some(s) => s,
+                None => {
+                    {
+                        let mut st = sh.lock();
+                        st.message = format!("hashing the ISO of {version} ({}/{n})", k + 1);
+                    }
+                    sh.bump();
+                    let p = path.clone();
+                    let s = tokio::task::spawn_blocking(move || inputs::sha256_file(&p))
+                        .await
+                        .map_err(|e| Error::Other(e.to_string()))??;
+                    cache.put(&path, &s)?;
+                    s
+                }
+            };
+            info!("{version}: {} sha256 {sha}", path.display());
+            sh.lock().inputs[k].sha256 = sha;
+            if sh.lock().cancel_reason.is_some() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// One job per source (plus reproductions), then what the journal says
+    /// is already done.
+    fn plan(&self) -> Result<(), Error> {
+        let sh = &self.shared;
+        let cfg = &sh.cfg;
+        let now = Instant::now();
+        let mut st = sh.lock();
+        let new = st.inputs[0].clone();
+        let fp = sh.fingerprint.to_string();
+        // Older sources first: their diffs are the largest.
+        let mut order: Vec<usize> = (1..st.inputs.len()).collect();
+        order.sort_by(|&a, &b| version_cmp(&st.inputs[a].version, &st.inputs[b].version));
+        let mut jobs = Vec::new();
+        let mut job_input = Vec::new();
+        for (rank, &k) in order.iter().enumerate() {
+            let old = &st.inputs[k];
+            let name = cfg.output_name(&old.version);
+            let mut h = Sha256::new();
+            for part in [
+                "iukfarm job v1",
+                &old.sha256,
+                &new.sha256,
+                &fp,
+                &cfg.engine_options.join("\u{1f}"),
+                &cfg.source_date_epoch.to_string(),
+                &cfg.diff_name(),
+                &name,
+            ] {
+                h.update(part.as_bytes());
+                h.update(b"\n");
+            }
+            let size_delta = new.system_size.abs_diff(old.system_size) >> 20;
+            let priority = (order.len() - rank) as u64 * 1_000_000 + size_delta.min(999_999);
+            jobs.push(Job::new(
+                inputs::hex(&h.finalize()),
+                old.version.clone(),
+                name,
+                priority,
+                now,
+            ));
+            job_input.push(k);
+        }
+        let twins = match cfg.reproduce {
+            Reproduce::None => 0,
+            Reproduce::Some(n) => n.min(jobs.len()),
+            Reproduce::All => jobs.len(),
+        };
+        for i in 0..twins {
+            let mut r = jobs[i].clone();
+            r.id = format!("{}/reproduction", r.id);
+            r.reproduction_of = Some(i);
+            jobs.push(r);
+            job_input.push(job_input[i]);
+        }
+
+        // Resume: kits recorded in the journal and still intact are done.
+        let (journal, entries) = Journal::open(&sh.state_dir.join("journal"))?;
+        let by_id: BTreeMap<&str, &Entry> = entries.iter().map(|e| (e.job.as_str(), e)).collect();
+        for j in &mut jobs {
+            let Some(e) = by_id.get(j.id.as_str()) else {
+                continue;
+            };
+            let intact = j.reproduction_of.is_some() || {
+                let p = cfg.output_dir.join(&j.output_name);
+                std::fs::metadata(&p).is_ok_and(|m| m.len() == e.size)
+                    && inputs::sha256_file(&p).is_ok_and(|s| s == e.sha256)
+            };
+            if intact {
+                j.state = JobState::Done;
+                j.resumed = true;
+                j.built = Some(Built {
+                    sha256: e.sha256.clone(),
+                    size: e.size,
+                    worker: e.worker.clone(),
+                    build_seconds: e.build_seconds,
+                });
+                j.ran_on.push(e.worker.clone());
+                j.note(format!(
+                    "built by {} and verified in an earlier run (journal); not rebuilt",
+                    e.worker
+                ));
+                info!(
+                    "{}: already built and verified (journal); not rebuilding",
+                    j.output_name
+                );
+            }
+        }
+        for j in &jobs {
+            let p = cfg.output_dir.join(&j.output_name);
+            if j.reproduction_of.is_none() && j.state != JobState::Done && p.exists() {
+                return Err(Error::BadInput(format!(
+                    "{} exists but this release's journal does not vouch for it; move it away \
+                     (the coordinator never overwrites a kit it did not build)",
+                    p.display()
+                )));
+            }
+        }
+        *sh.journal.lock().unwrap_or_else(|p| p.into_inner()) = Some(journal);
+        st.table = Table { jobs };
+        for i in 0..st.table.jobs.len() {
+            st.table.check_reproduction(i);
+        }
+        st.job_input = job_input;
+        st.files = st
+            .table
+            .jobs
+            .iter()
+            .filter(|j| j.state == JobState::Done && j.reproduction_of.is_none())
+            .map(|j| j.output_name.clone())
+            .collect();
+        Ok(())
+    }
+
+    /// SHA256SUMS, manifest.json and its signature, checked once written.
+    async fn finish(&self) -> Result<(), Error> {
+        let sh = self.shared.clone();
+        let m = {
+            let st = sh.lock();
+            let cfg = &sh.cfg;
+            let fp = &sh.fingerprint;
+            let mut iuks: Vec<manifest::Iuk> = st
+                .table
+                .jobs
+                .iter()
+                .enumerate()
+                .filter(|(_, j)| j.reproduction_of.is_none())
+                .map(|(i, j)| {
+                    let b = j.built.clone().expect("done jobs have a kit");
+                    let twin = st
+                        .table
+                        .jobs
+                        .iter()
+                        .find(|r| r.reproduction_of == Some(i))
+                        .and_then(|r| r.built.as_ref().map(|b| b.worker.clone()));
+                    manifest::Iuk {
+                        name: j.output_name.clone(),
+                        size: b.size,
+                        sha256: b.sha256,
+                        source_version: j.old_version.clone(),
+                        worker: b.worker,
+                        build_seconds: (b.build_seconds * 1000.0).round() / 1000.0,
+                        verification: format!(
+                            "applied to {} by the coordinator: equals {}",
+                            j.old_version, cfg.new_version
+                        ),
+                        reproduced_by: twin,
+                    }
+                })
+                .collect();
+            iuks.sort_by(|a, b| a.name.cmp(&b.name));
+            Manifest {
+                format: manifest::FORMAT.into(),
+                product: cfg.product.clone(),
+                build_target: cfg.build_target.clone(),
+                new_version: cfg.new_version.clone(),
+                source_date_epoch: cfg.source_date_epoch,
+                engine: manifest::Engine {
+                    version: fp.engine_version.clone(),
+                    git_commit: fp.git_commit.clone(),
+                    liblzma_version: fp.liblzma_version.clone(),
+                    iuk_format: fp.iuk_format,
+                },
+                engine_options: cfg.engine_options.clone(),
+                inputs: st
+                    .inputs
+                    .iter()
+                    .map(|i| manifest::Input {
+                        version: i.version.clone(),
+                        path: i.relpath.clone(),
+                        size: i.size,
+                        sha256: i.sha256.clone(),
+                    })
+                    .collect(),
+                iuks,
+            }
+        };
+        let sh2 = sh.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), Error> {
+            let out = &sh2.cfg.output_dir;
+            let put = |name: &str, data: &[u8]| -> Result<(), Error> {
+                let tmp = sh2.state_dir.join(format!("{name}.tmp"));
+                let dst = out.join(name);
+                std::fs::write(&tmp, data)
+                    .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
+                    .and_then(|_| std::fs::rename(&tmp, &dst))
+                    .map_err(|e| Error::io(&dst, e))
+            };
+            put(manifest::SUMS, m.sums().as_bytes())?;
+            put(manifest::MANIFEST, &m.to_json())?;
+            let sig_tmp = sh2.state_dir.join("manifest.json.asc.tmp");
+            sh2.cfg
+                .signing
+                .sign(&out.join(manifest::MANIFEST), &sig_tmp)?;
+            let dst = out.join(manifest::SIGNATURE);
+            std::fs::rename(&sig_tmp, &dst).map_err(|e| Error::io(&dst, e))?;
+            let cert = sh2.cfg.signing.certificate()?;
+            let check = manifest::check_dir(out, out, Some(&cert), false)?;
+            if !check.problems.is_empty() {
+                return Err(Error::Other(format!(
+                    "the release files do not check out: {}",
+                    check.problems.join("; ")
+                )));
+            }
+            info!(
+                "manifest signed by {} and checked",
+                check.signer.unwrap_or_default()
+            );
+            Ok(())
+        })
+        .await
+        .map_err(|e| Error::Other(e.to_string()))??;
+        let mut st = sh.lock();
+        for f in [manifest::SUMS, manifest::MANIFEST, manifest::SIGNATURE] {
+            st.files.push(f.to_string());
+        }
+        Ok(())
+    }
+
+    fn write_junit(&self) -> Result<(), Error> {
+        let Some(path) = &self.shared.cfg.junit else {
+            return Ok(());
+        };
+        let st = self.shared.lock();
+        let suite = format!(
+            "{} {} IUKs",
+            self.shared.cfg.product, self.shared.cfg.new_version
+        );
+        junit::write(path, &suite, &st.table.jobs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::version_cmp;
+    use std::cmp::Ordering::*;
+
+    #[test]
+    fn versions_order_like_debian() {
+        assert_eq!(version_cmp("6.9", "6.10"), Less);
+        assert_eq!(version_cmp("6.10", "6.10"), Equal);
+        assert_eq!(version_cmp("6.0~rc1", "6.0"), Less);
+        assert_eq!(version_cmp("6.0", "6.0.1"), Less);
+        assert_eq!(version_cmp("5.20", "6.0~rc1"), Less);
+    }
+}

@@ -1,0 +1,775 @@
+//! The gRPC service: what workers and the RM's client may ask.
+
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use iukfarm_proto::v1::{self, farm_server::Farm};
+use iukfarm_proto::{CHUNK_SIZE, PROTOCOL_VERSION};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, warn};
+
+use crate::inputs::hex;
+use crate::jobs::{Built, JobState, Lease};
+use crate::journal::Entry;
+use crate::release::{JOB_MEMORY, Phase, Shared, State, WorkerInfo};
+
+type Chunks = Pin<Box<dyn Stream<Item = Result<v1::Chunk, Status>> + Send>>;
+type Statuses = Pin<Box<dyn Stream<Item = Result<v1::ReleaseStatus, Status>> + Send>>;
+
+pub(crate) struct FarmService {
+    sh: Arc<Shared>,
+}
+
+impl FarmService {
+    pub fn new(sh: Arc<Shared>) -> Self {
+        FarmService { sh }
+    }
+}
+
+fn unknown_worker() -> Status {
+    Status::not_found("unknown worker (the coordinator restarted?): register again")
+}
+
+fn seen(st: &mut State, worker_id: &str) -> Result<String, Status> {
+    let w = st.workers.get_mut(worker_id).ok_or_else(unknown_worker)?;
+    w.last_seen = Instant::now();
+    Ok(w.name.clone())
+}
+
+/// The release as the RM's client shows it.
+pub(crate) fn status(sh: &Shared) -> v1::ReleaseStatus {
+    let st = sh.lock();
+    let now = Instant::now();
+    let jobs = st
+        .table
+        .jobs
+        .iter()
+        .map(|j| {
+            let (worker, phase, done, total, elapsed, eta) = match &j.lease {
+                Some(l) => {
+                    let in_phase = now.duration_since(l.phase_started).as_secs_f64();
+                    let eta = if l.done > 0 && l.total > l.done {
+                        in_phase * (l.total - l.done) as f64 / l.done as f64
+                    } else {
+                        0.0
+                    };
+                    (
+                        l.worker_name.clone(),
+                        l.phase.clone(),
+                        l.done,
+                        l.total,
+                        now.duration_since(l.started).as_secs_f64(),
+                        eta,
+                    )
+                }
+                None => {
+                    let b = j.built.as_ref();
+                    (
+                        b.map(|b| b.worker.clone()).unwrap_or_default(),
+                        String::new(),
+                        0,
+                        0,
+                        b.map(|b| b.build_seconds).unwrap_or(0.0),
+                        0.0,
+                    )
+                }
+            };
+            v1::JobStatus {
+                job_id: j.id.clone(),
+                old_version: j.old_version.clone(),
+                output_name: j.output_name.clone(),
+                state: j.state.name().into(),
+                worker,
+                phase,
+                done,
+                total,
+                elapsed_seconds: elapsed,
+                eta_seconds: eta,
+                size: j.built.as_ref().map(|b| b.size).unwrap_or(0),
+                sha256: j
+                    .built
+                    .as_ref()
+                    .map(|b| b.sha256.clone())
+                    .unwrap_or_default(),
+                attempts: j.attempts,
+                error: j.error.clone(),
+                reproduction: j.reproduction_of.is_some(),
+                resumed: j.resumed,
+            }
+        })
+        .collect();
+    let timeout = sh.cfg.lease_timeout;
+    let workers = st
+        .workers
+        .iter()
+        .map(|(id, w)| {
+            let busy = st
+                .table
+                .jobs
+                .iter()
+                .filter(|j| j.lease.as_ref().is_some_and(|l| &l.worker_id == id))
+                .count() as u32;
+            let ago = now.duration_since(w.last_seen);
+            v1::WorkerStatus {
+                id: id.clone(),
+                name: w.name.clone(),
+                slots: w.slots,
+                busy,
+                connected: ago < timeout,
+                last_seen_seconds: ago.as_secs_f64(),
+                jobs_done: w.jobs_done,
+                memory_bytes: w.memory,
+            }
+        })
+        .collect();
+    let fp = &sh.fingerprint;
+    v1::ReleaseStatus {
+        release: format!("{} {}", sh.cfg.product, sh.cfg.new_version),
+        new_version: sh.cfg.new_version.clone(),
+        state: st.phase.name().into(),
+        message: st.message.clone(),
+        jobs,
+        workers,
+        files: st.files.clone(),
+        fingerprint: Some(v1::Fingerprint {
+            engine_version: fp.engine_version.clone(),
+            git_commit: fp.git_commit.clone(),
+            liblzma_version: fp.liblzma_version.clone(),
+            iuk_format: fp.iuk_format,
+        }),
+        output_dir: sh.cfg.output_dir.display().to_string(),
+    }
+}
+
+/// Streams a file from `offset`, a chunk at a time.
+fn stream_file(path: PathBuf, offset: u64) -> Chunks {
+    let (tx, rx) = mpsc::channel(4);
+    tokio::spawn(async move {
+        let mut f = match tokio::fs::File::open(&path).await {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = tx
+                    .send(Err(Status::internal(format!("{}: {e}", path.display()))))
+                    .await;
+                return;
+            }
+        };
+        if let Err(e) = f.seek(std::io::SeekFrom::Start(offset)).await {
+            let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+            return;
+        }
+        loop {
+            let mut buf = vec![0u8; CHUNK_SIZE];
+            let mut n = 0;
+            while n < buf.len() {
+                match f.read(&mut buf[n..]).await {
+                    Ok(0) => break,
+                    Ok(k) => n += k,
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+                        return;
+                    }
+                }
+            }
+            if n == 0 {
+                return;
+            }
+            buf.truncate(n);
+            if tx.send(Ok(v1::Chunk { data: buf })).await.is_err() {
+                return;
+            }
+        }
+    });
+    Box::pin(ReceiverStream::new(rx))
+}
+
+impl FarmService {
+    /// Receives a kit into the incoming directory; returns its path once
+    /// size and digest match the header.
+    async fn receive(
+        &self,
+        h: &v1::UploadHeader,
+        stream: &mut Streaming<v1::UploadMessage>,
+    ) -> Result<PathBuf, Status> {
+        let part = self.sh.incoming.join(format!("{}.part", h.lease_id));
+        let mut f = tokio::fs::File::create(&part)
+            .await
+            .map_err(|e| Status::internal(format!("{}: {e}", part.display())))?;
+        let mut hasher = Sha256::new();
+        let mut got = 0u64;
+        let result = async {
+            while let Some(m) = stream.message().await? {
+                let Some(v1::upload_message::Part::Data(d)) = m.part else {
+                    return Err(Status::invalid_argument("a second header in one upload"));
+                };
+                got += d.len() as u64;
+                if got > h.size {
+                    return Err(Status::data_loss(format!(
+                        "more bytes than the announced {}",
+                        h.size
+                    )));
+                }
+                hasher.update(&d);
+                f.write_all(&d)
+                    .await
+                    .map_err(|e| Status::internal(e.to_string()))?;
+                self.renew(&h.lease_id);
+            }
+            f.sync_all()
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?;
+            let sha = hex(&hasher.finalize());
+            if got != h.size || sha != h.sha256 {
+                return Err(Status::data_loss(format!(
+                    "the kit arrived damaged ({got} of {} bytes, sha256 {sha}, announced {})",
+                    h.size, h.sha256
+                )));
+            }
+            Ok(())
+        }
+        .await;
+        match result {
+            Ok(()) => Ok(part),
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&part).await;
+                Err(e)
+            }
+        }
+    }
+
+    fn renew(&self, lease_id: &str) {
+        let mut st = self.sh.lock();
+        if let Some(i) = st.table.by_lease(lease_id)
+            && let Some(l) = st.table.jobs[i].lease.as_mut()
+        {
+            l.deadline = Instant::now() + self.sh.cfg.lease_timeout;
+        }
+    }
+
+    /// Verifies a received kit by applying it, then moves it into the
+    /// output directory and journals it.
+    async fn verify_and_keep(sh: Arc<Shared>, i: usize, part: PathBuf, built: Built) {
+        let _slot = sh.verify_slots.acquire().await;
+        let (old, new, name, old_v) = {
+            let st = sh.lock();
+            let j = &st.table.jobs[i];
+            (
+                st.inputs[st.job_input[i]].path.clone(),
+                st.inputs[0].path.clone(),
+                j.output_name.clone(),
+                j.old_version.clone(),
+            )
+        };
+        let incoming = sh.incoming.clone();
+        let p = part.clone();
+        let verified = tokio::task::spawn_blocking(move || {
+            let scratch = tempfile::NamedTempFile::new_in(&incoming)
+                .map_err(|e| format!("scratch file: {e}"))?;
+            iukfarm_engine::kit::verify::verify_iuk(
+                &old,
+                &new,
+                &p,
+                scratch.as_file(),
+                &iukfarm_engine::NoProgress,
+            )
+            .map_err(|e| format!("verification could not run: {e}"))
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("verification crashed: {e}")));
+        let dst = sh.cfg.output_dir.join(&name);
+        let kept = match verified {
+            Ok(v) if v.differences.is_empty() => std::fs::rename(&part, &dst)
+                .and_then(|_| std::fs::File::open(&sh.cfg.output_dir)?.sync_all())
+                .map_err(|e| format!("{}: {e}", dst.display()))
+                .and_then(|_| {
+                    sh.journal(&Entry {
+                        job: sh.lock().table.jobs[i].id.clone(),
+                        name: name.clone(),
+                        sha256: built.sha256.clone(),
+                        size: built.size,
+                        worker: built.worker.clone(),
+                        build_seconds: built.build_seconds,
+                        reproduction: false,
+                    })
+                    .map_err(|e| e.to_string())
+                }),
+            Ok(v) => {
+                let shown: Vec<String> = v
+                    .differences
+                    .iter()
+                    .take(5)
+                    .map(|d| d.to_string())
+                    .collect();
+                Err(format!(
+                    "does not turn {old_v} into {} ({} differences: {}{})",
+                    sh.cfg.new_version,
+                    v.differences.len(),
+                    shown.join("; "),
+                    if v.differences.len() > 5 { "; ..." } else { "" }
+                ))
+            }
+            Err(e) => Err(e),
+        };
+        let _ = std::fs::remove_file(&part);
+        let mut st = sh.lock();
+        if st.table.jobs[i].state == JobState::Verifying {
+            match kept {
+                Ok(()) => {
+                    info!(
+                        "{name}: verified by applying it; {} bytes, sha256 {}",
+                        built.size, built.sha256
+                    );
+                    let j = &mut st.table.jobs[i];
+                    j.state = JobState::Done;
+                    j.note("verified by applying it to the old release".into());
+                    st.files.push(name);
+                    st.table.check_reproduction(i);
+                }
+                Err(e) => {
+                    warn!("{name}: {e}");
+                    st.table.fail(i, &e);
+                }
+            }
+        }
+        drop(st);
+        sh.bump();
+    }
+}
+
+#[tonic::async_trait]
+impl Farm for FarmService {
+    async fn register(
+        &self,
+        req: Request<v1::RegisterRequest>,
+    ) -> Result<Response<v1::RegisterReply>, Status> {
+        let r = req.into_inner();
+        if r.protocol != PROTOCOL_VERSION {
+            return Err(Status::failed_precondition(format!(
+                "worker {} speaks protocol {}, this coordinator {PROTOCOL_VERSION}: install the same iukfarm on both",
+                r.name, r.protocol
+            )));
+        }
+        let fp = r.fingerprint.unwrap_or_default();
+        let own = &self.sh.fingerprint;
+        let theirs = format!(
+            "iukfarm-engine {} (git {}, liblzma {}, IUK format {})",
+            fp.engine_version, fp.git_commit, fp.liblzma_version, fp.iuk_format
+        );
+        let ok = fp.engine_version == self.sh.required_version
+            && (self.sh.required_commit.is_empty() || fp.git_commit == self.sh.required_commit)
+            && fp.liblzma_version == own.liblzma_version
+            && fp.iuk_format == own.iuk_format;
+        if !ok {
+            let want = format!(
+                "iukfarm-engine {}{} (liblzma {}, IUK format {})",
+                self.sh.required_version,
+                if self.sh.required_commit.is_empty() {
+                    String::new()
+                } else {
+                    format!(" at git {}", self.sh.required_commit)
+                },
+                own.liblzma_version,
+                own.iuk_format
+            );
+            warn!(
+                "refused worker {}: engine {theirs}, required {want}",
+                r.name
+            );
+            return Err(Status::failed_precondition(format!(
+                "engine fingerprint mismatch: this release requires {want}, worker {} runs {theirs}; \
+                 the same bytes need the same engine: install the release's iukfarm build on this worker",
+                r.name
+            )));
+        }
+        if r.slots == 0 {
+            return Err(Status::invalid_argument("a worker needs at least one slot"));
+        }
+        let mut st = self.sh.lock();
+        let id = self.sh.new_id(&mut st, "w");
+        info!("worker {} registered as {id} ({} slots)", r.name, r.slots);
+        st.workers.insert(
+            id.clone(),
+            WorkerInfo {
+                name: r.name,
+                slots: r.slots,
+                memory: r.memory_bytes,
+                last_seen: Instant::now(),
+                jobs_done: 0,
+            },
+        );
+        drop(st);
+        self.sh.bump();
+        Ok(Response::new(v1::RegisterReply {
+            worker_id: id,
+            release: format!("{} {}", self.sh.cfg.product, self.sh.cfg.new_version),
+            heartbeat_ms: (self.sh.cfg.lease_timeout.as_millis() / 4).max(100) as u32,
+        }))
+    }
+
+    async fn lease(
+        &self,
+        req: Request<v1::LeaseRequest>,
+    ) -> Result<Response<v1::LeaseReply>, Status> {
+        let r = req.into_inner();
+        let sh = &self.sh;
+        let mut st = sh.lock();
+        let name = seen(&mut st, &r.worker_id)?;
+        let wait = |ms: u64| {
+            Ok(Response::new(v1::LeaseReply {
+                job: None,
+                retry_after_ms: ms,
+                release_over: false,
+            }))
+        };
+        if st.phase.is_over() || st.cancel_reason.is_some() {
+            return Ok(Response::new(v1::LeaseReply {
+                job: None,
+                retry_after_ms: 0,
+                release_over: true,
+            }));
+        }
+        if st.phase != Phase::Running {
+            return wait(500);
+        }
+        let w = &st.workers[&r.worker_id];
+        let busy = st
+            .table
+            .jobs
+            .iter()
+            .filter(|j| j.lease.as_ref().is_some_and(|l| l.worker_id == r.worker_id))
+            .count() as u64;
+        let fits = busy < w.slots as u64 && (busy == 0 || (busy + 1) * JOB_MEMORY <= w.memory);
+        if !fits {
+            return wait(1000);
+        }
+        let now = Instant::now();
+        let Some(i) = st.table.pick(&name, now) else {
+            let soonest = st
+                .table
+                .jobs
+                .iter()
+                .filter(|j| j.state == JobState::Pending)
+                .map(|j| j.not_before.saturating_duration_since(now))
+                .min()
+                .unwrap_or(Duration::from_secs(1))
+                .clamp(Duration::from_millis(100), Duration::from_secs(1));
+            return wait(soonest.as_millis() as u64);
+        };
+        let lease_id = sh.new_id(&mut st, "lease");
+        st.table.start(
+            i,
+            Lease {
+                id: lease_id.clone(),
+                worker_id: r.worker_id.clone(),
+                worker_name: name.clone(),
+                deadline: now + sh.cfg.lease_timeout,
+                started: now,
+                phase: "starting".into(),
+                phase_started: now,
+                done: 0,
+                total: 0,
+            },
+        );
+        let j = &st.table.jobs[i];
+        let old = &st.inputs[st.job_input[i]];
+        let new = &st.inputs[0];
+        let iso = |x: &crate::inputs::IsoInput| v1::IsoRef {
+            path: x.relpath.clone(),
+            sha256: x.sha256.clone(),
+            size: x.size,
+        };
+        let job = v1::Job {
+            lease_id,
+            job_id: j.id.clone(),
+            attempt: j.attempts,
+            old_version: j.old_version.clone(),
+            new_version: sh.cfg.new_version.clone(),
+            old_iso: Some(iso(old)),
+            new_iso: Some(iso(new)),
+            source_date_epoch: sh.cfg.source_date_epoch,
+            diff_name: sh.cfg.diff_name(),
+            engine_options: sh.cfg.engine_options.clone(),
+            output_name: j.output_name.clone(),
+            lease_ms: sh.cfg.lease_timeout.as_millis() as u64,
+        };
+        info!(
+            "{}{}: attempt {} on {name}",
+            j.output_name,
+            if j.reproduction_of.is_some() {
+                " (reproduction)"
+            } else {
+                ""
+            },
+            j.attempts
+        );
+        drop(st);
+        sh.bump();
+        Ok(Response::new(v1::LeaseReply {
+            job: Some(job),
+            retry_after_ms: 0,
+            release_over: false,
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<v1::HeartbeatRequest>,
+    ) -> Result<Response<v1::HeartbeatReply>, Status> {
+        let r = req.into_inner();
+        let sh = &self.sh;
+        let mut st = sh.lock();
+        seen(&mut st, &r.worker_id)?;
+        let now = Instant::now();
+        let mut cancelled = Vec::new();
+        for p in r.jobs {
+            let i = st.table.by_lease(&p.lease_id);
+            match i.and_then(|i| st.table.jobs[i].lease.as_mut()) {
+                Some(l) if l.worker_id == r.worker_id => {
+                    l.deadline = now + sh.cfg.lease_timeout;
+                    if l.phase != p.phase {
+                        l.phase = p.phase;
+                        l.phase_started = now;
+                    }
+                    l.done = p.done;
+                    l.total = p.total;
+                }
+                _ => cancelled.push(p.lease_id),
+            }
+        }
+        let over = st.phase.is_over() || st.cancel_reason.is_some();
+        drop(st);
+        sh.bump();
+        Ok(Response::new(v1::HeartbeatReply {
+            cancelled,
+            release_over: over,
+        }))
+    }
+
+    type FetchIsoStream = Chunks;
+
+    async fn fetch_iso(
+        &self,
+        req: Request<v1::FetchIsoRequest>,
+    ) -> Result<Response<Chunks>, Status> {
+        let r = req.into_inner();
+        let mut st = self.sh.lock();
+        seen(&mut st, &r.worker_id)?;
+        let path = self.sh.input_path(&st, &r.sha256).ok_or_else(|| {
+            Status::not_found(format!("no ISO with sha256 {} in this release", r.sha256))
+        })?;
+        Ok(Response::new(stream_file(path, r.offset)))
+    }
+
+    async fn upload(
+        &self,
+        req: Request<Streaming<v1::UploadMessage>>,
+    ) -> Result<Response<v1::UploadReply>, Status> {
+        let mut stream = req.into_inner();
+        let h = match stream.message().await? {
+            Some(v1::UploadMessage {
+                part: Some(v1::upload_message::Part::Header(h)),
+            }) => h,
+            _ => return Err(Status::invalid_argument("an upload starts with its header")),
+        };
+        let sh = self.sh.clone();
+        {
+            let mut st = sh.lock();
+            seen(&mut st, &h.worker_id)?;
+            let owned = st.table.by_lease(&h.lease_id).is_some_and(|i| {
+                st.table.jobs[i]
+                    .lease
+                    .as_ref()
+                    .is_some_and(|l| l.worker_id == h.worker_id)
+            });
+            if !owned {
+                return Err(Status::failed_precondition(format!(
+                    "lease {} is no longer yours (it expired or the job was cancelled)",
+                    h.lease_id
+                )));
+            }
+        }
+        let received = self.receive(&h, &mut stream).await;
+        let mut st = sh.lock();
+        let Some(i) = st.table.by_lease(&h.lease_id) else {
+            return Err(Status::failed_precondition(
+                "the lease ended during the upload",
+            ));
+        };
+        let name = st.table.jobs[i].output_name.clone();
+        let part = match received {
+            Ok(p) => p,
+            Err(e) => {
+                let why = format!(
+                    "upload from {}: {}; building again",
+                    st.table.jobs[i]
+                        .lease
+                        .as_ref()
+                        .map(|l| l.worker_name.clone())
+                        .unwrap_or_default(),
+                    e.message()
+                );
+                warn!("{name}: {why}");
+                st.table.retry(i, &why, sh.cfg.max_attempts, Instant::now());
+                drop(st);
+                sh.bump();
+                return Err(e);
+            }
+        };
+        let worker_name = st.table.jobs[i]
+            .lease
+            .as_ref()
+            .map(|l| l.worker_name.clone())
+            .unwrap_or_default();
+        if let Some(w) = st.workers.get_mut(&h.worker_id) {
+            w.jobs_done += 1;
+        }
+        let built = Built {
+            sha256: h.sha256.clone(),
+            size: h.size,
+            worker: worker_name.clone(),
+            build_seconds: h.build_seconds,
+        };
+        let j = &mut st.table.jobs[i];
+        j.lease = None;
+        j.built = Some(built.clone());
+        j.note(format!(
+            "built by {worker_name} in {:.1}s: {} bytes, sha256 {}{}",
+            h.build_seconds,
+            h.size,
+            h.sha256,
+            if h.summary.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", h.summary)
+            }
+        ));
+        info!(
+            "{name}: built by {worker_name} in {:.1}s, sha256 {}",
+            h.build_seconds, h.sha256
+        );
+        if j.reproduction_of.is_some() {
+            j.state = JobState::Done;
+            let entry = Entry {
+                job: j.id.clone(),
+                name: name.clone(),
+                sha256: h.sha256.clone(),
+                size: h.size,
+                worker: worker_name,
+                build_seconds: h.build_seconds,
+                reproduction: true,
+            };
+            let _ = std::fs::remove_file(&part);
+            st.table.check_reproduction(i);
+            drop(st);
+            if let Err(e) = sh.journal(&entry) {
+                warn!("journal: {e}");
+            }
+        } else {
+            j.state = JobState::Verifying;
+            drop(st);
+            tokio::spawn(Self::verify_and_keep(sh.clone(), i, part, built));
+        }
+        sh.bump();
+        Ok(Response::new(v1::UploadReply {}))
+    }
+
+    async fn fail(&self, req: Request<v1::FailRequest>) -> Result<Response<v1::FailReply>, Status> {
+        let r = req.into_inner();
+        let sh = &self.sh;
+        let mut st = sh.lock();
+        let name = seen(&mut st, &r.worker_id)?;
+        if let Some(i) = st.table.by_lease(&r.lease_id)
+            && st.table.jobs[i]
+                .lease
+                .as_ref()
+                .is_some_and(|l| l.worker_id == r.worker_id)
+        {
+            let out = st.table.jobs[i].output_name.clone();
+            let why = format!("{name}: {}", r.message);
+            warn!("{out}: {why}");
+            if r.deterministic {
+                st.table.fail(i, &why);
+            } else {
+                st.table.retry(i, &why, sh.cfg.max_attempts, Instant::now());
+            }
+        }
+        drop(st);
+        sh.bump();
+        Ok(Response::new(v1::FailReply {}))
+    }
+
+    async fn status(
+        &self,
+        _: Request<v1::StatusRequest>,
+    ) -> Result<Response<v1::ReleaseStatus>, Status> {
+        Ok(Response::new(status(&self.sh)))
+    }
+
+    type WatchStream = Statuses;
+
+    async fn watch(&self, _: Request<v1::StatusRequest>) -> Result<Response<Statuses>, Status> {
+        let sh = self.sh.clone();
+        let mut changed = sh.changed.subscribe();
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            loop {
+                let s = status(&sh);
+                let over = Phase::is_over(match s.state.as_str() {
+                    "succeeded" => Phase::Succeeded,
+                    "failed" => Phase::Failed,
+                    "cancelled" => Phase::Cancelled,
+                    _ => Phase::Running,
+                });
+                if tx.send(Ok(s)).await.is_err() || over {
+                    return;
+                }
+                // At most ~4 updates a second; at least one a second.
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                let _ = tokio::time::timeout(Duration::from_millis(750), changed.changed()).await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn cancel(
+        &self,
+        req: Request<v1::CancelRequest>,
+    ) -> Result<Response<v1::CancelReply>, Status> {
+        let r = req.into_inner();
+        let reason = if r.reason.is_empty() {
+            "cancelled by the RM".to_string()
+        } else {
+            r.reason
+        };
+        self.sh.cancel(&reason);
+        Ok(Response::new(v1::CancelReply {}))
+    }
+
+    type DownloadStream = Chunks;
+
+    async fn download(
+        &self,
+        req: Request<v1::DownloadRequest>,
+    ) -> Result<Response<Chunks>, Status> {
+        let r = req.into_inner();
+        let st = self.sh.lock();
+        // Only names the coordinator listed: nothing else under the output directory.
+        if !st.files.iter().any(|f| f == &r.name) {
+            return Err(Status::not_found(format!(
+                "{:?} is not (yet) a file of this release",
+                r.name
+            )));
+        }
+        Ok(Response::new(stream_file(
+            self.sh.cfg.output_dir.join(&r.name),
+            0,
+        )))
+    }
+}

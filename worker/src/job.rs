@@ -1,0 +1,317 @@
+//! One job: a directory of its own, the ISOs, the engine, the upload.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use iukfarm_engine::diff::DiffOptions;
+use iukfarm_engine::kit::{BuildOptions, build_iuk};
+use iukfarm_proto::{CHUNK_SIZE, FarmClient, v1};
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tracing::{info, warn};
+
+use crate::Ctx;
+
+/// A job's progress as the heartbeats report it, and its cancel flag.
+#[derive(Default)]
+pub struct JobProgress {
+    phase: Mutex<String>,
+    done: AtomicU64,
+    total: AtomicU64,
+    cancelled: AtomicBool,
+}
+
+impl JobProgress {
+    pub fn report(&self, lease_id: &str) -> v1::JobProgress {
+        v1::JobProgress {
+            lease_id: lease_id.to_string(),
+            phase: self.phase.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            done: self.done.load(Ordering::Relaxed),
+            total: self.total.load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::SeqCst);
+    }
+
+    pub fn set_phase(&self, name: &str, total: u64) {
+        *self.phase.lock().unwrap_or_else(|p| p.into_inner()) = name.to_string();
+        self.total.store(total, Ordering::Relaxed);
+        self.done.store(0, Ordering::Relaxed);
+    }
+
+    pub fn advance_by(&self, n: u64) {
+        self.done.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+impl iukfarm_engine::Progress for JobProgress {
+    fn phase(&self, name: &str, total: u64) {
+        self.set_phase(name, total);
+    }
+    fn advance(&self, bytes: u64) {
+        self.advance_by(bytes);
+    }
+    fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::SeqCst)
+    }
+}
+
+#[derive(Debug)]
+pub enum JobError {
+    /// Running it again will fail the same way (bad ISO, bad option).
+    Bad(String),
+    /// Worth another attempt (I/O, network).
+    Transient(String),
+    /// The lease is gone or the worker is stopping.
+    Cancelled,
+    /// The coordinator refused the upload and already knows why.
+    Reported,
+}
+
+impl From<iukfarm_engine::Error> for JobError {
+    fn from(e: iukfarm_engine::Error) -> Self {
+        use iukfarm_engine::Error as E;
+        match e {
+            E::Cancelled => JobError::Cancelled,
+            E::Invalid(_) | E::Corrupt(_) | E::Unsupported(_) | E::NotFound(_) => {
+                JobError::Bad(e.to_string())
+            }
+            other => JobError::Transient(other.to_string()),
+        }
+    }
+}
+
+/// The job's directory, removed however the job ends.
+struct JobDir(PathBuf);
+
+impl Drop for JobDir {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.0)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            warn!("removing {}: {e}", self.0.display());
+        }
+    }
+}
+
+pub async fn run(
+    ctx: &Arc<Ctx>,
+    mut client: FarmClient,
+    worker_id: &str,
+    job: v1::Job,
+    progress: Arc<JobProgress>,
+) {
+    let started = Instant::now();
+    let lease = job.lease_id.clone();
+    info!(
+        "{}: building (attempt {}, {lease})",
+        job.output_name, job.attempt
+    );
+    let result = build_and_upload(ctx, &mut client, worker_id, &job, &progress).await;
+    let (message, deterministic) = match result {
+        Ok(()) => {
+            info!(
+                "{}: delivered in {:.1}s",
+                job.output_name,
+                started.elapsed().as_secs_f64()
+            );
+            return;
+        }
+        Err(JobError::Reported) => return,
+        Err(JobError::Cancelled) => (
+            "stopped before the end (cancelled or worker stopping)".to_string(),
+            false,
+        ),
+        Err(JobError::Bad(m)) => (m, true),
+        Err(JobError::Transient(m)) => (m, false),
+    };
+    warn!("{}: {message}", job.output_name);
+    let _ = client
+        .fail(v1::FailRequest {
+            worker_id: worker_id.to_string(),
+            lease_id: lease,
+            message,
+            deterministic,
+        })
+        .await;
+}
+
+async fn build_and_upload(
+    ctx: &Arc<Ctx>,
+    client: &mut FarmClient,
+    worker_id: &str,
+    job: &v1::Job,
+    progress: &Arc<JobProgress>,
+) -> Result<(), JobError> {
+    if job.lease_id.is_empty()
+        || !job
+            .lease_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
+        return Err(JobError::Bad(format!("bad lease id {:?}", job.lease_id)));
+    }
+    let dir = JobDir(ctx.cfg.cache_dir.join("jobs").join(&job.lease_id));
+    std::fs::create_dir_all(&dir.0)
+        .map_err(|e| JobError::Transient(format!("{}: {e}", dir.0.display())))?;
+    let diff = DiffOptions::from_options(&job.engine_options)?;
+
+    let delay = ctx.cfg.test.job_delay;
+    let t0 = Instant::now();
+    while t0.elapsed() < delay {
+        if iukfarm_engine::Progress::is_cancelled(&**progress) {
+            return Err(JobError::Cancelled);
+        }
+        tokio::time::sleep(Duration::from_millis(50).min(delay)).await;
+    }
+
+    let (old_ref, new_ref) = match (&job.old_iso, &job.new_iso) {
+        (Some(o), Some(n)) => (o, n),
+        _ => return Err(JobError::Bad("a job without ISOs".into())),
+    };
+    let old = ctx.isos.get(client, worker_id, old_ref, progress).await?;
+    let new = ctx.isos.get(client, worker_id, new_ref, progress).await?;
+
+    let threads = if ctx.cfg.threads > 0 {
+        ctx.cfg.threads
+    } else {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (cores / ctx.cfg.slots as usize).max(1)
+    };
+    let opts = BuildOptions {
+        diff_name: job.diff_name.clone(),
+        sde: job.source_date_epoch + u32::from(ctx.cfg.test.perturb),
+        threads,
+        diff,
+    };
+    let kit_path = dir.0.join("kit.iuk");
+    let scratch_path = dir.0.join("diff.squashfs");
+    let p = progress.clone();
+    let kp = kit_path.clone();
+    let built = Instant::now();
+    let report = tokio::task::spawn_blocking(move || -> Result<_, JobError> {
+        let io = |path: &Path, e: std::io::Error| {
+            JobError::Transient(format!("{}: {e}", path.display()))
+        };
+        // The engine reads both back: open them read-write.
+        let create = |p: &Path| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(p)
+                .map_err(|e| io(p, e))
+        };
+        let kit = create(&kp)?;
+        let scratch = create(&scratch_path)?;
+        let r = build_iuk(&old, &new, &opts, &scratch, &kit, &*p)?;
+        kit.sync_all().map_err(|e| io(&kp, e))?;
+        drop(scratch);
+        let _ = std::fs::remove_file(&scratch_path);
+        let sha = crate::isos::sha256_file(&kp).map_err(|e| io(&kp, e))?;
+        Ok((r, sha))
+    })
+    .await
+    .map_err(|e| JobError::Transient(format!("the build crashed: {e}")))??;
+    let build_seconds = built.elapsed().as_secs_f64();
+    let (r, sha) = report;
+    upload(
+        ctx,
+        client,
+        worker_id,
+        job,
+        &kit_path,
+        &sha,
+        r.kit_size,
+        build_seconds,
+        format!(
+            "{} changed files, {} whiteouts, {} kernels, {} deletions",
+            r.diff.changed_files,
+            r.diff.whiteouts,
+            r.kernels.len(),
+            r.delete_files.len()
+        ),
+        progress,
+    )
+    .await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn upload(
+    ctx: &Arc<Ctx>,
+    client: &mut FarmClient,
+    worker_id: &str,
+    job: &v1::Job,
+    kit: &Path,
+    sha256: &str,
+    size: u64,
+    build_seconds: f64,
+    summary: String,
+    progress: &Arc<JobProgress>,
+) -> Result<(), JobError> {
+    progress.set_phase("upload", size);
+    let (tx, rx) = mpsc::channel(4);
+    let header = v1::UploadMessage {
+        part: Some(v1::upload_message::Part::Header(v1::UploadHeader {
+            worker_id: worker_id.to_string(),
+            lease_id: job.lease_id.clone(),
+            size,
+            sha256: sha256.to_string(),
+            build_seconds,
+            summary,
+        })),
+    };
+    let corrupt = ctx.take_corruption();
+    let path = kit.to_path_buf();
+    let p = progress.clone();
+    let reader = tokio::spawn(async move {
+        if tx.send(header).await.is_err() {
+            return Ok(());
+        }
+        let mut f = tokio::fs::File::open(&path).await?;
+        let mut first = true;
+        loop {
+            let mut buf = vec![0u8; CHUNK_SIZE];
+            let mut n = 0;
+            while n < buf.len() {
+                match f.read(&mut buf[n..]).await? {
+                    0 => break,
+                    k => n += k,
+                }
+            }
+            if n == 0 {
+                return Ok(());
+            }
+            buf.truncate(n);
+            if first && corrupt {
+                buf[n / 2] ^= 0x10;
+            }
+            first = false;
+            p.advance_by(n as u64);
+            let m = v1::UploadMessage {
+                part: Some(v1::upload_message::Part::Data(buf)),
+            };
+            if tx.send(m).await.is_err() {
+                return Ok(());
+            }
+        }
+    });
+    let result = client.upload(ReceiverStream::new(rx)).await;
+    let read: std::io::Result<()> = reader.await.unwrap_or(Ok(()));
+    match result {
+        Ok(_) => Ok(()),
+        Err(s) => {
+            if let Err(e) = read {
+                return Err(JobError::Transient(format!("{}: {e}", kit.display())));
+            }
+            warn!("{}: upload refused: {}", job.output_name, s.message());
+            Err(JobError::Reported)
+        }
+    }
+}
