@@ -16,6 +16,8 @@ declare -A tools=(
   [setfattr]=attr
   [rsync]=rsync
   [bsdtar]=libarchive-tools
+  [gpg]=gnupg
+  [sqv]=sqv
 )
 missing=()
 for t in "${!tools[@]}"; do

@@ -62,6 +62,8 @@ pub(crate) struct WorkerInfo {
     pub memory: u64,
     pub last_seen: Instant,
     pub jobs_done: u32,
+    /// Has been told the release is over.
+    pub told_over: bool,
 }
 
 pub(crate) struct State {
@@ -403,6 +405,18 @@ impl Running {
             st.table.cancel_all(&e.to_string());
         }
         self.shared.bump();
+        // Workers learn that the release is over from their next call; let
+        // the connected ones hear it before the listener goes away.
+        let grace = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < grace {
+            let timeout = self.shared.cfg.lease_timeout;
+            let waiting = (self.shared.lock().workers.values())
+                .any(|w| !w.told_over && w.last_seen.elapsed() < timeout);
+            if !waiting {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let linger = self.shared.cfg.linger;
         if !linger.is_zero() {
             info!("release over; serving status and downloads for {linger:?}");

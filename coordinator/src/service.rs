@@ -402,6 +402,7 @@ impl Farm for FarmService {
                 memory: r.memory_bytes,
                 last_seen: Instant::now(),
                 jobs_done: 0,
+                told_over: false,
             },
         );
         drop(st);
@@ -544,6 +545,9 @@ impl Farm for FarmService {
             }
         }
         let over = st.phase.is_over() || st.cancel_reason.is_some();
+        if over && let Some(w) = st.workers.get_mut(&r.worker_id) {
+            w.told_over = true;
+        }
         drop(st);
         sh.bump();
         Ok(Response::new(v1::HeartbeatReply {

@@ -3,6 +3,7 @@
 //! (a test that cannot run fails loudly instead of passing), and building
 //! fixture trees with every kind of entry SquashFS can hold.
 
+pub mod farm;
 pub mod fixtures;
 pub mod releases;
 

@@ -1,0 +1,624 @@
+//! The farm end to end: a real coordinator and real workers, as separate
+//! processes on loopback, against `iukfarm build` run locally and against
+//! gpg/sqv for the manifest's signature.
+
+use std::fs;
+use std::process::Command;
+use std::time::Duration;
+
+use iukfarm_tests::farm::{
+    Archive, Proc, SDE, archive, coordinator, coordinator_cmd, gpg, iuks_in, leftover_job_files,
+    local_builds, start_coordinator, status, tls_files, token_file, wait_until, worker,
+};
+use iukfarm_tests::{iukfarm, require_tool, run};
+
+const LONG: Duration = Duration::from_secs(600);
+
+fn code(p: &mut Proc) -> i32 {
+    p.wait(LONG).code().unwrap_or(-1)
+}
+
+#[test]
+fn release_over_three_workers_matches_local_builds_and_is_signed() {
+    require_tool("sqv");
+    let a = archive();
+    let g = gpg();
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("release");
+    let junit = d.path().join("junit.xml");
+    let token = token_file(d.path(), "0123456789abcdef0123456789abcdef");
+    let t = token.to_str().unwrap();
+    // The RM's gpg signs (as with a smartcard): the coordinator runs gpg.
+    let (mut c, url) = start_coordinator(
+        coordinator_cmd(
+            a,
+            &out,
+            &[
+                "--gpg-key",
+                &g.fingerprint,
+                "--token-file",
+                t,
+                "--junit",
+                junit.to_str().unwrap(),
+                "--linger",
+                "20s",
+            ],
+        )
+        .env("GNUPGHOME", g.home.path()),
+    );
+    let url = format!("http://{url}");
+    let mut watch = Proc::spawn(
+        "watch",
+        Command::new(iukfarm()).args(["watch", "--coordinator", &url, "--token-file", t]),
+    );
+    let cache = d.path().join("cache");
+    let root = a.root().to_str().unwrap();
+    // Two workers have the archive; the third streams the ISOs from the coordinator.
+    let mut ws = vec![
+        worker(
+            "w1",
+            &url,
+            &cache,
+            &["--token-file", t, "--once", "--iso-root", root],
+        ),
+        worker(
+            "w2",
+            &url,
+            &cache,
+            &["--token-file", t, "--once", "--iso-root", root],
+        ),
+        worker("w3", &url, &cache, &["--token-file", t, "--once"]),
+    ];
+    let fetched = d.path().join("fetched");
+    let mut fetch = Proc::spawn(
+        "fetch",
+        Command::new(iukfarm())
+            .args([
+                "fetch",
+                "--wait",
+                "--coordinator",
+                &url,
+                "--token-file",
+                t,
+                "--cert",
+            ])
+            .arg(&g.cert)
+            .arg("--output-dir")
+            .arg(&fetched),
+    );
+    assert_eq!(
+        code(&mut watch),
+        0,
+        "watch mirrors the release:\n{}",
+        watch.log()
+    );
+    assert_eq!(
+        code(&mut fetch),
+        0,
+        "fetch:\n{}\n{}",
+        fetch.stdout(),
+        fetch.log()
+    );
+    assert_eq!(code(&mut c), 0, "coordinator:\n{}", c.log());
+    for w in &mut ws {
+        assert_eq!(
+            code(w),
+            0,
+            "{} with --once ends with the release:\n{}",
+            w.name,
+            w.log()
+        );
+    }
+
+    // The same bytes as local builds, in the output and in what fetch got.
+    assert_eq!(&iuks_in(&out), local_builds());
+    assert_eq!(&iuks_in(&fetched), local_builds());
+    assert!(
+        ws[2].log().contains("fetching tails-amd64-"),
+        "w3 streamed ISOs:\n{}",
+        ws[2].log()
+    );
+    assert!(
+        leftover_job_files(&cache).is_empty(),
+        "{:?}",
+        leftover_job_files(&cache)
+    );
+
+    // What the RM checks.
+    run(Command::new("sha256sum")
+        .args(["--check", "--strict", "SHA256SUMS"])
+        .current_dir(&out));
+    let v = run(g
+        .cmd("gpg")
+        .args(["--batch", "--verify"])
+        .arg(out.join("manifest.json.asc"))
+        .arg(out.join("manifest.json")));
+    assert!(String::from_utf8_lossy(&v.stderr).contains("Good signature"));
+    run(Command::new("sqv")
+        .arg("--keyring")
+        .arg(&g.cert)
+        .arg(out.join("manifest.json.asc"))
+        .arg(out.join("manifest.json")));
+    let ok = run(Command::new(iukfarm())
+        .arg("verify")
+        .arg(&out)
+        .arg("--cert")
+        .arg(&g.cert));
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("4 IUKs match"));
+
+    let m: serde_json::Value =
+        serde_json::from_slice(&fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["iuks"].as_array().unwrap().len(), 4);
+    assert_eq!(m["inputs"].as_array().unwrap().len(), 5);
+    assert_eq!(m["source_date_epoch"], SDE.parse::<u64>().unwrap());
+    let xml = fs::read_to_string(&junit).unwrap();
+    assert_eq!(xml.matches("<testcase ").count(), 4, "{xml}");
+    assert!(!xml.contains("<failure"), "{xml}");
+
+    // The watch output (plain lines: stderr is not a terminal).
+    let w = watch.log();
+    assert!(w.contains("release Tails 6.4: running"), "{w}");
+    assert!(w.contains("6.0: done"), "{w}");
+    assert!(w.contains("release Tails 6.4: succeeded"), "{w}");
+    let table = watch.stdout();
+    assert!(
+        table.contains("SOURCE") && table.matches(" done ").count() == 4,
+        "{table}"
+    );
+
+    // A tampered kit is named by verify.
+    let victim = out.join(&local_builds()[1].0);
+    let mut bytes = fs::read(&victim).unwrap();
+    bytes[100] ^= 1;
+    fs::write(&victim, bytes).unwrap();
+    let bad = Command::new(iukfarm())
+        .arg("verify")
+        .arg(&out)
+        .arg("--cert")
+        .arg(&g.cert)
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&bad.stdout);
+    assert!(
+        text.contains(&format!("BAD  {}: sha256", local_builds()[1].0)),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_killed_worker_loses_its_job_and_the_release_completes() {
+    let a = archive();
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("release");
+    let key = gpg().secret_key.to_str().unwrap().to_string();
+    let (mut c, url) = coordinator(a, &out, &["--signing-key", &key, "--lease-timeout", "3s"]);
+    let url = format!("http://{url}");
+    let cache = d.path().join("cache");
+    let root = a.root().to_str().unwrap();
+    // A stuck worker: it takes a job and sits on it until killed.
+    let mut stuck = worker(
+        "stuck",
+        &url,
+        &cache,
+        &["--once", "--iso-root", root, "--test-job-delay", "600s"],
+    );
+    wait_until("the stuck worker holds a job", LONG, || {
+        status(&url, &[]).is_some_and(|s| {
+            s["jobs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|j| j["worker"] == "stuck" && j["state"] == "leased")
+        })
+    });
+    stuck.kill9();
+    let mut good = worker("good", &url, &cache, &["--once", "--iso-root", root]);
+    assert_eq!(code(&mut c), 0, "{}", c.log());
+    assert_eq!(code(&mut good), 0);
+    assert_eq!(&iuks_in(&out), local_builds());
+    assert!(
+        c.log().contains("worker stuck stopped renewing its lease"),
+        "{}",
+        c.log()
+    );
+    let m = fs::read_to_string(out.join("manifest.json")).unwrap();
+    assert!(!m.contains("\"worker\": \"stuck\""), "{m}");
+}
+
+#[test]
+fn a_killed_coordinator_resumes_from_its_journal() {
+    let a = archive();
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("release");
+    let key = gpg().secret_key.to_str().unwrap().to_string();
+    let args = ["--signing-key", &key, "--lease-timeout", "3s"];
+    let (mut c1, url1) = coordinator(a, &out, &args);
+    let cache = d.path().join("cache");
+    let root = a.root().to_str().unwrap();
+    let mut w = worker(
+        "w",
+        &format!("http://{url1}"),
+        &cache,
+        &["--iso-root", root, "--test-job-delay", "1s"],
+    );
+    let journal = out.join(".iukfarm/journal");
+    wait_until("a kit is journalled", LONG, || {
+        fs::read_to_string(&journal).is_ok_and(|j| j.lines().count() >= 1)
+    });
+    c1.kill9();
+    let done_before = fs::read_to_string(&journal).unwrap().lines().count();
+    assert!(done_before < 4, "the release had not ended");
+    // Same arguments, same port (the worker reconnects there).
+    let mut cmd = Command::new(iukfarm());
+    cmd.arg("coordinator")
+        .args([
+            "--new-version",
+            a.new_version(),
+            "--source-versions",
+            &a.sources().join(","),
+            "--source-date-epoch",
+            SDE,
+        ])
+        .arg("--iso-root")
+        .arg(a.root())
+        .arg("--output-dir")
+        .arg(&out)
+        .args(["--listen", &url1])
+        .args(args);
+    let mut c2 = Proc::spawn("coordinator-2", &mut cmd);
+    assert_eq!(code(&mut c2), 0, "{}", c2.log());
+    let log = c2.log();
+    assert_eq!(
+        log.matches("already built and verified (journal); not rebuilding")
+            .count(),
+        done_before,
+        "{log}"
+    );
+    assert_eq!(
+        log.matches(": built by w in").count(),
+        4 - done_before,
+        "{log}"
+    );
+    assert_eq!(&iuks_in(&out), local_builds());
+    let _ = w.poll();
+}
+
+#[test]
+fn a_corrupted_upload_is_detected_and_the_kit_built_again() {
+    let a = archive();
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("release");
+    let key = gpg().secret_key.to_str().unwrap().to_string();
+    let (mut c, url) = coordinator(a, &out, &["--signing-key", &key]);
+    let cache = d.path().join("cache");
+    let root = a.root().to_str().unwrap();
+    let mut w = worker(
+        "flaky",
+        &format!("http://{url}"),
+        &cache,
+        &["--once", "--iso-root", root, "--test-corrupt-uploads", "1"],
+    );
+    assert_eq!(code(&mut c), 0, "{}", c.log());
+    assert_eq!(code(&mut w), 0);
+    let log = c.log();
+    assert!(log.contains("arrived damaged"), "{log}");
+    assert_eq!(log.matches("arrived damaged").count(), 1, "{log}");
+    assert_eq!(&iuks_in(&out), local_builds());
+    let incoming: Vec<_> = fs::read_dir(out.join(".iukfarm/incoming"))
+        .unwrap()
+        .collect();
+    assert!(incoming.is_empty());
+}
+
+#[test]
+fn reproduce_catches_a_non_deterministic_worker() {
+    let a = archive();
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("release");
+    let junit = d.path().join("junit.xml");
+    let key = gpg().secret_key.to_str().unwrap().to_string();
+    let (mut c, url) = coordinator(
+        a,
+        &out,
+        &[
+            "--signing-key",
+            &key,
+            "--reproduce",
+            "all",
+            "--junit",
+            junit.to_str().unwrap(),
+        ],
+    );
+    let url = format!("http://{url}");
+    let cache = d.path().join("cache");
+    let root = a.root().to_str().unwrap();
+    let _w1 = worker("honest", &url, &cache, &["--once", "--iso-root", root]);
+    let _w2 = worker(
+        "sloppy",
+        &url,
+        &cache,
+        &["--once", "--iso-root", root, "--test-perturb"],
+    );
+    assert_eq!(code(&mut c), 1, "{}", c.log());
+    let log = c.log();
+    assert!(log.contains("not reproducible: "), "{log}");
+    assert!(!out.join("SHA256SUMS").exists() && !out.join("manifest.json").exists());
+    let xml = fs::read_to_string(&junit).unwrap();
+    assert!(
+        xml.contains("<failure") && xml.contains("not reproducible"),
+        "{xml}"
+    );
+}
+
+#[test]
+fn refusals_say_why() {
+    let a = archive();
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("release");
+    let key = gpg().secret_key.to_str().unwrap().to_string();
+    let good = token_file(d.path(), "the-right-token-0123456789");
+    let wrong = token_file(d.path(), "a-wrong-token-0123456789");
+    let (cert, tls_key) = tls_files(d.path());
+    let (mut c, addr) = coordinator(
+        a,
+        &out,
+        &[
+            "--signing-key",
+            &key,
+            "--token-file",
+            good.to_str().unwrap(),
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            tls_key.to_str().unwrap(),
+            "--require-engine",
+            "9.9.9",
+        ],
+    );
+    let port = addr.rsplit(':').next().unwrap();
+    let https = format!("https://localhost:{port}");
+    let cache = d.path().join("cache");
+    let tls = ["--tls-ca", cert.to_str().unwrap()];
+
+    let mut w = worker(
+        "wrong-token",
+        &https,
+        &cache,
+        &[&["--token-file", wrong.to_str().unwrap()][..], &tls].concat(),
+    );
+    assert_eq!(code(&mut w), 2, "{}", w.log());
+    assert!(w.log().contains("wrong token"), "{}", w.log());
+
+    let mut w = worker(
+        "old-engine",
+        &https,
+        &cache,
+        &[&["--token-file", good.to_str().unwrap()][..], &tls].concat(),
+    );
+    assert_eq!(code(&mut w), 2, "{}", w.log());
+    assert!(
+        w.log()
+            .contains("engine fingerprint mismatch: this release requires iukfarm-engine 9.9.9"),
+        "{}",
+        w.log()
+    );
+
+    let plain = Command::new(iukfarm())
+        .args([
+            "status",
+            "--coordinator",
+            &format!("http://{addr}"),
+            "--token-file",
+            good.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(plain.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&plain.stderr);
+    assert!(
+        e.contains("TLS"),
+        "plain text against a TLS coordinator: {e}"
+    );
+
+    let no_token = Command::new(iukfarm())
+        .args(["status", "--coordinator", &https])
+        .args(tls)
+        .output()
+        .unwrap();
+    assert_eq!(no_token.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&no_token.stderr).contains("requires a token"));
+
+    let ok = run(Command::new(iukfarm())
+        .args([
+            "workers",
+            "--coordinator",
+            &https,
+            "--token-file",
+            good.to_str().unwrap(),
+        ])
+        .args(tls));
+    assert!(String::from_utf8_lossy(&ok.stdout).starts_with("ID"));
+
+    // The RM ends it.
+    run(Command::new(iukfarm())
+        .args([
+            "cancel",
+            "--coordinator",
+            &https,
+            "--token-file",
+            good.to_str().unwrap(),
+        ])
+        .args(tls));
+    assert_eq!(code(&mut c), 130, "{}", c.log());
+    assert!(c.log().contains("release cancelled"), "{}", c.log());
+}
+
+#[test]
+fn bad_isos_fail_the_release_at_once_naming_the_file() {
+    let a = archive();
+    let key = gpg().secret_key.to_str().unwrap().to_string();
+    let cases: [(&str, &dyn Fn(&std::path::Path), &str); 4] = [
+        ("missing", &|p| fs::remove_file(p).unwrap(), "no such file"),
+        (
+            "truncated",
+            &|p| {
+                let f = fs::OpenOptions::new().write(true).open(p).unwrap();
+                f.set_len(f.metadata().unwrap().len() / 2).unwrap();
+            },
+            "truncated",
+        ),
+        (
+            "not an ISO",
+            &|p| fs::write(p, vec![0x5a; 1 << 20]).unwrap(),
+            "ISO",
+        ),
+        (
+            "no squashfs",
+            &|p| {
+                let bytes = fs::read(p).unwrap();
+                // Rename the system image in the directory record (same length).
+                let needle = b"filesystem.squashfs";
+                let mut out = bytes.clone();
+                let mut i = 0;
+                while let Some(k) = out[i..].windows(needle.len()).position(|w| w == needle) {
+                    out[i + k..i + k + needle.len()].copy_from_slice(b"filesystem.squashfX");
+                    i += k + needle.len();
+                }
+                fs::write(p, out).unwrap();
+            },
+            "not found",
+        ),
+    ];
+    for (what, damage, expected) in cases {
+        let d = tempfile::tempdir().unwrap();
+        let small = Archive {
+            dir: tempfile::tempdir().unwrap(),
+            versions: vec!["6.0".into(), "6.4".into()],
+        };
+        for v in &small.versions {
+            let dst = small.iso(v);
+            fs::create_dir_all(dst.parent().unwrap()).unwrap();
+            fs::copy(a.iso(v), &dst).unwrap();
+        }
+        damage(&small.iso("6.0"));
+        let out = d.path().join("release");
+        let t = std::time::Instant::now();
+        let o = Command::new(iukfarm())
+            .arg("coordinator")
+            .args([
+                "--new-version",
+                "6.4",
+                "--source-versions",
+                "6.0",
+                "--source-date-epoch",
+                SDE,
+            ])
+            .arg("--iso-root")
+            .arg(small.root())
+            .arg("--output-dir")
+            .arg(&out)
+            .args(["--listen", "127.0.0.1:0", "--signing-key", &key])
+            .output()
+            .unwrap();
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{what}: {e}");
+        assert!(
+            e.contains("tails-amd64-6.0.iso"),
+            "{what}: names the file: {e}"
+        );
+        assert!(e.contains(expected), "{what}: says {expected:?}: {e}");
+        assert!(t.elapsed() < Duration::from_secs(30), "{what}: fails fast");
+    }
+}
+
+#[test]
+fn unknown_engine_options_and_missing_keys_are_refused_up_front() {
+    let a = archive();
+    let d = tempfile::tempdir().unwrap();
+    let key = gpg().secret_key.to_str().unwrap().to_string();
+    let base = |extra: &[&str]| {
+        Command::new(iukfarm())
+            .arg("coordinator")
+            .args([
+                "--new-version",
+                a.new_version(),
+                "--source-versions",
+                "6.0",
+                "--source-date-epoch",
+                SDE,
+            ])
+            .arg("--iso-root")
+            .arg(a.root())
+            .arg("--output-dir")
+            .arg(d.path().join("out"))
+            .args(["--listen", "127.0.0.1:0"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let o = base(&["--signing-key", &key, "--engine-option", "compression=gzip"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("unknown engine option \"compression=gzip\"")
+    );
+    let o = base(&[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("must be signed"));
+    let o = base(&["--signing-key", gpg().cert.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no usable secret signing key"));
+}
+
+/// 40 sources over 4 workers: the release completes and the coordinator's
+/// memory does not grow with the number of kits it has handled.
+#[test]
+fn load_forty_sources_over_four_workers() {
+    let a = Archive::make(41);
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("release");
+    let key = gpg().secret_key.to_str().unwrap().to_string();
+    let (mut c, url) = coordinator(&a, &out, &["--signing-key", &key]);
+    let url = format!("http://{url}");
+    let cache = d.path().join("cache");
+    let root = a.root().to_str().unwrap();
+    let mut ws: Vec<Proc> = (1..=4)
+        .map(|n| {
+            worker(
+                &format!("w{n}"),
+                &url,
+                &cache,
+                &["--once", "--iso-root", root, "-j", "1"],
+            )
+        })
+        .collect();
+    let mut early = 0;
+    wait_until("10 kits are done", LONG, || {
+        early = c.peak_rss_kib();
+        status(&url, &[]).is_some_and(|s| {
+            s["jobs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|j| j["state"] == "done")
+                .count()
+                >= 10
+        })
+    });
+    let mut late = early;
+    while c.poll().is_none() {
+        late = late.max(c.peak_rss_kib());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(code(&mut c), 0, "{}", c.log());
+    for w in &mut ws {
+        assert_eq!(code(w), 0);
+    }
+    assert_eq!(iuks_in(&out).len(), 40);
+    eprintln!("coordinator peak RSS: {early} KiB after 10 kits, {late} KiB after 40");
+    assert!(late < 200 * 1024, "coordinator peak RSS {late} KiB");
+    assert!(
+        late <= early + 32 * 1024,
+        "memory grew from {early} KiB to {late} KiB"
+    );
+}
