@@ -264,6 +264,14 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_parses() {
+        let f: ReleaseFile =
+            toml::from_str(include_str!("../../dist/release.toml.example")).unwrap();
+        assert_eq!(f.source_versions.unwrap().into_list().unwrap().len(), 10);
+        assert_eq!(f.reproduce.as_deref(), Some("2"));
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));

@@ -151,7 +151,7 @@ fn same_bytes_as_the_tails_method() {
 
 /// The demo's natively written ISOs (no xorriso) are read by libcdio, bsdtar
 /// and xorriso in the reference pipeline, which then makes the same IUK the
-/// demo made.
+/// demo's farm made.
 #[test]
 fn demo_isos_and_iuks_match_the_tails_method() {
     require_root("loop mounts and overlayfs in the reference pipeline");
@@ -168,14 +168,14 @@ fn demo_isos_and_iuks_match_the_tails_method() {
     run(Command::new(iukfarm())
         .args(["demo", "--releases", "2", "--scale", "2", "--output-dir"])
         .arg(&out));
-    let old = out.join("tails-amd64-6.0/tails-amd64-6.0.iso");
-    let new = out.join("tails-amd64-6.1/tails-amd64-6.1.iso");
+    let old = out.join("isos/tails-amd64-6.0/tails-amd64-6.0.iso");
+    let new = out.join("isos/tails-amd64-6.1/tails-amd64-6.1.iso");
     let r = tmp.path().join("reference.iuk");
     reference(&old, &new, "6.1.squashfs", &r);
     assert_eq!(
         sha256_file(&r),
-        sha256_file(&out.join("iuks/Tails_amd64_6.0_to_6.1.iuk"))
+        sha256_file(&out.join("release/Tails_amd64_6.0_to_6.1.iuk"))
     );
-    let sums = std::fs::read_to_string(out.join("iuks/SHA256SUMS")).unwrap();
+    let sums = std::fs::read_to_string(out.join("release/SHA256SUMS")).unwrap();
     assert!(sums.starts_with(&sha256_file(&r)), "SHA256SUMS: {sums}");
 }

@@ -283,14 +283,15 @@ pub struct WatchArgs {
 pub fn watch(a: WatchArgs) -> Result<ExitCode> {
     super::block_on(async {
         let mut c = a.conn.connect().await?;
-        let plain = a.plain || !std::io::stderr().is_terminal();
-        let state = follow(&mut c, &a.conn.coordinator, plain).await?;
+        let state = follow(&mut c, &a.conn.coordinator, a.plain).await?;
         Ok(ExitCode::from(exit_for(&state)))
     })
 }
 
-/// Follows a release until it ends, drawing it; returns the final state.
+/// Follows a release until it ends, drawing it (bars on a terminal, else
+/// or with `plain`, one line per change); returns the final state.
 pub async fn follow(c: &mut FarmClient, url: &str, plain: bool) -> Result<String> {
+    let plain = plain || !std::io::stderr().is_terminal();
     let mut stream = c
         .watch(v1::StatusRequest {})
         .await
