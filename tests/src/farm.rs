@@ -97,7 +97,7 @@ pub struct Gpg {
 }
 
 impl Gpg {
-    pub fn new() -> Gpg {
+    pub fn generate() -> Gpg {
         crate::require_tool("gpg");
         let home = tempfile::tempdir().unwrap();
         fs::set_permissions(
@@ -160,7 +160,7 @@ impl Drop for Gpg {
 
 pub fn gpg() -> &'static Gpg {
     static G: OnceLock<Gpg> = OnceLock::new();
-    G.get_or_init(Gpg::new)
+    G.get_or_init(Gpg::generate)
 }
 
 /// A token file in `dir`.

@@ -458,7 +458,8 @@ fn refusals_say_why() {
 fn bad_isos_fail_the_release_at_once_naming_the_file() {
     let a = archive();
     let key = gpg().secret_key.to_str().unwrap().to_string();
-    let cases: [(&str, &dyn Fn(&std::path::Path), &str); 4] = [
+    type Damage<'a> = &'a dyn Fn(&std::path::Path);
+    let cases: [(&str, Damage, &str); 4] = [
         ("missing", &|p| fs::remove_file(p).unwrap(), "no such file"),
         (
             "truncated",

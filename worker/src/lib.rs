@@ -74,6 +74,22 @@ pub struct Config {
     pub test: TestHooks,
 }
 
+/// One worker per cache directory: its start-up clean-up would remove
+/// another's jobs. Held for the worker's lifetime.
+fn lock_cache(dir: &std::path::Path) -> Result<std::fs::File, Error> {
+    use std::os::fd::AsRawFd;
+    let p = dir.join("lock");
+    let f = std::fs::File::create(&p).map_err(|e| Error::io(&p, e))?;
+    // SAFETY: flock on a file descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(Error::Config(format!(
+            "another worker uses the cache directory {}; give each worker its own --cache-dir",
+            dir.display()
+        )));
+    }
+    Ok(f)
+}
+
 /// What memory the machine has available (for the coordinator's planning).
 pub fn available_memory() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
@@ -117,6 +133,7 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> Result<(), Err
     }
     let jobs_dir = cfg.cache_dir.join("jobs");
     std::fs::create_dir_all(&jobs_dir).map_err(|e| Error::io(&jobs_dir, e))?;
+    let _lock = lock_cache(&cfg.cache_dir)?;
     // Directories of jobs of a killed worker are garbage.
     if let Ok(rd) = std::fs::read_dir(&jobs_dir) {
         for e in rd.flatten() {

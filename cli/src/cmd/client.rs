@@ -45,6 +45,15 @@ impl Conn {
     pub async fn connect(&self) -> Result<FarmClient> {
         Ok(iukfarm_proto::connect(&self.config()?).await?)
     }
+
+    /// The release's status now.
+    pub async fn status(&self) -> Result<v1::ReleaseStatus> {
+        let mut c = self.connect().await?;
+        Ok(c.status(v1::StatusRequest {})
+            .await
+            .map_err(|e| call_err(&self.coordinator, e))?
+            .into_inner())
+    }
 }
 
 fn call_err(url: &str, s: tonic::Status) -> anyhow::Error {
@@ -173,12 +182,7 @@ pub struct StatusArgs {
 
 pub fn status(a: StatusArgs) -> Result<ExitCode> {
     super::block_on(async {
-        let mut c = a.conn.connect().await?;
-        let s = c
-            .status(v1::StatusRequest {})
-            .await
-            .map_err(|e| call_err(&a.conn.coordinator, e))?
-            .into_inner();
+        let s = a.conn.status().await?;
         if a.json {
             let v = serde_json::json!({
                 "release": s.release, "new_version": s.new_version, "state": s.state,
@@ -207,12 +211,7 @@ pub struct WorkersArgs {
 
 pub fn workers(a: WorkersArgs) -> Result<ExitCode> {
     super::block_on(async {
-        let mut c = a.conn.connect().await?;
-        let s = c
-            .status(v1::StatusRequest {})
-            .await
-            .map_err(|e| call_err(&a.conn.coordinator, e))?
-            .into_inner();
+        let s = a.conn.status().await?;
         if a.json {
             let v: Vec<_> = s.workers.iter().map(worker_json).collect();
             println!("{}", serde_json::to_string_pretty(&v)?);

@@ -303,10 +303,16 @@ pub fn release(a: ReleaseCmdArgs) -> Result<ExitCode> {
     let workers = a.workers;
     let threads = a.threads;
     let plain = a.plain;
+    let serves_clients = a.listen.is_some();
     let cfg = match a.release.config(a.listen, "127.0.0.1:0") {
         Ok(c) => c,
         Err(e) => return Ok(failed(e)),
     };
+    if serves_clients && cfg.token.is_none() {
+        return Ok(failed(iukfarm_coordinator::Error::Config(
+            "--listen serves clients: pass --token-file too (they need the token)".into(),
+        )));
+    }
     super::block_on(async move {
         let interrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let r = embedded(cfg, workers, threads, plain, None, interrupted).await?;
