@@ -4,7 +4,8 @@
 //! Same inputs, same bytes; measured side by side in one run.
 //!
 //! The release also hashes every ISO, verifies every IUK by applying it and
-//! signs the manifest; the single builds do none of that.
+//! signs the manifest; so a second sequential row adds `verify-iuk` to each
+//! build.
 
 use std::fs;
 use std::path::PathBuf;
@@ -104,6 +105,7 @@ fn main() -> Result<()> {
     let singles = work.join("singles");
     fs::create_dir(&singles)?;
     let (mut wall, mut cpu, mut rss) = (0.0, 0.0, 0.0f64);
+    let (mut vwall, mut vcpu, mut vrss) = (0.0, 0.0, 0.0f64);
     let mut expected = Vec::new();
     for v in sources {
         let out = singles.join(format!("Tails_amd64_{v}_to_{new}.iuk"));
@@ -116,13 +118,36 @@ fn main() -> Result<()> {
                 .arg("--out")
                 .arg(&out),
         )?;
-        eprintln!("  build {v} -> {new}: {:.1}s", m.wall);
+        let ver = measure(
+            Command::new(&iukfarm)
+                .args(["verify-iuk", "--quiet", "--old-iso"])
+                .arg(iso(v))
+                .arg("--new-iso")
+                .arg(iso(&new))
+                .arg(&out)
+                .stdout(std::process::Stdio::null()),
+        )?;
+        eprintln!(
+            "  build {v} -> {new}: {:.1}s, verify-iuk {:.1}s",
+            m.wall, ver.wall
+        );
         wall += m.wall;
         cpu += m.cpu;
         rss = rss.max(m.max_rss_mib);
+        vwall += ver.wall;
+        vcpu += ver.cpu;
+        vrss = vrss.max(ver.max_rss_mib);
         expected.push(sha256(&out)?);
     }
-    let mut rows = vec![(format!("{} x iukfarm build", sources.len()), wall, cpu, rss)];
+    let mut rows = vec![
+        (format!("{} x iukfarm build", sources.len()), wall, cpu, rss),
+        (
+            format!("{} x (build + verify-iuk)", sources.len()),
+            wall + vwall,
+            cpu + vcpu,
+            rss.max(vrss),
+        ),
+    ];
 
     for &w in &args.workers {
         let out = work.join(format!("release-{w}"));
@@ -167,13 +192,14 @@ fn main() -> Result<()> {
         args.scale
     );
     println!(
-        "{:<32} {:>9} {:>9} {:>10} {:>14}",
-        "", "wall s", "CPU s", "peak MiB", "vs sequential"
+        "{:<32} {:>9} {:>9} {:>10} {:>12} {:>12}",
+        "", "wall s", "CPU s", "peak MiB", "vs builds", "vs b+verify"
     );
     for (name, w, c, r) in &rows {
         println!(
-            "{name:<32} {w:>9.1} {c:>9.1} {r:>10.1} {:>13.2}x",
-            rows[0].1 / w
+            "{name:<32} {w:>9.1} {c:>9.1} {r:>10.1} {:>11.2}x {:>11.2}x",
+            rows[0].1 / w,
+            rows[1].1 / w
         );
     }
     println!(

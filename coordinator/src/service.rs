@@ -437,7 +437,7 @@ impl Farm for FarmService {
             }));
         }
         if st.phase != Phase::Running {
-            return wait(500);
+            return wait(100);
         }
         let w = &st.workers[&r.worker_id];
         let busy = st

@@ -342,8 +342,6 @@ pub async fn embedded(
             "--reproduce needs a second worker: pass --workers 2 or more".into(),
         )));
     }
-    // Long enough for the in-process workers to hear that the release is over.
-    cfg.linger = cfg.linger.max(Duration::from_millis(1500));
     // In-process workers authenticate like remote ones.
     let token = cfg
         .token
