@@ -737,20 +737,14 @@ impl Running {
             sh2.cfg
                 .signing
                 .sign(&out.join(manifest::MANIFEST), &sig_tmp)?;
+            // Checked against the key's certificate before it is put in place
+            // (the kits were hashed as they arrived; no need to read them again).
+            let cert = sh2.cfg.signing.certificate()?;
+            let sig = std::fs::read(&sig_tmp).map_err(|e| Error::io(&sig_tmp, e))?;
+            let signer = crate::signing::verify(&cert, &m.to_json(), &sig)?;
             let dst = out.join(manifest::SIGNATURE);
             std::fs::rename(&sig_tmp, &dst).map_err(|e| Error::io(&dst, e))?;
-            let cert = sh2.cfg.signing.certificate()?;
-            let check = manifest::check_dir(out, out, Some(&cert), false)?;
-            if !check.problems.is_empty() {
-                return Err(Error::Other(format!(
-                    "the release files do not check out: {}",
-                    check.problems.join("; ")
-                )));
-            }
-            info!(
-                "manifest signed by {} and checked",
-                check.signer.unwrap_or_default()
-            );
+            info!("manifest signed by {signer} and checked");
             Ok(())
         })
         .await

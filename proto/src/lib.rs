@@ -214,18 +214,18 @@ pub fn explain(url: &str, s: &Status) -> String {
         Code::Unauthenticated | Code::FailedPrecondition | Code::InvalidArgument => {
             format!("the coordinator at {url} refused: {}", s.message())
         }
-        Code::Unavailable | Code::Unknown | Code::Internal if s.message().is_empty() => {
-            format!("lost the coordinator at {url}")
-        }
         Code::Unavailable | Code::Unknown | Code::Internal => {
-            // Plain http against a TLS listener (or the reverse) surfaces here.
-            let m = s.message();
-            let hint = if m.contains("h2") || m.contains("protocol") || m.contains("frame") {
-                " (a TLS/plain-text mismatch? TLS coordinators need https:// and --tls-ca)"
+            // Plain text against a TLS listener (or the reverse) surfaces here,
+            // with messages that vary with timing: say what to check either way.
+            let hint = if url.starts_with("https://") {
+                " (is it up, and does --tls-ca hold the CA of its certificate?)"
             } else {
-                ""
+                " (is it up? if it uses TLS, use an https:// address and --tls-ca)"
             };
-            format!("the coordinator at {url} failed the call: {m}{hint}")
+            format!(
+                "the coordinator at {url} failed the call: {}{hint}",
+                s.message()
+            )
         }
         _ => format!("the coordinator at {url}: {}", s.message()),
     }
