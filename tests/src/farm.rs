@@ -133,12 +133,24 @@ impl Gpg {
         .unwrap();
         let cert = home.path().join("cert.asc");
         fs::write(&cert, g(&["--armor", "--export", &fingerprint]).stdout).unwrap();
-        Gpg {
+        let gpg = Gpg {
             home,
             secret_key,
             cert,
             fingerprint,
-        }
+        };
+        // Statics are never dropped: stop the agent key generation started.
+        gpg.kill_agent();
+        gpg
+    }
+
+    /// Stops the gpg-agent of this home (signing starts one); nothing may
+    /// outlive the tests.
+    pub fn kill_agent(&self) {
+        let _ = Command::new("gpgconf")
+            .env("GNUPGHOME", self.home.path())
+            .args(["--kill", "all"])
+            .status();
     }
 
     pub fn cmd(&self, program: &str) -> Command {
@@ -148,13 +160,12 @@ impl Gpg {
     }
 }
 
-impl Drop for Gpg {
+/// Stops the shared key's gpg-agent when a test that signs through gpg ends.
+pub struct AgentGuard(pub &'static Gpg);
+
+impl Drop for AgentGuard {
     fn drop(&mut self) {
-        // gpg started an agent for this home; nothing may outlive the test.
-        let _ = Command::new("gpgconf")
-            .env("GNUPGHOME", self.home.path())
-            .args(["--kill", "all"])
-            .status();
+        self.0.kill_agent();
     }
 }
 

@@ -7,8 +7,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use iukfarm_tests::farm::{
-    Archive, Proc, SDE, archive, coordinator, coordinator_cmd, gpg, iuks_in, leftover_job_files,
-    local_builds, start_coordinator, status, tls_files, token_file, wait_until, worker,
+    AgentGuard, Archive, Proc, SDE, archive, coordinator, coordinator_cmd, gpg, iuks_in,
+    leftover_job_files, local_builds, start_coordinator, status, tls_files, token_file, wait_until,
+    worker,
 };
 use iukfarm_tests::{iukfarm, require_tool, run};
 
@@ -23,6 +24,7 @@ fn release_over_three_workers_matches_local_builds_and_is_signed() {
     require_tool("sqv");
     let a = archive();
     let g = gpg();
+    let _agent = AgentGuard(g);
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("release");
     let junit = d.path().join("junit.xml");
