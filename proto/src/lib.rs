@@ -214,20 +214,30 @@ pub fn explain(url: &str, s: &Status) -> String {
         Code::Unauthenticated | Code::FailedPrecondition | Code::InvalidArgument => {
             format!("the coordinator at {url} refused: {}", s.message())
         }
-        Code::Unavailable | Code::Unknown | Code::Internal => {
-            // Plain text against a TLS listener (or the reverse) surfaces here,
-            // with messages that vary with timing: say what to check either way.
+        // The coordinator's own answers.
+        Code::NotFound
+        | Code::DataLoss
+        | Code::AlreadyExists
+        | Code::PermissionDenied
+        | Code::ResourceExhausted
+        | Code::OutOfRange
+        | Code::Aborted => format!("the coordinator at {url}: {}", s.message()),
+        // The connection failed: plain text against a TLS listener (or the
+        // reverse) surfaces as any of these, with messages that vary with
+        // timing; say what to check either way.
+        _ => {
             let hint = if url.starts_with("https://") {
                 " (is it up, and does --tls-ca hold the CA of its certificate?)"
             } else {
                 " (is it up? if it uses TLS, use an https:// address and --tls-ca)"
             };
-            format!(
-                "the coordinator at {url} failed the call: {}{hint}",
+            let what = if s.message().is_empty() {
+                "connection lost"
+            } else {
                 s.message()
-            )
+            };
+            format!("the coordinator at {url} failed the call: {what}{hint}")
         }
-        _ => format!("the coordinator at {url}: {}", s.message()),
     }
 }
 
@@ -254,6 +264,20 @@ mod tests {
         assert!(e.message().contains("requires a token"));
         let mut open = CheckToken::new(None);
         assert!(call(&mut open, None).is_ok());
+    }
+
+    #[test]
+    fn transport_failures_say_what_to_check() {
+        for s in [
+            Status::cancelled("operation was canceled"),
+            Status::unknown("transport error"),
+            Status::unavailable(""),
+        ] {
+            let m = explain("http://127.0.0.1:1", &s);
+            assert!(m.contains("https:// address and --tls-ca"), "{m}");
+        }
+        let m = explain("http://h:1", &Status::not_found("no such file"));
+        assert!(!m.contains("TLS"), "{m}");
     }
 
     #[test]
