@@ -23,6 +23,7 @@ pub struct ReleaseFile {
     pub output_dir: Option<PathBuf>,
     pub product: Option<String>,
     pub build_target: Option<String>,
+    pub profile: Option<String>,
     pub engine_options: Option<Vec<String>>,
     pub require_engine: Option<String>,
     pub listen: Option<String>,
@@ -173,7 +174,7 @@ impl Config {
                 self.iso_pattern
             )));
         }
-        iukfarm_engine::diff::DiffOptions::from_options(&self.engine_options)
+        iukfarm_engine::kit::parse_options(&self.engine_options)
             .map_err(|e| Error::Config(e.to_string()))?;
         if self.max_attempts == 0 || self.verify_jobs == 0 {
             return Err(Error::Config(

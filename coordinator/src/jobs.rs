@@ -55,6 +55,9 @@ pub struct Built {
     pub size: u64,
     pub worker: String,
     pub build_seconds: f64,
+    /// How the worker got the kit's compressed blocks (unknown for kits
+    /// resumed from the journal).
+    pub blocks: Option<iukfarm_proto::v1::BlockCounts>,
 }
 
 #[derive(Debug, Clone)]
@@ -357,6 +360,7 @@ mod tests {
                 size: 5,
                 worker: w.into(),
                 build_seconds: 1.0,
+                blocks: None,
             });
         }
         t.check_reproduction(1);

@@ -619,6 +619,7 @@ impl Running {
                     size: e.size,
                     worker: e.worker.clone(),
                     build_seconds: e.build_seconds,
+                    blocks: None,
                 });
                 j.ran_on.push(e.worker.clone());
                 j.note(format!(

@@ -102,6 +102,7 @@ pub(crate) fn status(sh: &Shared) -> v1::ReleaseStatus {
                 error: j.error.clone(),
                 reproduction: j.reproduction_of.is_some(),
                 resumed: j.resumed,
+                blocks: j.built.as_ref().and_then(|b| b.blocks),
             }
         })
         .collect();
@@ -639,6 +640,7 @@ impl Farm for FarmService {
             size: h.size,
             worker: worker_name.clone(),
             build_seconds: h.build_seconds,
+            blocks: h.blocks,
         };
         let j = &mut st.table.jobs[i];
         j.lease = None;

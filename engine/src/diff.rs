@@ -39,27 +39,6 @@ pub struct DiffOptions {
     pub ignore_if_same_content: Vec<String>,
 }
 
-impl DiffOptions {
-    /// Parses engine options given as `name=value` (how the coordinator
-    /// passes them to every job), refusing unknown names.
-    pub fn from_options(options: &[String]) -> Result<DiffOptions> {
-        let mut o = DiffOptions::default();
-        for opt in options {
-            match opt.split_once('=') {
-                Some(("ignore-if-same-content", glob)) if !glob.is_empty() => {
-                    o.ignore_if_same_content.push(glob.to_string())
-                }
-                _ => {
-                    return Err(Error::Invalid(format!(
-                        "unknown engine option {opt:?}; known: ignore-if-same-content=GLOB"
-                    )));
-                }
-            }
-        }
-        Ok(o)
-    }
-}
-
 /// How the content comparisons were decided.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DiffStats {

@@ -2,6 +2,7 @@
 //! Kits, as a plain synchronous library (no networking, no async).
 //!
 //! * [`tree`]: the directory tree model and reading a tree from disk;
+//! * [`blockcache`]: compressed blocks shared by the images of a release;
 //! * [`sqfs`]: SquashFS reading in place and gensquashfs-exact writing;
 //! * [`iso`]: ISO 9660 reading in place;
 //! * [`compare`]: entry-by-entry comparison of trees (verification);
@@ -10,6 +11,7 @@
 //! * [`progress`]: the observer through which long operations report;
 //! * [`fingerprint`]: what besides the inputs determines the output bytes.
 
+pub mod blockcache;
 pub mod compare;
 pub mod diff;
 pub mod error;

@@ -443,3 +443,131 @@ fn identical_isos_and_clear_failures() {
         .collect();
     assert!(left.is_empty(), "temporary files left behind: {left:?}");
 }
+
+/// The blocks line `iukfarm build` prints: (compressed, from cache, copied).
+fn block_counts(stderr: &[u8]) -> (u64, u64, u64) {
+    let text = String::from_utf8_lossy(stderr);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("blocks: "))
+        .unwrap_or_else(|| panic!("no blocks line in: {text}"));
+    let n: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().unwrap())
+        .collect();
+    (n[0], n[1], n[2])
+}
+
+/// Kits of one release share their changed files: the second kit's blocks
+/// come from the block cache, and every kit is the same bytes with a cold,
+/// warm or damaged cache. The fast profile copies the new image's blocks,
+/// applies like the exact kit and stays within 2% of its size.
+#[test]
+fn block_cache_and_fast_profile() {
+    require_root("fixtures with owners");
+    require_tools(&["mksquashfs", "xorriso"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path();
+    let mut rng = Rng::new(31);
+    // One base system; the versions differ in their big files.
+    let sys = |name: &str| {
+        let p = work.join(name);
+        random_tree(&Tree::new(&p), 21);
+        p
+    };
+    let old_a = sys("old-a");
+    Tree::new(&old_a)
+        .file("usr/lib/big-text", &rng.text(1 << 20 | 12345))
+        .file("usr/lib/big-random", &rng.bytes(1 << 20 | 999));
+    let old_b = sys("old-b");
+    Tree::new(&old_b).file("usr/lib/big-text", &rng.text(1 << 20 | 12345));
+    let new = sys("new");
+    let mut sparse = rng.text(1 << 20);
+    sparse.extend(std::iter::repeat_n(0u8, 1 << 20));
+    sparse.extend(rng.text(100_000));
+    Tree::new(&new)
+        .file("usr/lib/big-text", &rng.text(1 << 20 | 12345))
+        .file("usr/lib/big-random", &rng.bytes(1 << 20 | 999))
+        .file("usr/lib/added", &rng.text(2 << 20))
+        .file("usr/lib/sparse", &sparse);
+    let iso_a = make_iso(work, "6.0", &old_a, &|t| boot_files(t, b"k1", false));
+    let iso_b = make_iso(work, "6.0.1", &old_b, &|t| boot_files(t, b"k1", false));
+    let iso_new = make_iso(work, "6.1", &new, &|t| boot_files(t, b"k2", false));
+
+    let kit = |old: &Path, name: &str, extra: &[&str]| {
+        let out = work.join(name);
+        let res = Command::new(iukfarm())
+            .env("SOURCE_DATE_EPOCH", SDE)
+            .args(["build", "--force", "--old-iso"])
+            .arg(old)
+            .arg("--new-iso")
+            .arg(&iso_new)
+            .arg("--out")
+            .arg(&out)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert_built(&res);
+        (sha256_file(&out), block_counts(&res.stderr), out)
+    };
+    let cache = work.join("cache");
+    let c = cache.to_str().unwrap();
+
+    let (exact_a, ..) = kit(&iso_a, "a.iuk", &[]);
+    let (exact_b, ..) = kit(&iso_b, "b.iuk", &["--threads", "1"]);
+    let (cold_a, (compressed, hits, copied), _) = kit(&iso_a, "a.iuk", &["--block-cache", c]);
+    assert_eq!(cold_a, exact_a, "a cold cache changed the bytes");
+    assert!(compressed > 0 && hits == 0 && copied == 0);
+    let (warm_b, (_, hits_b, _), _) = kit(&iso_b, "b.iuk", &["--block-cache", c]);
+    assert_eq!(warm_b, exact_b, "a warm cache changed the bytes");
+    assert!(
+        hits_b >= 4,
+        "the other kit's blocks were not reused: {hits_b} hits"
+    );
+    let (warm_a, (compressed, hits, _), _) = kit(&iso_a, "a.iuk", &["--block-cache", c]);
+    assert_eq!(warm_a, exact_a);
+    assert_eq!(
+        compressed, 0,
+        "{hits} hits, yet blocks were compressed again"
+    );
+
+    // Damage every entry: each is dropped and recomputed, never used.
+    let mut damaged = 0;
+    for sub in std::fs::read_dir(&cache).unwrap().flatten() {
+        if sub.file_name() == "tmp" {
+            continue;
+        }
+        for e in std::fs::read_dir(sub.path()).unwrap().flatten() {
+            let mut b = std::fs::read(e.path()).unwrap();
+            let n = b.len();
+            b[n - 1] ^= 0x40;
+            std::fs::write(e.path(), b).unwrap();
+            damaged += 1;
+        }
+    }
+    assert!(damaged > 0);
+    let (again, (compressed, hits, _), _) = kit(&iso_a, "a.iuk", &["--block-cache", c]);
+    assert_eq!(again, exact_a, "a damaged cache changed the bytes");
+    assert_eq!(hits, 0, "a damaged entry was used");
+    assert!(compressed > 0);
+
+    // The fast profile: same bytes on any thread count, applies exactly.
+    let (fast1, (_, _, copied), fast_kit) = kit(&iso_a, "fast.iuk", &["--profile", "fast"]);
+    let (fast2, ..) = kit(&iso_a, "fast.iuk", &["--profile", "fast", "--threads", "1"]);
+    assert_eq!(fast1, fast2, "the fast profile is not reproducible");
+    assert_ne!(fast1, exact_a);
+    assert!(copied >= 4, "only {copied} blocks copied");
+    run(Command::new(iukfarm())
+        .args(["verify-iuk", "--old-iso"])
+        .arg(&iso_a)
+        .arg("--new-iso")
+        .arg(&iso_new)
+        .arg(&fast_kit));
+    let exact_size = std::fs::metadata(work.join("a.iuk")).unwrap().len() as f64;
+    let fast_size = std::fs::metadata(&fast_kit).unwrap().len() as f64;
+    assert!(
+        (fast_size / exact_size - 1.0).abs() <= 0.02,
+        "fast kit {fast_size} bytes vs exact {exact_size}"
+    );
+}

@@ -6,8 +6,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use iukfarm_engine::diff::DiffOptions;
-use iukfarm_engine::kit::{BuildOptions, build_iuk};
+use iukfarm_engine::kit::{BuildOptions, build_iuk, parse_options};
+use iukfarm_engine::sqfs::DataStats;
 use iukfarm_proto::{CHUNK_SIZE, FarmClient, v1};
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
@@ -160,7 +160,7 @@ async fn build_and_upload(
     let dir = JobDir(ctx.cfg.cache_dir.join("jobs").join(&job.lease_id));
     std::fs::create_dir_all(&dir.0)
         .map_err(|e| JobError::Transient(format!("{}: {e}", dir.0.display())))?;
-    let diff = DiffOptions::from_options(&job.engine_options)?;
+    let (diff, profile) = parse_options(&job.engine_options)?;
 
     let delay = ctx.cfg.test.job_delay;
     let t0 = Instant::now();
@@ -189,6 +189,8 @@ async fn build_and_upload(
         sde: job.source_date_epoch + u32::from(ctx.cfg.test.perturb),
         threads,
         diff,
+        profile,
+        cache: ctx.blocks.clone(),
     };
     let kit_path = dir.0.join("kit.iuk");
     let scratch_path = dir.0.join("diff.squashfs");
@@ -230,6 +232,7 @@ async fn build_and_upload(
         &sha,
         r.kit_size,
         build_seconds,
+        block_counts(&r.diff_data, &r.kit_data),
         format!(
             "{} changed files, {} whiteouts, {} kernels, {} deletions",
             r.diff.changed_files,
@@ -242,6 +245,17 @@ async fn build_and_upload(
     .await
 }
 
+fn block_counts(diff: &DataStats, kit: &DataStats) -> v1::BlockCounts {
+    v1::BlockCounts {
+        compressed: diff.compressed_blocks + kit.compressed_blocks,
+        from_cache: diff.cache_hits + kit.cache_hits,
+        copied: diff.copied_blocks + kit.copied_blocks,
+        compressed_bytes: diff.compressed_bytes + kit.compressed_bytes,
+        from_cache_bytes: diff.cache_hit_bytes + kit.cache_hit_bytes,
+        copied_bytes: diff.copied_bytes + kit.copied_bytes,
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn upload(
     ctx: &Arc<Ctx>,
@@ -252,6 +266,7 @@ async fn upload(
     sha256: &str,
     size: u64,
     build_seconds: f64,
+    blocks: v1::BlockCounts,
     summary: String,
     progress: &Arc<JobProgress>,
 ) -> Result<(), JobError> {
@@ -265,6 +280,7 @@ async fn upload(
             sha256: sha256.to_string(),
             build_seconds,
             summary,
+            blocks: Some(blocks),
         })),
     };
     let corrupt = ctx.take_corruption();

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use iukfarm_engine::blockcache::BlockCache;
 use iukfarm_proto::v1;
 use iukfarm_proto::{ClientConfig, FarmClient, PROTOCOL_VERSION};
 use tokio::sync::watch;
@@ -69,6 +70,9 @@ pub struct Config {
     /// Compression threads per job (0: the cores divided among the slots).
     pub threads: usize,
     pub memory: u64,
+    /// Compressed blocks shared by every job of this worker (and of any
+    /// other worker given the same cache), across releases.
+    pub blocks: Option<Arc<BlockCache>>,
     /// Exit once a release is over instead of waiting for the next one.
     pub once: bool,
     pub test: TestHooks,
@@ -115,6 +119,7 @@ pub fn hostname() -> String {
 pub(crate) struct Ctx {
     pub cfg: Config,
     pub isos: isos::Isos,
+    pub blocks: Option<Arc<BlockCache>>,
     pub corrupt_left: AtomicU32,
 }
 
@@ -142,6 +147,7 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> Result<(), Err
     }
     let ctx = Arc::new(Ctx {
         isos: isos::Isos::new(&cfg)?,
+        blocks: cfg.blocks.clone(),
         corrupt_left: AtomicU32::new(cfg.test.corrupt_uploads),
         cfg,
     });

@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use iukfarm_engine::diff::DiffOptions;
-use iukfarm_engine::kit::{BuildOptions, build_iuk};
+use iukfarm_engine::kit::{BuildOptions, Profile, build_iuk};
 
 use super::sqfs::{persist, temp_next_to};
 use crate::progress::Reporter;
@@ -58,6 +58,17 @@ pub struct Args {
     /// (tails-create-iuk's --ignore_if_same_content). Repeatable.
     #[arg(long, value_name = "GLOB")]
     ignore_if_same_content: Vec<String>,
+    /// `tails`: the bytes tails-create-iuk writes; `fast`: changed files keep the new
+    /// image's compressed blocks (reproducible, not tails-create-iuk's bytes).
+    #[arg(long, default_value = "tails", value_name = "tails|fast")]
+    profile: Profile,
+    /// Look up and keep compressed blocks here (shared with later builds; a hit gives
+    /// the very bytes compressing would).
+    #[arg(long, value_name = "DIR")]
+    block_cache: Option<PathBuf>,
+    /// Size cap of --block-cache.
+    #[arg(long, value_name = "SIZE", default_value = "8G", value_parser = super::parse_bytes)]
+    block_cache_size: u64,
     /// Overwrite an existing IUK.
     #[arg(long)]
     force: bool,
@@ -139,6 +150,11 @@ pub fn run(a: Args) -> Result<ExitCode> {
         diff: DiffOptions {
             ignore_if_same_content: a.ignore_if_same_content.clone(),
         },
+        profile: a.profile,
+        cache: match &a.block_cache {
+            Some(dir) => super::open_block_cache(dir, a.block_cache_size)?,
+            None => None,
+        },
     };
     let started = Instant::now();
     let reporter = Reporter::new(a.quiet);
@@ -166,6 +182,15 @@ pub fn run(a: Args) -> Result<ExitCode> {
             report.kernels.len(),
             report.delete_files.len(),
             started.elapsed().as_secs_f64()
+        );
+        let (d, k) = (&report.diff_data, &report.kit_data);
+        eprintln!(
+            "blocks: {} compressed, {} from the block cache, {} copied from the new image, \
+             {} stored without trying xz",
+            d.compressed_blocks + k.compressed_blocks,
+            d.cache_hits + k.cache_hits,
+            d.copied_blocks + k.copied_blocks,
+            d.skipped_blocks + k.skipped_blocks
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -180,6 +180,10 @@ pub fn run(a: Args) -> Result<ExitCode> {
         None,
         a.plain,
         None,
+        super::farm::BlockCacheAt {
+            dir: None,
+            cap: 8 << 30,
+        },
         interrupted.clone(),
     ));
     let was_interrupted = interrupted.swap(true, Ordering::SeqCst);

@@ -55,6 +55,10 @@ pub struct ReleaseArgs {
     /// Build target in IUK names [default: amd64].
     #[arg(long)]
     build_target: Option<String>,
+    /// `tails`: byte for byte what tails-create-iuk writes; `fast`: changed files keep the
+    /// new image's compressed blocks (reproducible, not tails-create-iuk's bytes) [default: tails].
+    #[arg(long, value_name = "tails|fast")]
+    profile: Option<String>,
     /// Engine option for every job, e.g. ignore-if-same-content=GLOB. Repeatable.
     #[arg(long = "engine-option", value_name = "NAME=VALUE")]
     engine_options: Vec<String>,
@@ -169,6 +173,17 @@ impl ReleaseArgs {
         };
         let mut engine_options = f.engine_options.unwrap_or_default();
         engine_options.extend(self.engine_options);
+        // The profile travels as an engine option: it is part of every job's
+        // id and of the manifest. Only a non-default one is written out.
+        if let Some(p) = self.profile.or(f.profile) {
+            let p: iukfarm_engine::kit::Profile = p
+                .parse()
+                .map_err(|e: iukfarm_engine::Error| E::Config(e.to_string()))?;
+            engine_options.retain(|o| !o.starts_with("profile="));
+            if p != iukfarm_engine::kit::Profile::Tails {
+                engine_options.push(format!("profile={p}"));
+            }
+        }
         Ok(Config {
             new_version: config::check_version(need(
                 self.new_version.or(f.new_version),
@@ -297,10 +312,21 @@ pub struct ReleaseCmdArgs {
     /// One line per change instead of progress bars.
     #[arg(long)]
     plain: bool,
+    /// Keep the workers' compressed-block cache here, for later releases
+    /// [default: a temporary one, removed at the end].
+    #[arg(long, value_name = "DIR")]
+    block_cache: Option<PathBuf>,
+    /// Size cap of the block cache (0: no cache).
+    #[arg(long, value_name = "SIZE", default_value = "8G", value_parser = super::parse_bytes)]
+    block_cache_size: u64,
 }
 
 pub fn release(a: ReleaseCmdArgs) -> Result<ExitCode> {
     let workers = a.workers;
+    let block_cache = BlockCacheAt {
+        dir: a.block_cache.clone(),
+        cap: a.block_cache_size,
+    };
     let threads = a.threads;
     let plain = a.plain;
     let serves_clients = a.listen.is_some();
@@ -315,9 +341,16 @@ pub fn release(a: ReleaseCmdArgs) -> Result<ExitCode> {
     }
     super::block_on(async move {
         let interrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let r = embedded(cfg, workers, threads, plain, None, interrupted).await?;
+        let r = embedded(cfg, workers, threads, plain, None, block_cache, interrupted).await?;
         Ok(r)
     })
+}
+
+/// Where in-process workers keep their shared block cache (`None`: in the
+/// release's scratch directory, removed at the end) and its cap (0: none).
+pub struct BlockCacheAt {
+    pub dir: Option<PathBuf>,
+    pub cap: u64,
 }
 
 /// Runs a release with `workers` in-process workers over loopback, the
@@ -329,6 +362,7 @@ pub async fn embedded(
     threads: Option<usize>,
     plain: bool,
     demo_token: Option<String>,
+    block_cache: BlockCacheAt,
     interrupted: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<ExitCode> {
     use std::sync::atomic::Ordering;
@@ -382,6 +416,14 @@ pub async fn embedded(
         tls_ca: None,
         token: Some(token),
     };
+    // One cache for every in-process worker: they share the machine.
+    let dir = block_cache.dir.unwrap_or_else(|| cache_root.join("blocks"));
+    let blocks = match super::open_block_cache(&dir, block_cache.cap) {
+        Ok(b) => b,
+        Err(e) => {
+            return Ok(failed(iukfarm_coordinator::Error::Config(format!("{e:#}"))));
+        }
+    };
     let mut handles = Vec::new();
     for n in 1..=workers {
         let wcfg = iukfarm_worker::Config {
@@ -393,6 +435,7 @@ pub async fn embedded(
             threads: per_worker,
             memory: iukfarm_worker::available_memory(),
             once: true,
+            blocks: blocks.clone(),
             test: TestHooks::default(),
         };
         handles.push(tokio::spawn(iukfarm_worker::run(wcfg, stop_rx.clone())));
@@ -463,6 +506,10 @@ pub struct WorkerArgs {
     /// Exit when the release is over instead of waiting for the next coordinator.
     #[arg(long)]
     once: bool,
+    /// Size cap of the compressed-block cache in <cache-dir>/blocks (0: no cache). Jobs
+    /// of a release share most changed blocks; a hit gives the very bytes a miss would.
+    #[arg(long, value_name = "SIZE", default_value = "8G", value_parser = super::parse_bytes)]
+    block_cache_size: u64,
     #[arg(long, hide = true, default_value_t = 0)]
     test_corrupt_uploads: u32,
     #[arg(long, hide = true)]
@@ -479,9 +526,17 @@ pub fn worker(a: WorkerArgs) -> Result<ExitCode> {
             return Ok(ExitCode::from(exit::USAGE));
         }
     };
+    let blocks = match super::open_block_cache(&a.cache_dir.join("blocks"), a.block_cache_size) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("iukfarm: error: {e:#}");
+            return Ok(ExitCode::from(exit::USAGE));
+        }
+    };
     let cfg = iukfarm_worker::Config {
         client,
         name: a.name.unwrap_or_else(iukfarm_worker::hostname),
+        blocks,
         iso_root: a.iso_root,
         cache_dir: a.cache_dir,
         slots: a.slots,

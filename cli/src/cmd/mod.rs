@@ -29,3 +29,51 @@ pub fn block_on<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T>
         .context("starting the async runtime")?
         .block_on(f)
 }
+
+/// A size such as `8G`, `500M`, `4096` or `0` (for clap).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, shift) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("{s:?}: unknown unit (use K, M, G or T)")),
+            };
+            (&s[..i], shift)
+        }
+        _ => (s, 0),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .ok_or_else(|| format!("{s:?} is not a size such as 8G, 500M or 0"))
+}
+
+/// Opens the compressed-block cache, or none for a cap of 0.
+pub fn open_block_cache(
+    dir: &std::path::Path,
+    cap: u64,
+) -> Result<Option<std::sync::Arc<iukfarm_engine::blockcache::BlockCache>>> {
+    if cap == 0 {
+        return Ok(None);
+    }
+    let cache = iukfarm_engine::blockcache::BlockCache::open(dir, cap)
+        .with_context(|| format!("block cache {}", dir.display()))?;
+    Ok(Some(std::sync::Arc::new(cache)))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes() {
+        assert_eq!(super::parse_bytes("8G"), Ok(8 << 30));
+        assert_eq!(super::parse_bytes("500m"), Ok(500 << 20));
+        assert_eq!(super::parse_bytes("0"), Ok(0));
+        assert!(super::parse_bytes("8X").is_err());
+        assert!(super::parse_bytes("G").is_err());
+        assert!(super::parse_bytes("99999999999T").is_err());
+    }
+}

@@ -23,12 +23,13 @@ use std::io::{self, Read};
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::blockcache::BlockCache;
 use crate::diff::{DiffOptions, DiffStats, overlay_diff};
 use crate::error::{Error, Result};
 use crate::io::{ReadAt, SeqReader};
 use crate::iso::{Iso, IsoEntry, cdio_translate};
 use crate::progress::Progress;
-use crate::sqfs::{Archive, WriterOptions, XzConfig, write_image};
+use crate::sqfs::{Archive, DataStats, WriterOptions, XzConfig, write_image};
 use crate::tree::{FileContent, Kind, Meta, Node, OpenReader, Source};
 
 /// The content of `FORMAT`.
@@ -59,6 +60,71 @@ const SYSTEM_IMAGE: &[u8] = b"live/filesystem.squashfs";
 /// Boot files are read whole into memory when rewritten; bound them.
 const MAX_BOOT_FILE: u64 = 64 << 20;
 
+/// How a kit's bytes are made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Profile {
+    /// Byte for byte what tails-create-iuk (gensquashfs) writes.
+    #[default]
+    Tails,
+    /// Changed files keep the blocks the new image stores them in, and
+    /// incompressible blocks of the outer kit are stored without trying xz.
+    /// Reproducible for iukfarm, valid for Tails Upgrader, but not the bytes
+    /// tails-create-iuk writes.
+    Fast,
+}
+
+impl Profile {
+    pub fn name(self) -> &'static str {
+        match self {
+            Profile::Tails => "tails",
+            Profile::Fast => "fast",
+        }
+    }
+}
+
+impl std::str::FromStr for Profile {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Profile> {
+        match s {
+            "tails" => Ok(Profile::Tails),
+            "fast" => Ok(Profile::Fast),
+            _ => Err(Error::Invalid(format!(
+                "unknown profile '{s}' (expected 'tails' or 'fast')"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for Profile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Parses engine options given as `name=value` (how the coordinator passes
+/// them to every job), refusing unknown names: `profile=tails|fast` and
+/// `ignore-if-same-content=GLOB` (repeatable).
+pub fn parse_options(options: &[String]) -> Result<(DiffOptions, Profile)> {
+    let mut diff = DiffOptions::default();
+    let mut profile = Profile::default();
+    for opt in options {
+        match opt.split_once('=') {
+            Some(("ignore-if-same-content", glob)) if !glob.is_empty() => {
+                diff.ignore_if_same_content.push(glob.to_string())
+            }
+            Some(("profile", p)) => profile = p.parse()?,
+            _ => {
+                return Err(Error::Invalid(format!(
+                    "unknown engine option {opt:?}; known: profile=tails|fast, \
+                     ignore-if-same-content=GLOB"
+                )));
+            }
+        }
+    }
+    Ok((diff, profile))
+}
+
 /// The writer options of the diff inside a kit: `--keep-xattr --comp-extra
 /// x86,dictsize=1024K --block-size 1048576`.
 pub fn diff_writer_options(sde: u32, threads: usize) -> WriterOptions {
@@ -76,6 +142,15 @@ pub fn kit_writer_options(sde: u32, threads: usize) -> WriterOptions {
     let mut o = WriterOptions::with_block_size(131072);
     o.mtime = sde;
     o.threads = threads;
+    o
+}
+
+fn writer_options(mut o: WriterOptions, opts: &BuildOptions) -> WriterOptions {
+    o.cache = opts.cache.clone();
+    if opts.profile == Profile::Fast {
+        o.copy_image_blocks = true;
+        o.skip_incompressible = true;
+    }
     o
 }
 
@@ -322,6 +397,9 @@ pub struct BuildOptions {
     /// Compression threads (0: one per core).
     pub threads: usize,
     pub diff: DiffOptions,
+    pub profile: Profile,
+    /// Compressed blocks shared with other builds; never changes a byte.
+    pub cache: Option<Arc<BlockCache>>,
 }
 
 /// What a build did.
@@ -330,6 +408,9 @@ pub struct BuildReport {
     pub diff: DiffStats,
     pub diff_size: u64,
     pub kit_size: u64,
+    /// How the diff's and the outer kit's blocks were obtained.
+    pub diff_data: DataStats,
+    pub kit_data: DataStats,
     pub delete_files: Vec<Vec<u8>>,
     pub kernels: Vec<Vec<u8>>,
 }
@@ -400,9 +481,9 @@ pub fn build_iuk(
     let old_tree = open_system(&old, old_iso)?.to_tree()?;
     let new_tree = open_system(&new, new_iso)?.to_tree()?;
     let (diff, stats) = overlay_diff(&old_tree, &new_tree, opts.sde, &opts.diff, progress)?;
-    write_image(
+    let diff_written = write_image(
         &diff,
-        &diff_writer_options(opts.sde, opts.threads),
+        &writer_options(diff_writer_options(opts.sde, opts.threads), opts),
         diff_scratch,
         progress,
     )?;
@@ -453,7 +534,7 @@ pub fn build_iuk(
     );
     let kit = write_image(
         &root,
-        &kit_writer_options(opts.sde, opts.threads),
+        &writer_options(kit_writer_options(opts.sde, opts.threads), opts),
         kit_out,
         progress,
     )?;
@@ -461,6 +542,8 @@ pub fn build_iuk(
         diff: stats,
         diff_size,
         kit_size: kit.image_size,
+        diff_data: diff_written.data,
+        kit_data: kit.data,
         delete_files: delete,
         kernels,
     })
@@ -501,6 +584,19 @@ mod tests {
         assert_eq!(extracted_mode(&e(0o100600, false)), 0o644);
         assert_eq!(extracted_mode(&e(0o100700, false)), 0o755);
         assert_eq!(extracted_mode(&e(0o100666, false)), 0o644);
+    }
+
+    #[test]
+    fn engine_options() {
+        let o = |v: &[&str]| parse_options(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let (d, p) = o(&["profile=fast", "ignore-if-same-content=a/*"]).unwrap();
+        assert_eq!(
+            (d.ignore_if_same_content, p),
+            (vec!["a/*".to_string()], Profile::Fast)
+        );
+        assert_eq!(o(&[]).unwrap().1, Profile::Tails);
+        assert!(o(&["profile=quick"]).is_err());
+        assert!(o(&["threads=4"]).is_err());
     }
 
     #[test]

@@ -22,15 +22,17 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 
 use sha2::{Digest, Sha256};
 
 use super::compress::XzConfig;
 use super::format::{BLOCK_UNCOMPRESSED, NO_FRAGMENT};
+use super::reader::ImageFile;
+use crate::blockcache::{BlockCache, BlockKey, Cached};
 use crate::error::{Error, Result};
 use crate::progress::Progress;
-use crate::tree::FileContent;
+use crate::tree::{FileContent, Source};
 
 /// Where a file's data ended up; everything its inode needs.
 #[derive(Debug, Clone)]
@@ -75,12 +77,34 @@ pub struct DataStats {
     pub sparse_blocks: u64,
     pub fragments: u64,
     pub duplicate_fragments: u64,
+    /// Blocks (fragment blocks included) compressed here.
+    pub compressed_blocks: u64,
+    pub compressed_bytes: u64,
+    /// Blocks whose stored form came from the block cache.
+    pub cache_hits: u64,
+    pub cache_hit_bytes: u64,
+    /// Blocks copied as stored from a source image (fast profile).
+    pub copied_blocks: u64,
+    pub copied_bytes: u64,
+    /// Blocks stored uncompressed without trying because they looked
+    /// incompressible (fast profile).
+    pub skipped_blocks: u64,
+}
+
+/// How a block's stored form was obtained.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    Compressed,
+    Cache,
+    Copied,
+    Skipped,
 }
 
 struct Stored {
     bytes: Vec<u8>,
     compressed: bool,
     digest: [u8; 32],
+    origin: Origin,
 }
 
 impl Stored {
@@ -95,17 +119,79 @@ impl Stored {
     }
 }
 
-fn store(cfg: &XzConfig, data: Vec<u8>) -> Result<Stored> {
-    let (bytes, compressed) = match cfg.compress(&data)? {
-        Some(c) => (c, true),
-        None => (data, false),
-    };
-    let digest = Sha256::digest(&bytes).into();
-    Ok(Stored {
-        bytes,
-        compressed,
-        digest,
-    })
+/// What compressing a block needs; cloned into every compression task.
+#[derive(Clone)]
+struct Compressor {
+    cfg: XzConfig,
+    cache: Option<Arc<BlockCache>>,
+    skip_incompressible: bool,
+}
+
+impl Compressor {
+    fn store(&self, data: Vec<u8>) -> Result<Stored> {
+        if self.skip_incompressible && looks_incompressible(&data) {
+            return Ok(Stored::new(data, false, Origin::Skipped));
+        }
+        let key = self
+            .cache
+            .as_ref()
+            .map(|c| (c, BlockKey::new(&self.cfg, &data)));
+        if let Some((cache, key)) = &key
+            && let Some(hit) = cache.get(key, &data)
+        {
+            return Ok(match hit {
+                Cached::Compressed(c) => Stored::new(c, true, Origin::Cache),
+                Cached::Uncompressed => Stored::new(data, false, Origin::Cache),
+            });
+        }
+        let compressed = self.cfg.compress(&data)?;
+        if let Some((cache, key)) = &key {
+            let entry = match &compressed {
+                Some(c) => Cached::Compressed(c.clone()),
+                None => Cached::Uncompressed,
+            };
+            cache.put(key, &entry);
+        }
+        Ok(match compressed {
+            Some(c) => Stored::new(c, true, Origin::Compressed),
+            None => Stored::new(data, false, Origin::Compressed),
+        })
+    }
+}
+
+impl Stored {
+    fn new(bytes: Vec<u8>, compressed: bool, origin: Origin) -> Stored {
+        let digest = Sha256::digest(&bytes).into();
+        Stored {
+            bytes,
+            compressed,
+            digest,
+            origin,
+        }
+    }
+}
+
+/// Order-0 entropy above 7.99 bits per byte: already compressed (or random)
+/// data, which xz cannot shrink. Only judged on blocks large enough for the
+/// estimate to mean something.
+fn looks_incompressible(data: &[u8]) -> bool {
+    if data.len() < 65536 {
+        return false;
+    }
+    let mut counts = [0u32; 256];
+    for &b in data {
+        counts[b as usize] += 1;
+    }
+    let n = data.len() as f64;
+    let bits: f64 = counts
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| {
+            let p = c as f64 / n;
+            -p * p.log2()
+        })
+        .sum();
+    bits > 7.99
 }
 
 enum Job {
@@ -133,8 +219,22 @@ enum Job {
     },
     FragmentBlock {
         index: u32,
+        raw_len: u64,
         result: mpsc::Receiver<Result<Stored>>,
     },
+}
+
+/// Tails waiting in the current fragment block, and every tail packed so far.
+#[derive(Default)]
+struct Packer {
+    block: Vec<u8>,
+    count: u32,
+    tails: HashMap<(u32, [u8; 32]), (u32, u32)>,
+}
+
+fn send(tx: &mpsc::SyncSender<Job>, job: Job) -> Result<()> {
+    tx.send(job)
+        .map_err(|_| Error::Compressor("writer stopped".into()))
 }
 
 enum TailPlace {
@@ -147,6 +247,10 @@ pub struct DataWriter<'a> {
     pub start: u64,
     pub block_size: u32,
     pub cfg: XzConfig,
+    pub cache: Option<Arc<BlockCache>>,
+    /// Copy the stored blocks of files read from a compatible image.
+    pub copy_image_blocks: bool,
+    pub skip_incompressible: bool,
     pub pool: &'a rayon::ThreadPool,
     pub backlog: usize,
     pub progress: &'a dyn Progress,
@@ -176,11 +280,33 @@ impl DataWriter<'_> {
 
     fn spawn_store(&self, data: Vec<u8>) -> mpsc::Receiver<Result<Stored>> {
         let (tx, rx) = mpsc::sync_channel(1);
-        let cfg = self.cfg;
+        let c = Compressor {
+            cfg: self.cfg,
+            cache: self.cache.clone(),
+            skip_incompressible: self.skip_incompressible,
+        };
         self.pool.spawn(move || {
-            let _ = tx.send(store(&cfg, data));
+            let _ = tx.send(c.store(data));
         });
         rx
+    }
+
+    fn ready(stored: Stored) -> mpsc::Receiver<Result<Stored>> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let _ = tx.send(Ok(stored));
+        rx
+    }
+
+    /// The image file behind `content` if its stored blocks can be copied.
+    fn copyable<'c>(&self, content: &'c FileContent) -> Option<&'c ImageFile> {
+        match &content.source {
+            Source::Image(f)
+                if self.copy_image_blocks && f.blocks_copyable(self.block_size, &self.cfg) =>
+            {
+                Some(f)
+            }
+            _ => None,
+        }
     }
 
     /// Reads files in order, cuts them into blocks and tails, packs tails
@@ -188,13 +314,14 @@ impl DataWriter<'_> {
     fn produce(&self, files: &[&FileContent], tx: mpsc::SyncSender<Job>) -> Result<DataStats> {
         let bs = self.block_size as usize;
         let mut stats = DataStats::default();
-        let mut frag_block: Vec<u8> = Vec::new();
-        let mut frag_count: u32 = 0;
-        let mut tails: HashMap<(u32, [u8; 32]), (u32, u32)> = HashMap::new();
-        let closed = || Error::Compressor("writer stopped".into());
+        let mut packer = Packer::default();
         for (file, content) in files.iter().enumerate() {
             if self.progress.is_cancelled() {
                 return Err(Error::Cancelled);
+            }
+            if let Some(image) = self.copyable(content) {
+                self.copy_file(file, content.size, image, &mut packer, &mut stats, &tx)?;
+                continue;
             }
             let mut reader = content.open()?;
             let mut remaining = content.size;
@@ -210,10 +337,9 @@ impl DataWriter<'_> {
                     other => other,
                 })?;
                 remaining -= want as u64;
-                let zero = is_zero(&buf);
                 if want == bs {
                     let first = index == 0;
-                    let job = if zero {
+                    let job = if is_zero(&buf) {
                         stats.sparse_blocks += 1;
                         Job::Sparse {
                             file,
@@ -230,53 +356,19 @@ impl DataWriter<'_> {
                             result: self.spawn_store(buf),
                         }
                     };
-                    tx.send(job).map_err(|_| closed())?;
+                    send(&tx, job)?;
                     index += 1;
                     continue;
                 }
                 // The tail: after the file's last full block is settled.
                 if index > 0 {
-                    tx.send(Job::LastBlock { file }).map_err(|_| closed())?;
+                    send(&tx, Job::LastBlock { file })?;
                 }
-                let len = want as u32;
-                let place = if zero {
-                    stats.sparse_blocks += 1;
-                    TailPlace::Sparse
-                } else {
-                    stats.fragments += 1;
-                    let key = (len, Sha256::digest(&buf).into());
-                    if let Some(&(fi, off)) = tails.get(&key) {
-                        stats.duplicate_fragments += 1;
-                        TailPlace::Fragment(fi, off)
-                    } else {
-                        if !frag_block.is_empty() && frag_block.len() + want > bs {
-                            let data = std::mem::take(&mut frag_block);
-                            let job = Job::FragmentBlock {
-                                index: frag_count - 1,
-                                result: self.spawn_store(data),
-                            };
-                            tx.send(job).map_err(|_| closed())?;
-                        }
-                        if frag_block.is_empty() {
-                            frag_count += 1;
-                        }
-                        let loc = (frag_count - 1, frag_block.len() as u32);
-                        frag_block.extend_from_slice(&buf);
-                        tails.insert(key, loc);
-                        TailPlace::Fragment(loc.0, loc.1)
-                    }
-                };
-                tx.send(Job::Tail {
-                    file,
-                    index,
-                    place,
-                    len,
-                })
-                .map_err(|_| closed())?;
+                self.tail(file, index, buf, &mut packer, &mut stats, &tx)?;
                 index = usize::MAX;
             }
             if index != 0 && index != usize::MAX {
-                tx.send(Job::LastBlock { file }).map_err(|_| closed())?;
+                send(&tx, Job::LastBlock { file })?;
             }
             let mut probe = [0u8; 1];
             if reader
@@ -290,14 +382,129 @@ impl DataWriter<'_> {
                 )));
             }
         }
-        if !frag_block.is_empty() {
+        if !packer.block.is_empty() {
             let job = Job::FragmentBlock {
-                index: frag_count - 1,
-                result: self.spawn_store(frag_block),
+                index: packer.count - 1,
+                raw_len: packer.block.len() as u64,
+                result: self.spawn_store(std::mem::take(&mut packer.block)),
             };
-            tx.send(job).map_err(|_| closed())?;
+            send(&tx, job)?;
         }
         Ok(stats)
+    }
+
+    /// Packs a file's tail into the fragment blocks (or records it as
+    /// sparse), flushing the current fragment block when it is full.
+    fn tail(
+        &self,
+        file: usize,
+        index: usize,
+        buf: Vec<u8>,
+        packer: &mut Packer,
+        stats: &mut DataStats,
+        tx: &mpsc::SyncSender<Job>,
+    ) -> Result<()> {
+        let bs = self.block_size as usize;
+        let len = buf.len() as u32;
+        let place = if is_zero(&buf) {
+            stats.sparse_blocks += 1;
+            TailPlace::Sparse
+        } else {
+            stats.fragments += 1;
+            let key = (len, Sha256::digest(&buf).into());
+            if let Some(&(fi, off)) = packer.tails.get(&key) {
+                stats.duplicate_fragments += 1;
+                TailPlace::Fragment(fi, off)
+            } else {
+                if !packer.block.is_empty() && packer.block.len() + buf.len() > bs {
+                    let data = std::mem::take(&mut packer.block);
+                    let job = Job::FragmentBlock {
+                        index: packer.count - 1,
+                        raw_len: data.len() as u64,
+                        result: self.spawn_store(data),
+                    };
+                    send(tx, job)?;
+                }
+                if packer.block.is_empty() {
+                    packer.count += 1;
+                }
+                let loc = (packer.count - 1, packer.block.len() as u32);
+                packer.block.extend_from_slice(&buf);
+                packer.tails.insert(key, loc);
+                TailPlace::Fragment(loc.0, loc.1)
+            }
+        };
+        send(
+            tx,
+            Job::Tail {
+                file,
+                index,
+                place,
+                len,
+            },
+        )
+    }
+
+    /// The fast path of the fast profile: a file's blocks as its image
+    /// stores them (compressed or not, sparse stays sparse), its tail
+    /// packed like any other.
+    fn copy_file(
+        &self,
+        file: usize,
+        size: u64,
+        image: &ImageFile,
+        packer: &mut Packer,
+        stats: &mut DataStats,
+        tx: &mpsc::SyncSender<Job>,
+    ) -> Result<()> {
+        let bs = self.block_size as u64;
+        let inode = image.inode();
+        if inode.size != size {
+            return Err(Error::corrupt("file size differs from its inode"));
+        }
+        let tail = image.fragment_tail()?;
+        let blocks = inode.block_sizes.len();
+        if tail.is_empty() && size.div_ceil(bs) != blocks as u64 {
+            return Err(Error::corrupt(
+                "file without a fragment has a block list of the wrong length",
+            ));
+        }
+        let mut pos = inode.blocks_start;
+        for index in 0..blocks {
+            if self.progress.is_cancelled() {
+                return Err(Error::Cancelled);
+            }
+            let raw_len = (size - index as u64 * bs).min(bs);
+            let (field, bytes) = image.stored_block(index, pos)?;
+            pos += bytes.len() as u64;
+            let first = index == 0;
+            let job = if field == 0 {
+                stats.sparse_blocks += 1;
+                Job::Sparse {
+                    file,
+                    index,
+                    first,
+                    len: raw_len as u32,
+                }
+            } else {
+                let compressed = field & BLOCK_UNCOMPRESSED == 0;
+                Job::Block {
+                    file,
+                    index,
+                    first,
+                    raw_len,
+                    result: Self::ready(Stored::new(bytes, compressed, Origin::Copied)),
+                }
+            };
+            send(tx, job)?;
+        }
+        if blocks > 0 {
+            send(tx, Job::LastBlock { file })?;
+        }
+        if !tail.is_empty() {
+            self.tail(file, blocks, tail, packer, stats, tx)?;
+        }
+        Ok(())
     }
 
     /// Writes blocks in order and de-duplicates whole files' block runs.
@@ -322,6 +529,7 @@ impl DataWriter<'_> {
                     raw_len,
                 } => {
                     let stored = recv(result)?;
+                    count_origin(&mut stats, &stored, raw_len);
                     if first {
                         file_start = blocks.len();
                     }
@@ -377,8 +585,13 @@ impl DataWriter<'_> {
                     stats.bytes_read += len as u64;
                     self.progress.advance(len as u64);
                 }
-                Job::FragmentBlock { index, result } => {
+                Job::FragmentBlock {
+                    index,
+                    raw_len,
+                    result,
+                } => {
                     let stored = recv(result)?;
+                    count_origin(&mut stats, &stored, raw_len);
                     let size = stored.size_field();
                     self.out.write_all_at(&stored.bytes, pos)?;
                     blocks.push(pos, size, stored.digest);
@@ -400,6 +613,20 @@ impl DataWriter<'_> {
             n,
         ))
     }
+}
+
+fn count_origin(stats: &mut DataStats, stored: &Stored, raw_len: u64) {
+    let (n, bytes) = match stored.origin {
+        Origin::Compressed => (&mut stats.compressed_blocks, &mut stats.compressed_bytes),
+        Origin::Cache => (&mut stats.cache_hits, &mut stats.cache_hit_bytes),
+        Origin::Copied => (&mut stats.copied_blocks, &mut stats.copied_bytes),
+        Origin::Skipped => {
+            stats.skipped_blocks += 1;
+            return;
+        }
+    };
+    *n += 1;
+    *bytes += raw_len;
 }
 
 fn set_block_size(layout: &mut FileLayout, index: usize, size: u32) {

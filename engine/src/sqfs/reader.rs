@@ -977,6 +977,60 @@ impl ImageFile {
         &self.file
     }
 
+    /// Whether this file's stored blocks can be copied into an image written
+    /// with `block_size` and `xz`: same compressor and block size, and a
+    /// dictionary no larger than the writer declares (a reader sizes its
+    /// buffers from the declared one).
+    pub fn blocks_copyable(&self, block_size: u32, xz: &XzConfig) -> bool {
+        let ar = &self.ar;
+        ar.sb.block_size == block_size
+            && ar
+                .xz_config()
+                .is_some_and(|c| c.dict_size <= xz.dict_size && c.flags & !xz.flags == 0)
+    }
+
+    /// The stored form of full block `index`: its size field (with the
+    /// uncompressed bit; 0 for a sparse block) and its bytes as stored.
+    pub fn stored_block(&self, index: usize, pos: u64) -> Result<(u32, Vec<u8>)> {
+        let size = *self
+            .file
+            .block_sizes
+            .get(index)
+            .ok_or_else(|| Error::corrupt("block index beyond the block list"))?;
+        let len = (size & !BLOCK_UNCOMPRESSED) as usize;
+        if size & !(BLOCK_UNCOMPRESSED | 0x00FF_FFFF) != 0 || len > self.ar.sb.block_size as usize {
+            corrupt!("data block size {size:#x} invalid");
+        }
+        if pos
+            .checked_add(len as u64)
+            .is_none_or(|e| e > self.ar.sb.inode_table_start)
+        {
+            corrupt!("data block at {pos} (+{len}) outside the data area");
+        }
+        let mut raw = vec![0u8; len];
+        read_at(&*self.ar.src, &mut raw, pos, "data block")?;
+        Ok((size, raw))
+    }
+
+    /// The file's tail kept in a fragment block, decompressed (empty when
+    /// the file has no fragment).
+    pub fn fragment_tail(&self) -> Result<Vec<u8>> {
+        let f = &self.file;
+        if f.fragment_index == NO_FRAGMENT {
+            return Ok(Vec::new());
+        }
+        let bs = self.ar.sb.block_size as u64;
+        if f.size.div_ceil(bs) != f.block_sizes.len() as u64 + 1 {
+            corrupt!("file with a fragment has a block list of the wrong length");
+        }
+        let tail = f.size - f.block_sizes.len() as u64 * bs;
+        let block = self.ar.fragment_block(f.fragment_index)?;
+        match (f.fragment_offset as usize).checked_add(tail as usize) {
+            Some(end) if end <= block.len() => Ok(block[f.fragment_offset as usize..end].to_vec()),
+            _ => corrupt!("file tail lies outside its fragment block"),
+        }
+    }
+
     /// Decides whether two files have the same contents by comparing how
     /// they are stored, without decompressing data blocks: when both images
     /// use the same compressor settings and block size and the files have

@@ -19,6 +19,7 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::sync::Arc;
 
 use super::compress::XzConfig;
 use super::data::{DataStats, DataWriter, FileLayout};
@@ -28,6 +29,7 @@ use super::format::{
 };
 use super::meta::{MetaWriter, encode_table};
 use super::xattr_table::XattrTable;
+use crate::blockcache::BlockCache;
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::tree::{FileContent, Kind, Node};
@@ -44,6 +46,15 @@ pub struct WriterOptions {
     pub dev_block_size: u32,
     /// Compression threads; 0 means one per available core.
     pub threads: usize,
+    /// Where compressed blocks are looked up before compressing; a hit gives
+    /// exactly the bytes compressing would.
+    pub cache: Option<Arc<BlockCache>>,
+    /// Fast profile: files read from an image with compatible compressor
+    /// settings keep their stored blocks (not gensquashfs's bytes).
+    pub copy_image_blocks: bool,
+    /// Fast profile: blocks that look incompressible are stored without
+    /// trying xz (not gensquashfs's bytes).
+    pub skip_incompressible: bool,
 }
 
 impl Default for WriterOptions {
@@ -54,6 +65,9 @@ impl Default for WriterOptions {
             mtime: 0,
             dev_block_size: 4096,
             threads: 0,
+            cache: None,
+            copy_image_blocks: false,
+            skip_incompressible: false,
         }
     }
 }
@@ -194,6 +208,9 @@ pub fn write_image(
         start: pos,
         block_size: opts.block_size,
         cfg: opts.xz,
+        cache: opts.cache.clone(),
+        copy_image_blocks: opts.copy_image_blocks,
+        skip_incompressible: opts.skip_incompressible,
         pool: &pool,
         backlog: 2 * threads + 2,
         progress,

@@ -1,0 +1,473 @@
+//! A content-addressed, on-disk cache of compressed blocks, shared by every
+//! image a process writes (every IUK of a release on one worker).
+//!
+//! In a release every kit carries most of the same changed files, and a
+//! file's full blocks are cut from the file's own start, so the same
+//! uncompressed blocks are compressed again for every kit. The cache maps
+//! *(uncompressed block, every setting that shapes the compressed bytes)*
+//! to the bytes the writer produced, so a hit gives exactly the bytes a miss
+//! would: outputs never depend on whether the cache was cold or warm.
+//!
+//! Entries are files `<dir>/<2 hex>/<64 hex>`, written to a temporary name
+//! and renamed into place, so concurrent jobs (and processes) only ever see
+//! whole entries. Every entry carries a checksum, and a compressed entry is
+//! also decompressed and compared with the block in hand before it is used;
+//! an entry that fails either check is deleted and the block compressed
+//! again. The cache is bounded: past its size cap, the least recently used
+//! entries (by modification time, refreshed on every hit) are removed.
+//! Failing to store an entry never fails a build: the cache only saves work.
+
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::sqfs::compress::{XzConfig, decompress, liblzma_version};
+use crate::sqfs::format::CompressorId;
+
+const MAGIC: &[u8; 8] = b"IUKBLK1\n";
+const HEADER: usize = 8 + 32 + 1 + 4 + 32;
+/// Bumped whenever the writer's compression could give other bytes for the
+/// same settings (a change of filter trial, say): old entries then miss.
+const COMPRESS_REVISION: u32 = 1;
+/// No block is larger than 1 MiB; an entry file larger than this is junk.
+const MAX_ENTRY: u64 = HEADER as u64 + (1 << 20) + 4096;
+
+/// Counters of one [`BlockCache`] since it was opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    pub hits: u64,
+    pub misses: u64,
+    /// Uncompressed bytes whose compression a hit saved.
+    pub hit_bytes: u64,
+    /// Entries that failed their checks and were deleted.
+    pub dropped: u64,
+    pub stored: u64,
+    pub evicted: u64,
+    /// Entries that could not be written (the build went on without them).
+    pub store_errors: u64,
+}
+
+/// The cache key of one block: the uncompressed bytes and everything that
+/// decides their compressed form.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct BlockKey([u8; 32]);
+
+impl BlockKey {
+    pub fn new(cfg: &XzConfig, data: &[u8]) -> BlockKey {
+        let mut h = Sha256::new();
+        h.update(b"iukfarm block cache\0");
+        h.update(env!("CARGO_PKG_VERSION").as_bytes());
+        h.update([0]);
+        h.update(liblzma_version().as_bytes());
+        h.update([0]);
+        for v in [
+            COMPRESS_REVISION,
+            cfg.level,
+            cfg.dict_size,
+            cfg.lc,
+            cfg.lp,
+            cfg.pb,
+            cfg.flags,
+        ] {
+            h.update(v.to_le_bytes());
+        }
+        h.update((data.len() as u64).to_le_bytes());
+        h.update(data);
+        BlockKey(h.finalize().into())
+    }
+
+    fn hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// What the writer stores for a block: compressed bytes, or the block as is
+/// when compression did not make it smaller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cached {
+    Compressed(Vec<u8>),
+    Uncompressed,
+}
+
+/// See the module documentation.
+pub struct BlockCache {
+    dir: PathBuf,
+    cap: u64,
+    size: AtomicU64,
+    seq: AtomicU64,
+    evicting: Mutex<()>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    hit_bytes: AtomicU64,
+    dropped: AtomicU64,
+    stored: AtomicU64,
+    evicted: AtomicU64,
+    store_errors: AtomicU64,
+}
+
+impl std::fmt::Debug for BlockCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BlockCache({}, cap {})", self.dir.display(), self.cap)
+    }
+}
+
+impl BlockCache {
+    /// Opens (creating it if needed) the cache in `dir`, bounded to about
+    /// `cap` bytes. Leftover temporary files of an interrupted run are
+    /// removed.
+    pub fn open(dir: &Path, cap: u64) -> Result<BlockCache> {
+        fs::create_dir_all(dir.join("tmp")).map_err(|e| Error::io(dir, e))?;
+        let cache = BlockCache {
+            dir: dir.to_path_buf(),
+            cap,
+            size: AtomicU64::new(0),
+            seq: AtomicU64::new(0),
+            evicting: Mutex::new(()),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            hit_bytes: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            stored: AtomicU64::new(0),
+            evicted: AtomicU64::new(0),
+            store_errors: AtomicU64::new(0),
+        };
+        let tmp = dir.join("tmp");
+        for e in fs::read_dir(&tmp)
+            .map_err(|e| Error::io(&tmp, e))?
+            .flatten()
+        {
+            // Another process's entry in flight loses its rename and is
+            // simply not stored.
+            let _ = fs::remove_file(e.path());
+        }
+        let size = cache.entries()?.iter().map(|e| e.1).sum();
+        cache.size.store(size, Ordering::Relaxed);
+        if size > cap {
+            cache.evict();
+        }
+        Ok(cache)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Bytes the entries take, as far as this process knows.
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Relaxed)
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        CacheStats {
+            hits: l(&self.hits),
+            misses: l(&self.misses),
+            hit_bytes: l(&self.hit_bytes),
+            dropped: l(&self.dropped),
+            stored: l(&self.stored),
+            evicted: l(&self.evicted),
+            store_errors: l(&self.store_errors),
+        }
+    }
+
+    fn path(&self, key: &BlockKey) -> PathBuf {
+        let hex = key.hex();
+        self.dir.join(&hex[..2]).join(hex)
+    }
+
+    /// The stored form of `data` if the cache has a sound entry for it.
+    pub fn get(&self, key: &BlockKey, data: &[u8]) -> Option<Cached> {
+        let path = self.path(key);
+        let found = match read_entry(&path, key, data) {
+            Ok(Some(c)) => Some(c),
+            Ok(None) => None,
+            Err(()) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                if let Ok(m) = fs::metadata(&path)
+                    && fs::remove_file(&path).is_ok()
+                {
+                    self.size.fetch_sub(
+                        disk_size(m.len()).min(self.size.load(Ordering::Relaxed)),
+                        Ordering::Relaxed,
+                    );
+                }
+                None
+            }
+        };
+        match &found {
+            Some(_) => {
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                self.hit_bytes
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
+            None => {
+                self.misses.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        found
+    }
+
+    /// Records what the writer stored for the block with `key`.
+    pub fn put(&self, key: &BlockKey, value: &Cached) {
+        match self.write_entry(key, value) {
+            Ok(n) => {
+                self.stored.fetch_add(1, Ordering::Relaxed);
+                if self.size.fetch_add(n, Ordering::Relaxed) + n > self.cap {
+                    self.evict();
+                }
+            }
+            Err(_) => {
+                self.store_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn write_entry(&self, key: &BlockKey, value: &Cached) -> std::io::Result<u64> {
+        let (flag, bytes): (u8, &[u8]) = match value {
+            Cached::Compressed(b) => (1, b),
+            Cached::Uncompressed => (0, &[]),
+        };
+        let mut buf = Vec::with_capacity(HEADER + bytes.len());
+        buf.extend_from_slice(MAGIC);
+        buf.extend_from_slice(&key.0);
+        buf.push(flag);
+        buf.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+        let sum = checksum(&buf, bytes);
+        buf.extend_from_slice(&sum);
+        buf.extend_from_slice(bytes);
+        let tmp = self.dir.join("tmp").join(format!(
+            "{}-{}",
+            std::process::id(),
+            self.seq.fetch_add(1, Ordering::Relaxed)
+        ));
+        let path = self.path(key);
+        let result = (|| {
+            let mut f = File::create(&tmp)?;
+            f.write_all(&buf)?;
+            drop(f);
+            if let Some(parent) = path.parent() {
+                fs::create_dir_all(parent)?;
+            }
+            fs::rename(&tmp, &path)
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result.map(|()| disk_size(buf.len() as u64))
+    }
+
+    /// Every entry with its size and last use.
+    fn entries(&self) -> Result<Vec<(PathBuf, u64, SystemTime)>> {
+        let mut out = Vec::new();
+        let rd = fs::read_dir(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
+        for sub in rd.flatten() {
+            let name = sub.file_name();
+            if name.len() != 2 || !sub.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let Ok(files) = fs::read_dir(sub.path()) else {
+                continue;
+            };
+            for f in files.flatten() {
+                if let Ok(m) = f.metadata()
+                    && m.is_file()
+                {
+                    let used = m.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+                    out.push((f.path(), disk_size(m.len()), used));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes the least recently used entries until the cache is at 90% of
+    /// its cap. One eviction at a time; others skip it.
+    fn evict(&self) {
+        let Ok(_guard) = self.evicting.try_lock() else {
+            return;
+        };
+        let Ok(mut all) = self.entries() else {
+            return;
+        };
+        all.sort_by(|a, b| a.2.cmp(&b.2).then_with(|| a.0.cmp(&b.0)));
+        let mut size: u64 = all.iter().map(|e| e.1).sum();
+        let target = self.cap / 10 * 9;
+        for (path, n, _) in all {
+            if size <= target {
+                break;
+            }
+            if fs::remove_file(&path).is_ok() {
+                size -= n;
+                self.evicted.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.size.store(size, Ordering::Relaxed);
+    }
+}
+
+/// What an entry is counted as against the cap: its length rounded up to
+/// the usual file system block.
+fn disk_size(len: u64) -> u64 {
+    len.next_multiple_of(4096)
+}
+
+fn checksum(header: &[u8], bytes: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(header);
+    h.update(bytes);
+    h.finalize().into()
+}
+
+/// `Ok(None)`: no entry. `Err(())`: an entry that must not be used.
+fn read_entry(path: &Path, key: &BlockKey, data: &[u8]) -> std::result::Result<Option<Cached>, ()> {
+    let f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(_) => return Err(()),
+    };
+    let len = f.metadata().map_err(|_| ())?.len();
+    if len > MAX_ENTRY || len < HEADER as u64 {
+        return Err(());
+    }
+    let mut buf = Vec::with_capacity(len as usize);
+    (&f).take(len).read_to_end(&mut buf).map_err(|_| ())?;
+    if buf.len() < HEADER || &buf[..8] != MAGIC || buf[8..40] != key.0 {
+        return Err(());
+    }
+    let flag = buf[40];
+    let n = u32::from_le_bytes(buf[41..45].try_into().expect("4 bytes")) as usize;
+    if buf.len() != HEADER + n || checksum(&buf[..45], &buf[HEADER..]) != buf[45..HEADER] {
+        return Err(());
+    }
+    let value = match (flag, n) {
+        (0, 0) => Cached::Uncompressed,
+        (1, _) if n > 0 && n < data.len() => {
+            let bytes = buf.split_off(HEADER);
+            match decompress(CompressorId::Xz, &bytes, data.len()) {
+                Ok(d) if d == data => Cached::Compressed(bytes),
+                _ => return Err(()),
+            }
+        }
+        _ => return Err(()),
+    };
+    // Refresh the entry's place in the LRU order; failing is harmless.
+    let _ = f.set_modified(SystemTime::now());
+    Ok(Some(value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(seed: u8) -> Vec<u8> {
+        (0..200_000u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8 ^ seed)
+            .map(|b| b % 7)
+            .collect()
+    }
+
+    #[test]
+    fn hit_gives_what_was_stored_and_checks_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = BlockCache::open(dir.path(), 1 << 30).unwrap();
+        let cfg = XzConfig::for_block_size(1 << 20);
+        let data = sample(1);
+        let key = BlockKey::new(&cfg, &data);
+        assert_eq!(cache.get(&key, &data), None);
+        let compressed = cfg.compress(&data).unwrap().unwrap();
+        cache.put(&key, &Cached::Compressed(compressed.clone()));
+        assert_eq!(
+            cache.get(&key, &data),
+            Some(Cached::Compressed(compressed.clone()))
+        );
+        let s = cache.stats();
+        assert_eq!((s.hits, s.misses, s.stored), (1, 1, 1));
+
+        // Another setting is another key.
+        let mut x86 = cfg;
+        x86.flags = crate::sqfs::compress::xz_flags::X86;
+        assert_ne!(BlockKey::new(&x86, &data), key);
+
+        // A flipped byte in the entry: dropped, never used.
+        let path = cache.path(&key);
+        let mut raw = fs::read(&path).unwrap();
+        let last = raw.len() - 1;
+        raw[last] ^= 1;
+        fs::write(&path, &raw).unwrap();
+        assert_eq!(cache.get(&key, &data), None);
+        assert!(!path.exists());
+        assert_eq!(cache.stats().dropped, 1);
+
+        // An entry whose checksum is right but whose bytes decode to other
+        // data (a wrong entry under this key): dropped too.
+        let other = cfg.compress(&sample(2)).unwrap().unwrap();
+        cache.put(&key, &Cached::Compressed(other));
+        assert_eq!(cache.get(&key, &data), None);
+        assert_eq!(cache.stats().dropped, 2);
+
+        // A truncated entry.
+        cache.put(&key, &Cached::Compressed(compressed));
+        let raw = fs::read(&path).unwrap();
+        fs::write(&path, &raw[..raw.len() / 2]).unwrap();
+        assert_eq!(cache.get(&key, &data), None);
+        assert_eq!(cache.stats().dropped, 3);
+    }
+
+    #[test]
+    fn uncompressed_marker_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = BlockCache::open(dir.path(), 1 << 30).unwrap();
+        let cfg = XzConfig::for_block_size(131072);
+        let data = vec![7u8; 4096];
+        let key = BlockKey::new(&cfg, &data);
+        cache.put(&key, &Cached::Uncompressed);
+        assert_eq!(cache.get(&key, &data), Some(Cached::Uncompressed));
+    }
+
+    #[test]
+    fn evicts_least_recently_used_past_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = XzConfig::for_block_size(1 << 20);
+        let blocks: Vec<Vec<u8>> = (0..6u8).map(sample).collect();
+        let stored: Vec<(BlockKey, Vec<u8>)> = blocks
+            .iter()
+            .map(|d| (BlockKey::new(&cfg, d), cfg.compress(d).unwrap().unwrap()))
+            .collect();
+        let entry = disk_size((HEADER + stored[0].1.len()) as u64);
+        assert!(
+            stored
+                .iter()
+                .all(|s| disk_size((HEADER + s.1.len()) as u64) == entry)
+        );
+        let cap = 3 * entry + 100;
+        let cache = BlockCache::open(dir.path(), cap).unwrap();
+        let old = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
+        for (i, (key, bytes)) in stored.iter().enumerate().take(3) {
+            cache.put(key, &Cached::Compressed(bytes.clone()));
+            let f = File::options().write(true).open(cache.path(key)).unwrap();
+            f.set_modified(old + std::time::Duration::from_secs(i as u64))
+                .unwrap();
+        }
+        // Using the oldest makes it the most recent.
+        assert!(cache.get(&stored[0].0, &blocks[0]).is_some());
+        cache.put(&stored[3].0, &Cached::Compressed(stored[3].1.clone()));
+        assert!(cache.stats().evicted >= 1);
+        assert!(cache.size() <= cap);
+        assert!(cache.path(&stored[0].0).exists(), "recently used kept");
+        assert!(
+            !cache.path(&stored[1].0).exists(),
+            "least recently used gone"
+        );
+        assert!(cache.path(&stored[3].0).exists());
+
+        // Reopening measures what is there and keeps the cap.
+        let again = BlockCache::open(dir.path(), cap).unwrap();
+        assert!(again.size() <= cap && again.size() > 0);
+    }
+}
