@@ -104,3 +104,37 @@ pub fn sha256(p: &Path) -> Result<String> {
     }
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
+
+/// A throw-away OpenPGP secret key (for signing a benchmark release's
+/// manifest), written under `work`; gpg's agent is stopped afterwards.
+pub fn throwaway_key(work: &Path) -> Result<std::path::PathBuf> {
+    let gnupg = work.join("gnupg");
+    fs::create_dir(&gnupg)?;
+    fs::set_permissions(&gnupg, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+    let gpg = |a: &[&str]| -> Result<Vec<u8>> {
+        let o = Command::new("gpg")
+            .env("GNUPGHOME", &gnupg)
+            .args(["--batch", "--pinentry-mode", "loopback", "--passphrase", ""])
+            .args(a)
+            .output()
+            .context("running gpg (apt-get install gnupg)")?;
+        if !o.status.success() {
+            bail!("gpg {a:?}: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        Ok(o.stdout)
+    };
+    gpg(&[
+        "--quick-gen-key",
+        "bench <bench@example.invalid>",
+        "ed25519",
+        "sign",
+        "never",
+    ])?;
+    let key = work.join("key.asc");
+    fs::write(&key, gpg(&["--armor", "--export-secret-keys"])?)?;
+    let _ = Command::new("gpgconf")
+        .env("GNUPGHOME", &gnupg)
+        .args(["--kill", "all"])
+        .status();
+    Ok(key)
+}

@@ -11,9 +11,9 @@ use std::fs;
 use std::path::PathBuf;
 use std::process::Command;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Result, ensure};
 use clap::Parser;
-use iukfarm_bench::{measure, sha256};
+use iukfarm_bench::{measure, sha256, throwaway_key};
 
 #[derive(Parser)]
 struct Args {
@@ -71,35 +71,7 @@ fn main() -> Result<()> {
     let sources = &versions[..versions.len() - 1];
     let iso = |v: &str| isos.join(format!("tails-amd64-{v}/tails-amd64-{v}.iso"));
 
-    // A throw-away OpenPGP key for the manifest.
-    let gnupg = work.join("gnupg");
-    fs::create_dir(&gnupg)?;
-    fs::set_permissions(&gnupg, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
-    let gpg = |a: &[&str]| -> Result<Vec<u8>> {
-        let o = Command::new("gpg")
-            .env("GNUPGHOME", &gnupg)
-            .args(["--batch", "--pinentry-mode", "loopback", "--passphrase", ""])
-            .args(a)
-            .output()
-            .context("running gpg (apt-get install gnupg)")?;
-        if !o.status.success() {
-            bail!("gpg {a:?}: {}", String::from_utf8_lossy(&o.stderr));
-        }
-        Ok(o.stdout)
-    };
-    gpg(&[
-        "--quick-gen-key",
-        "bench <bench@example.invalid>",
-        "ed25519",
-        "sign",
-        "never",
-    ])?;
-    let key = work.join("key.asc");
-    fs::write(&key, gpg(&["--armor", "--export-secret-keys"])?)?;
-    let _ = Command::new("gpgconf")
-        .env("GNUPGHOME", &gnupg)
-        .args(["--kill", "all"])
-        .status();
+    let key = throwaway_key(work)?;
 
     // The matrix one IUK after another, each build using every core.
     let singles = work.join("singles");

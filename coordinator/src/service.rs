@@ -500,6 +500,7 @@ impl Farm for FarmService {
             engine_options: sh.cfg.engine_options.clone(),
             output_name: j.output_name.clone(),
             lease_ms: sh.cfg.lease_timeout.as_millis() as u64,
+            reproduction: j.reproduction_of.is_some(),
         };
         info!(
             "{}{}: attempt {} on {name}",

@@ -17,11 +17,12 @@
 //! entries (by modification time, refreshed on every hit) are removed.
 //! Failing to store an entry never fails a build: the cache only saves work.
 
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::SystemTime;
 
 use sha2::{Digest, Sha256};
@@ -95,6 +96,50 @@ pub enum Cached {
     Uncompressed,
 }
 
+/// A block some job is compressing now; others wait for its result.
+#[derive(Default)]
+struct Flight {
+    /// `None` while in flight; then the result (`None`: it failed).
+    result: Mutex<Option<Option<Cached>>>,
+    landed: Condvar,
+}
+
+impl Flight {
+    fn land(&self, c: Option<Cached>) {
+        let mut r = self.result.lock().expect("flight lock");
+        if r.is_none() {
+            *r = Some(c);
+        }
+        self.landed.notify_all();
+    }
+
+    fn wait(&self) -> Option<Cached> {
+        let mut r = self.result.lock().expect("flight lock");
+        loop {
+            if let Some(c) = &*r {
+                return c.clone();
+            }
+            r = self.landed.wait(r).expect("flight lock");
+        }
+    }
+}
+
+/// Ends a flight when the compressing job is done, failed or panicked.
+struct Landing<'a> {
+    cache: &'a BlockCache,
+    key: BlockKey,
+    flight: Arc<Flight>,
+}
+
+impl Drop for Landing<'_> {
+    fn drop(&mut self) {
+        self.flight.land(None);
+        if let Ok(mut map) = self.cache.in_flight.lock() {
+            map.remove(&self.key);
+        }
+    }
+}
+
 /// See the module documentation.
 pub struct BlockCache {
     dir: PathBuf,
@@ -102,6 +147,7 @@ pub struct BlockCache {
     size: AtomicU64,
     seq: AtomicU64,
     evicting: Mutex<()>,
+    in_flight: Mutex<HashMap<BlockKey, Arc<Flight>>>,
     hits: AtomicU64,
     misses: AtomicU64,
     hit_bytes: AtomicU64,
@@ -129,6 +175,7 @@ impl BlockCache {
             size: AtomicU64::new(0),
             seq: AtomicU64::new(0),
             evicting: Mutex::new(()),
+            in_flight: Mutex::new(HashMap::new()),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             hit_bytes: AtomicU64::new(0),
@@ -183,10 +230,77 @@ impl BlockCache {
 
     /// The stored form of `data` if the cache has a sound entry for it.
     pub fn get(&self, key: &BlockKey, data: &[u8]) -> Option<Cached> {
+        let found = self.lookup(key, data);
+        self.count(found.is_some(), data.len());
+        found
+    }
+
+    /// The stored form of `data`: from the cache, from a concurrent job
+    /// that is compressing the same block right now (waiting for it rather
+    /// than compressing twice), or from `compress`, whose result is then
+    /// stored. The flag says whether `compress` was spared.
+    pub fn get_or_insert_with(
+        &self,
+        key: &BlockKey,
+        data: &[u8],
+        compress: impl FnOnce() -> Result<Cached>,
+    ) -> Result<(Cached, bool)> {
+        if let Some(c) = self.lookup(key, data) {
+            self.count(true, data.len());
+            return Ok((c, true));
+        }
+        let flight = {
+            let mut map = self.in_flight.lock().expect("in-flight lock");
+            match map.get(key) {
+                Some(f) => Err(f.clone()),
+                None => {
+                    let f = Arc::new(Flight::default());
+                    map.insert(*key, f.clone());
+                    Ok(f)
+                }
+            }
+        };
+        match flight {
+            Err(theirs) => {
+                if let Some(c) = theirs.wait() {
+                    self.count(true, data.len());
+                    return Ok((c, true));
+                }
+                // The other job failed: compress here.
+                self.count(false, data.len());
+                let c = compress()?;
+                self.put(key, &c);
+                Ok((c, false))
+            }
+            Ok(mine) => {
+                // Whatever happens (an error, a panic), waiters are released.
+                let guard = Landing {
+                    cache: self,
+                    key: *key,
+                    flight: mine,
+                };
+                self.count(false, data.len());
+                let c = compress()?;
+                self.put(key, &c);
+                guard.flight.land(Some(c.clone()));
+                Ok((c, false))
+            }
+        }
+    }
+
+    fn count(&self, hit: bool, len: usize) {
+        if hit {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            self.hit_bytes.fetch_add(len as u64, Ordering::Relaxed);
+        } else {
+            self.misses.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn lookup(&self, key: &BlockKey, data: &[u8]) -> Option<Cached> {
         let path = self.path(key);
-        let found = match read_entry(&path, key, data) {
-            Ok(Some(c)) => Some(c),
-            Ok(None) => None,
+        match read_entry(&path, key, data) {
+            Ok(found) => found,
             Err(()) => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
                 if let Ok(m) = fs::metadata(&path)
@@ -199,18 +313,7 @@ impl BlockCache {
                 }
                 None
             }
-        };
-        match &found {
-            Some(_) => {
-                self.hits.fetch_add(1, Ordering::Relaxed);
-                self.hit_bytes
-                    .fetch_add(data.len() as u64, Ordering::Relaxed);
-            }
-            None => {
-                self.misses.fetch_add(1, Ordering::Relaxed);
-            }
         }
-        found
     }
 
     /// Records what the writer stored for the block with `key`.
@@ -417,6 +520,48 @@ mod tests {
         fs::write(&path, &raw[..raw.len() / 2]).unwrap();
         assert_eq!(cache.get(&key, &data), None);
         assert_eq!(cache.stats().dropped, 3);
+    }
+
+    #[test]
+    fn concurrent_jobs_compress_a_block_once() {
+        use std::sync::atomic::AtomicUsize;
+        let dir = tempfile::tempdir().unwrap();
+        let cache = BlockCache::open(dir.path(), 1 << 30).unwrap();
+        let cfg = XzConfig::for_block_size(1 << 20);
+        let data = sample(3);
+        let key = BlockKey::new(&cfg, &data);
+        let calls = AtomicUsize::new(0);
+        let results: Vec<(Cached, bool)> = std::thread::scope(|s| {
+            let run = || {
+                cache
+                    .get_or_insert_with(&key, &data, || {
+                        calls.fetch_add(1, Ordering::SeqCst);
+                        std::thread::sleep(std::time::Duration::from_millis(300));
+                        Ok(Cached::Compressed(cfg.compress(&data)?.unwrap()))
+                    })
+                    .unwrap()
+            };
+            let a = s.spawn(run);
+            let b = s.spawn(run);
+            vec![a.join().unwrap(), b.join().unwrap()]
+        });
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(results[0].0, results[1].0);
+        assert_eq!(results.iter().filter(|r| r.1).count(), 1);
+
+        // A failed compression releases the waiters, which compress themselves.
+        let other = sample(4);
+        let key = BlockKey::new(&cfg, &other);
+        let failed =
+            cache.get_or_insert_with(&key, &other, || Err(Error::Compressor("injected".into())));
+        assert!(failed.is_err());
+        let (got, spared) = cache
+            .get_or_insert_with(&key, &other, || {
+                Ok(Cached::Compressed(cfg.compress(&other)?.unwrap()))
+            })
+            .unwrap();
+        assert!(!spared && matches!(got, Cached::Compressed(_)));
+        assert!(cache.in_flight.lock().unwrap().is_empty());
     }
 
     #[test]

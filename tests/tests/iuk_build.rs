@@ -444,8 +444,9 @@ fn identical_isos_and_clear_failures() {
     assert!(left.is_empty(), "temporary files left behind: {left:?}");
 }
 
-/// The blocks line `iukfarm build` prints: (compressed, from cache, copied).
-fn block_counts(stderr: &[u8]) -> (u64, u64, u64) {
+/// The blocks line `iukfarm build` prints: (compressed, from cache, copied,
+/// fragment blocks copied).
+fn block_counts(stderr: &[u8]) -> (u64, u64, u64, u64) {
     let text = String::from_utf8_lossy(stderr);
     let line = text
         .lines()
@@ -456,7 +457,7 @@ fn block_counts(stderr: &[u8]) -> (u64, u64, u64) {
         .filter(|s| !s.is_empty())
         .map(|s| s.parse().unwrap())
         .collect();
-    (n[0], n[1], n[2])
+    (n[0], n[1], n[2], n[3])
 }
 
 /// Kits of one release share their changed files: the second kit's blocks
@@ -491,6 +492,10 @@ fn block_cache_and_fast_profile() {
         .file("usr/lib/big-random", &rng.bytes(1 << 20 | 999))
         .file("usr/lib/added", &rng.text(2 << 20))
         .file("usr/lib/sparse", &sparse);
+    // Enough small new files to fill fragment blocks of their own.
+    for i in 0..600 {
+        Tree::new(&new).file(format!("usr/share/new-doc/{i:03}"), &rng.text(4000 + i));
+    }
     let iso_a = make_iso(work, "6.0", &old_a, &|t| boot_files(t, b"k1", false));
     let iso_b = make_iso(work, "6.0.1", &old_b, &|t| boot_files(t, b"k1", false));
     let iso_new = make_iso(work, "6.1", &new, &|t| boot_files(t, b"k2", false));
@@ -516,16 +521,16 @@ fn block_cache_and_fast_profile() {
 
     let (exact_a, ..) = kit(&iso_a, "a.iuk", &[]);
     let (exact_b, ..) = kit(&iso_b, "b.iuk", &["--threads", "1"]);
-    let (cold_a, (compressed, hits, copied), _) = kit(&iso_a, "a.iuk", &["--block-cache", c]);
+    let (cold_a, (compressed, hits, copied, _), _) = kit(&iso_a, "a.iuk", &["--block-cache", c]);
     assert_eq!(cold_a, exact_a, "a cold cache changed the bytes");
     assert!(compressed > 0 && hits == 0 && copied == 0);
-    let (warm_b, (_, hits_b, _), _) = kit(&iso_b, "b.iuk", &["--block-cache", c]);
+    let (warm_b, (_, hits_b, ..), _) = kit(&iso_b, "b.iuk", &["--block-cache", c]);
     assert_eq!(warm_b, exact_b, "a warm cache changed the bytes");
     assert!(
         hits_b >= 4,
         "the other kit's blocks were not reused: {hits_b} hits"
     );
-    let (warm_a, (compressed, hits, _), _) = kit(&iso_a, "a.iuk", &["--block-cache", c]);
+    let (warm_a, (compressed, hits, ..), _) = kit(&iso_a, "a.iuk", &["--block-cache", c]);
     assert_eq!(warm_a, exact_a);
     assert_eq!(
         compressed, 0,
@@ -547,23 +552,51 @@ fn block_cache_and_fast_profile() {
         }
     }
     assert!(damaged > 0);
-    let (again, (compressed, hits, _), _) = kit(&iso_a, "a.iuk", &["--block-cache", c]);
+    let (again, (compressed, hits, ..), _) = kit(&iso_a, "a.iuk", &["--block-cache", c]);
     assert_eq!(again, exact_a, "a damaged cache changed the bytes");
     assert_eq!(hits, 0, "a damaged entry was used");
     assert!(compressed > 0);
 
     // The fast profile: same bytes on any thread count, applies exactly.
-    let (fast1, (_, _, copied), fast_kit) = kit(&iso_a, "fast.iuk", &["--profile", "fast"]);
+    let (fast1, (_, _, copied, fragments), fast_kit) =
+        kit(&iso_a, "fast.iuk", &["--profile", "fast"]);
     let (fast2, ..) = kit(&iso_a, "fast.iuk", &["--profile", "fast", "--threads", "1"]);
     assert_eq!(fast1, fast2, "the fast profile is not reproducible");
     assert_ne!(fast1, exact_a);
     assert!(copied >= 4, "only {copied} blocks copied");
+    assert!(fragments >= 1, "no fragment block taken from the new image");
     run(Command::new(iukfarm())
         .args(["verify-iuk", "--old-iso"])
         .arg(&iso_a)
         .arg("--new-iso")
         .arg(&iso_new)
         .arg(&fast_kit));
+    // The kernel reads the copied blocks and fragment blocks: every file of
+    // the fast kit's diff is the new system's.
+    let diff = work.join("fast-diff.squashfs");
+    std::fs::write(&diff, cat(&fast_kit, "overlay/live/6.1.squashfs")).unwrap();
+    let m = Mount::new(&diff, "squashfs", "");
+    let mut checked = 0;
+    let mut stack = vec![m.path().to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let t = e.file_type().unwrap();
+            if t.is_dir() {
+                stack.push(e.path());
+            } else if t.is_file() {
+                let rel = e.path().strip_prefix(m.path()).unwrap().to_path_buf();
+                let want = std::fs::read(new.join(&rel)).unwrap();
+                assert!(
+                    std::fs::read(e.path()).unwrap() == want,
+                    "{}: the kernel reads other bytes",
+                    rel.display()
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 604, "only {checked} files in the fast diff");
+    drop(m);
     let exact_size = std::fs::metadata(work.join("a.iuk")).unwrap().len() as f64;
     let fast_size = std::fs::metadata(&fast_kit).unwrap().len() as f64;
     assert!(

@@ -190,7 +190,11 @@ async fn build_and_upload(
         threads,
         diff,
         profile,
-        cache: ctx.blocks.clone(),
+        cache: if job.reproduction {
+            None
+        } else {
+            ctx.blocks.clone()
+        },
     };
     let kit_path = dir.0.join("kit.iuk");
     let scratch_path = dir.0.join("diff.squashfs");

@@ -185,12 +185,25 @@ pub fn run(a: Args) -> Result<ExitCode> {
         );
         let (d, k) = (&report.diff_data, &report.kit_data);
         eprintln!(
-            "blocks: {} compressed, {} from the block cache, {} copied from the new image, \
-             {} stored without trying xz",
+            "blocks: {} compressed, {} from the block cache, {} copied from the new image \
+             ({} of them fragment blocks), {} stored without trying xz",
             d.compressed_blocks + k.compressed_blocks,
             d.cache_hits + k.cache_hits,
             d.copied_blocks + k.copied_blocks,
+            d.adopted_fragment_blocks,
             d.skipped_blocks + k.skipped_blocks
+        );
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        eprintln!(
+            "diff: {:.1} MiB compressed ({:.1} MiB of it in fragment blocks), {:.1} MiB from the \
+             block cache, {:.1} MiB copied; kit: {:.1} MiB compressed, {:.1} MiB from the block \
+             cache",
+            mib(d.compressed_bytes),
+            mib(d.fragment_compressed_bytes),
+            mib(d.cache_hit_bytes),
+            mib(d.copied_bytes),
+            mib(k.compressed_bytes),
+            mib(k.cache_hit_bytes),
         );
     }
     Ok(ExitCode::SUCCESS)

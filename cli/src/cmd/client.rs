@@ -123,12 +123,12 @@ pub fn table(s: &v1::ReleaseStatus) -> String {
         }
     );
     out.push_str(&format!(
-        "{:<16} {:<10} {:<14} {:<16} {:>8} {:>7} {:>8} {:<16} {:>3}\n",
-        "SOURCE", "STATE", "WORKER", "PROGRESS", "ELAPSED", "ETA", "SIZE", "SHA256", "TRY"
+        "{:<16} {:<10} {:<14} {:<16} {:>8} {:>7} {:>8} {:<16} {:>3} {:>6}\n",
+        "SOURCE", "STATE", "WORKER", "PROGRESS", "ELAPSED", "ETA", "SIZE", "SHA256", "TRY", "CACHE"
     ));
     for j in &s.jobs {
         out.push_str(&format!(
-            "{:<16} {:<10} {:<14} {:<16} {:>8} {:>7} {:>8} {:<16} {:>3}\n",
+            "{:<16} {:<10} {:<14} {:<16} {:>8} {:>7} {:>8} {:<16} {:>3} {:>6}\n",
             label(j),
             j.state,
             j.worker,
@@ -142,12 +142,48 @@ pub fn table(s: &v1::ReleaseStatus) -> String {
             },
             j.sha256.get(..16).unwrap_or("-"),
             j.attempts,
+            j.blocks
+                .as_ref()
+                .map_or("-".into(), |b| percent(hit_rate(std::slice::from_ref(b)))),
         ));
         if !j.error.is_empty() && j.state != "done" {
             out.push_str(&format!("    {}\n", j.error));
         }
     }
+    let counts: Vec<v1::BlockCounts> = s.jobs.iter().filter_map(|j| j.blocks).collect();
+    if let Some((hits, all)) = hit_rate(&counts) {
+        out.push_str(&format!(
+            "block cache: {hits} of {all} blocks ({}) taken from the workers' caches\n",
+            percent(Some((hits, all)))
+        ));
+    }
     out
+}
+
+/// (blocks from the cache, blocks compressed or from the cache); `None`
+/// when nothing was counted. Blocks copied by the fast profile are neither.
+fn hit_rate(counts: &[v1::BlockCounts]) -> Option<(u64, u64)> {
+    let hits: u64 = counts.iter().map(|b| b.from_cache).sum();
+    let all: u64 = hits + counts.iter().map(|b| b.compressed).sum::<u64>();
+    (all > 0).then_some((hits, all))
+}
+
+fn percent(r: Option<(u64, u64)>) -> String {
+    match r {
+        Some((h, a)) => format!("{:.0}%", 100.0 * h as f64 / a as f64),
+        None => "-".into(),
+    }
+}
+
+fn blocks_json(b: &Option<v1::BlockCounts>) -> serde_json::Value {
+    match b {
+        None => serde_json::Value::Null,
+        Some(b) => serde_json::json!({
+            "compressed": b.compressed, "from_cache": b.from_cache, "copied": b.copied,
+            "compressed_bytes": b.compressed_bytes, "from_cache_bytes": b.from_cache_bytes,
+            "copied_bytes": b.copied_bytes,
+        }),
+    }
 }
 
 fn job_json(j: &v1::JobStatus) -> serde_json::Value {
@@ -156,7 +192,7 @@ fn job_json(j: &v1::JobStatus) -> serde_json::Value {
         "state": j.state, "worker": j.worker, "phase": j.phase, "done": j.done,
         "total": j.total, "elapsed_seconds": j.elapsed_seconds, "eta_seconds": j.eta_seconds,
         "size": j.size, "sha256": j.sha256, "attempts": j.attempts, "error": j.error,
-        "reproduction": j.reproduction, "resumed": j.resumed,
+        "reproduction": j.reproduction, "resumed": j.resumed, "blocks": blocks_json(&j.blocks),
     })
 }
 
@@ -374,7 +410,15 @@ impl View {
                         if j.state == "failed" || (j.state == "pending" && !j.error.is_empty()) {
                             format!(" ({})", j.error)
                         } else if j.state == "done" {
-                            format!(" {} bytes sha256 {}", j.size, j.sha256)
+                            format!(
+                                " {} bytes sha256 {}{}",
+                                j.size,
+                                j.sha256,
+                                match hit_rate(j.blocks.as_slice()) {
+                                    Some(r) => format!(", block cache {}", percent(Some(r))),
+                                    None => String::new(),
+                                }
+                            )
                         } else {
                             String::new()
                         }
@@ -578,5 +622,48 @@ pub fn report_check(c: &manifest::DirCheck, signature_checked: bool) -> Result<E
     } else {
         println!("{} problems", c.problems.len());
         Ok(ExitCode::from(exit::FAILURE))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_shows_block_cache_hit_rates() {
+        let job = |name: &str, blocks: Option<v1::BlockCounts>| v1::JobStatus {
+            job_id: name.into(),
+            old_version: name.into(),
+            output_name: format!("Tails_amd64_{name}_to_6.3.iuk"),
+            state: "done".into(),
+            blocks,
+            ..Default::default()
+        };
+        let counts = |compressed, from_cache| v1::BlockCounts {
+            compressed,
+            from_cache,
+            ..Default::default()
+        };
+        let s = v1::ReleaseStatus {
+            release: "Tails 6.3".into(),
+            state: "succeeded".into(),
+            jobs: vec![
+                job("6.0", Some(counts(10, 0))),
+                job("6.1", Some(counts(2, 6))),
+                job("6.2", None),
+            ],
+            ..Default::default()
+        };
+        let t = table(&s);
+        let rows: Vec<&str> = t.lines().collect();
+        assert!(rows[1].ends_with("CACHE"), "{t}");
+        assert!(rows[2].ends_with("  0%"), "{t}");
+        assert!(rows[3].ends_with(" 75%"), "{t}");
+        assert!(rows[4].ends_with("     -"), "{t}");
+        assert!(
+            t.contains("block cache: 6 of 18 blocks (33%) taken from the workers' caches"),
+            "{t}"
+        );
+        assert_eq!(hit_rate(&[]), None);
     }
 }

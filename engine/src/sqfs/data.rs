@@ -89,6 +89,12 @@ pub struct DataStats {
     /// Blocks stored uncompressed without trying because they looked
     /// incompressible (fast profile).
     pub skipped_blocks: u64,
+    /// Uncompressed bytes of the fragment blocks (however obtained).
+    pub fragment_bytes: u64,
+    /// Of `compressed_bytes`, those of fragment blocks.
+    pub fragment_compressed_bytes: u64,
+    /// Fragment blocks taken as stored from a source image (fast profile).
+    pub adopted_fragment_blocks: u64,
 }
 
 /// How a block's stored form was obtained.
@@ -132,29 +138,27 @@ impl Compressor {
         if self.skip_incompressible && looks_incompressible(&data) {
             return Ok(Stored::new(data, false, Origin::Skipped));
         }
-        let key = self
-            .cache
-            .as_ref()
-            .map(|c| (c, BlockKey::new(&self.cfg, &data)));
-        if let Some((cache, key)) = &key
-            && let Some(hit) = cache.get(key, &data)
-        {
-            return Ok(match hit {
-                Cached::Compressed(c) => Stored::new(c, true, Origin::Cache),
-                Cached::Uncompressed => Stored::new(data, false, Origin::Cache),
+        let Some(cache) = &self.cache else {
+            return Ok(match self.cfg.compress(&data)? {
+                Some(c) => Stored::new(c, true, Origin::Compressed),
+                None => Stored::new(data, false, Origin::Compressed),
             });
-        }
-        let compressed = self.cfg.compress(&data)?;
-        if let Some((cache, key)) = &key {
-            let entry = match &compressed {
-                Some(c) => Cached::Compressed(c.clone()),
+        };
+        let key = BlockKey::new(&self.cfg, &data);
+        let (value, spared) = cache.get_or_insert_with(&key, &data, || {
+            Ok(match self.cfg.compress(&data)? {
+                Some(c) => Cached::Compressed(c),
                 None => Cached::Uncompressed,
-            };
-            cache.put(key, &entry);
-        }
-        Ok(match compressed {
-            Some(c) => Stored::new(c, true, Origin::Compressed),
-            None => Stored::new(data, false, Origin::Compressed),
+            })
+        })?;
+        let origin = if spared {
+            Origin::Cache
+        } else {
+            Origin::Compressed
+        };
+        Ok(match value {
+            Cached::Compressed(c) => Stored::new(c, true, origin),
+            Cached::Uncompressed => Stored::new(data, false, origin),
         })
     }
 }
@@ -230,7 +234,14 @@ struct Packer {
     block: Vec<u8>,
     count: u32,
     tails: HashMap<(u32, [u8; 32]), (u32, u32)>,
+    /// Fast profile: fragment blocks of source images taken as stored, by
+    /// (image, fragment index), with their index here.
+    adopted: HashMap<(usize, u32), u32>,
 }
+
+/// A fragment block is taken whole from its image when the files written
+/// here use at least this share of it (per mille): the rest is waste.
+const ADOPT_PER_MILLE: u64 = 900;
 
 fn send(tx: &mpsc::SyncSender<Job>, job: Job) -> Result<()> {
     tx.send(job)
@@ -273,6 +284,7 @@ impl DataWriter<'_> {
             let mut area = area;
             area.stats.fragments = stats.fragments;
             area.stats.duplicate_fragments = stats.duplicate_fragments;
+            area.stats.adopted_fragment_blocks = stats.adopted_fragment_blocks;
             area.stats.sparse_blocks += stats.sparse_blocks;
             Ok(area)
         })
@@ -315,6 +327,9 @@ impl DataWriter<'_> {
         let bs = self.block_size as usize;
         let mut stats = DataStats::default();
         let mut packer = Packer::default();
+        if self.copy_image_blocks {
+            self.adopt_fragments(files, &mut packer, &mut stats, &tx)?;
+        }
         for (file, content) in files.iter().enumerate() {
             if self.progress.is_cancelled() {
                 return Err(Error::Cancelled);
@@ -445,6 +460,67 @@ impl DataWriter<'_> {
         )
     }
 
+    /// Fast profile: the fragment blocks of source images that the files
+    /// written here (nearly) fill are taken as stored, before any file
+    /// data, so their tails need neither decompressing nor compressing.
+    fn adopt_fragments(
+        &self,
+        files: &[&FileContent],
+        packer: &mut Packer,
+        stats: &mut DataStats,
+        tx: &mpsc::SyncSender<Job>,
+    ) -> Result<()> {
+        let bs = self.block_size as u64;
+        let mut order = Vec::new();
+        // Per (image, fragment): an image file to read it from and the
+        // distinct tails (offset -> length) the files here keep in it.
+        type Tails = HashMap<u32, u64>;
+        let mut used: HashMap<(usize, u32), (&ImageFile, Tails)> = HashMap::new();
+        for content in files {
+            let Some(image) = self.copyable(content) else {
+                continue;
+            };
+            let inode = image.inode();
+            if inode.fragment_index == NO_FRAGMENT {
+                continue;
+            }
+            let key = (Arc::as_ptr(image.archive()) as usize, inode.fragment_index);
+            let entry = used.entry(key).or_insert_with(|| {
+                order.push(key);
+                (image, HashMap::new())
+            });
+            entry.1.insert(inode.fragment_offset, inode.size % bs);
+        }
+        for key in order {
+            let (image, tails) = &used[&key];
+            let all = image
+                .archive()
+                .fragment_usage()?
+                .get(key.1 as usize)
+                .copied()
+                .unwrap_or(u64::MAX);
+            let here: u64 = tails.values().sum();
+            if here.saturating_mul(1000) < all.saturating_mul(ADOPT_PER_MILLE) {
+                continue;
+            }
+            let (field, bytes) = image.archive().stored_fragment(key.1)?;
+            let index = packer.count;
+            packer.count += 1;
+            packer.adopted.insert(key, index);
+            stats.adopted_fragment_blocks += 1;
+            let compressed = field & BLOCK_UNCOMPRESSED == 0;
+            send(
+                tx,
+                Job::FragmentBlock {
+                    index,
+                    raw_len: all,
+                    result: Self::ready(Stored::new(bytes, compressed, Origin::Copied)),
+                },
+            )?;
+        }
+        Ok(())
+    }
+
     /// The fast path of the fast profile: a file's blocks as its image
     /// stores them (compressed or not, sparse stays sparse), its tail
     /// packed like any other.
@@ -462,9 +538,17 @@ impl DataWriter<'_> {
         if inode.size != size {
             return Err(Error::corrupt("file size differs from its inode"));
         }
-        let tail = image.fragment_tail()?;
+        let adopted = packer
+            .adopted
+            .get(&(Arc::as_ptr(image.archive()) as usize, inode.fragment_index))
+            .copied()
+            .filter(|_| inode.fragment_index != NO_FRAGMENT);
+        let tail = match adopted {
+            Some(_) => Vec::new(),
+            None => image.fragment_tail()?,
+        };
         let blocks = inode.block_sizes.len();
-        if tail.is_empty() && size.div_ceil(bs) != blocks as u64 {
+        if adopted.is_none() && tail.is_empty() && size.div_ceil(bs) != blocks as u64 {
             return Err(Error::corrupt(
                 "file without a fragment has a block list of the wrong length",
             ));
@@ -501,7 +585,23 @@ impl DataWriter<'_> {
         if blocks > 0 {
             send(tx, Job::LastBlock { file })?;
         }
-        if !tail.is_empty() {
+        if let Some(index) = adopted {
+            if size.div_ceil(bs) != blocks as u64 + 1 {
+                return Err(Error::corrupt(
+                    "file with a fragment has a block list of the wrong length",
+                ));
+            }
+            stats.fragments += 1;
+            send(
+                tx,
+                Job::Tail {
+                    file,
+                    index: blocks,
+                    place: TailPlace::Fragment(index, inode.fragment_offset),
+                    len: (size % bs) as u32,
+                },
+            )?;
+        } else if !tail.is_empty() {
             self.tail(file, blocks, tail, packer, stats, tx)?;
         }
         Ok(())
@@ -592,6 +692,10 @@ impl DataWriter<'_> {
                 } => {
                     let stored = recv(result)?;
                     count_origin(&mut stats, &stored, raw_len);
+                    stats.fragment_bytes += raw_len;
+                    if stored.origin == Origin::Compressed {
+                        stats.fragment_compressed_bytes += raw_len;
+                    }
                     let size = stored.size_field();
                     self.out.write_all_at(&stored.bytes, pos)?;
                     blocks.push(pos, size, stored.digest);

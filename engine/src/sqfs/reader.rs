@@ -116,6 +116,8 @@ pub struct Archive {
     /// Recently decoded fragment blocks, most recent first: small files
     /// share them, and files are mostly read in image order.
     frag_cache: Mutex<Vec<(u32, Arc<Vec<u8>>)>>,
+    /// Per fragment block, the bytes of distinct tails kept in it.
+    frag_usage: std::sync::OnceLock<Vec<u64>>,
 }
 
 impl std::fmt::Debug for Archive {
@@ -149,6 +151,7 @@ impl Archive {
             export: None,
             meta_cache: Mutex::new(HashMap::new()),
             frag_cache: Mutex::new(Vec::new()),
+            frag_usage: std::sync::OnceLock::new(),
             sb,
         };
         if ar.sb.flags & flags::COMPRESSOR_OPTIONS != 0 && comp == CompressorId::Xz {
@@ -660,6 +663,51 @@ impl Archive {
         Ok(out)
     }
 
+    /// For each fragment block, how many bytes of it the image's files use
+    /// (each distinct tail counted once). Walks the image's metadata once.
+    pub fn fragment_usage(&self) -> Result<&[u64]> {
+        if let Some(u) = self.frag_usage.get() {
+            return Ok(u);
+        }
+        let bs = self.sb.block_size as u64;
+        let mut tails = std::collections::HashSet::new();
+        self.walk(&mut |_, inode| {
+            if let InodeKind::File(f) = &inode.kind
+                && f.fragment_index != NO_FRAGMENT
+                && (f.fragment_index as usize) < self.fragments.len()
+            {
+                tails.insert((f.fragment_index, f.fragment_offset, f.size % bs));
+            }
+            Ok(())
+        })?;
+        let mut usage = vec![0u64; self.fragments.len()];
+        for (i, _, len) in tails {
+            usage[i as usize] += len;
+        }
+        Ok(self.frag_usage.get_or_init(|| usage))
+    }
+
+    /// A fragment block as stored: its size field and bytes.
+    pub fn stored_fragment(&self, index: u32) -> Result<(u32, Vec<u8>)> {
+        let &(start, size) = self
+            .fragments
+            .get(index as usize)
+            .ok_or_else(|| Error::corrupt(format!("fragment {index} does not exist")))?;
+        let len = (size & !BLOCK_UNCOMPRESSED) as usize;
+        if size & !(BLOCK_UNCOMPRESSED | 0x00FF_FFFF) != 0 || len > self.sb.block_size as usize {
+            corrupt!("fragment block size {size:#x} invalid");
+        }
+        if start
+            .checked_add(len as u64)
+            .is_none_or(|e| e > self.sb.inode_table_start)
+        {
+            corrupt!("fragment block at {start} (+{len}) outside the data area");
+        }
+        let mut raw = vec![0u8; len];
+        read_at(&*self.src, &mut raw, start, "fragment block")?;
+        Ok((size, raw))
+    }
+
     /// Reads a fragment block (decompressed).
     fn fragment_block(&self, index: u32) -> Result<Arc<Vec<u8>>> {
         const KEEP: usize = 16;
@@ -1010,6 +1058,10 @@ impl ImageFile {
         let mut raw = vec![0u8; len];
         read_at(&*self.ar.src, &mut raw, pos, "data block")?;
         Ok((size, raw))
+    }
+
+    pub fn archive(&self) -> &Arc<Archive> {
+        &self.ar
     }
 
     /// The file's tail kept in a fragment block, decompressed (empty when
