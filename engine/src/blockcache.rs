@@ -239,6 +239,10 @@ impl BlockCache {
     /// that is compressing the same block right now (waiting for it rather
     /// than compressing twice), or from `compress`, whose result is then
     /// stored. The flag says whether `compress` was spared.
+    ///
+    /// `compress` must not block or enter rayon (whose work stealing could
+    /// run a task waiting on this very block on this thread): it runs while
+    /// others may wait for it.
     pub fn get_or_insert_with(
         &self,
         key: &BlockKey,
@@ -562,6 +566,57 @@ mod tests {
             .unwrap();
         assert!(!spared && matches!(got, Cached::Compressed(_)));
         assert!(cache.in_flight.lock().unwrap().is_empty());
+    }
+
+    /// Identical blocks in one image, tried with two filters each: a block
+    /// that waits for another must never wait on its own thread's work.
+    #[test]
+    fn an_image_of_repeated_blocks_is_written_with_the_cache() {
+        use crate::sqfs::{WriterOptions, write_image};
+        use crate::tree::{FileContent, Kind, Meta, Node};
+        let dir = tempfile::tempdir().unwrap();
+        let meta = Meta {
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            xattrs: Vec::new(),
+        };
+        let mut block: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+        block.iter_mut().step_by(97).for_each(|b| *b = 0xE8);
+        let files = (0..12)
+            .map(|i| Node {
+                name: format!("f{i:02}").into_bytes(),
+                meta: meta.clone(),
+                kind: Kind::File(FileContent::from_bytes(block.repeat(2))),
+            })
+            .collect();
+        let root = Node::dir("", meta, files);
+        let mut opts = WriterOptions::with_block_size(1 << 20);
+        opts.xz.flags = crate::sqfs::compress::xz_flags::X86;
+        opts.threads = 2;
+        let write = |cache: Option<Arc<BlockCache>>| {
+            let mut o = opts.clone();
+            o.cache = cache;
+            let out = tempfile::tempfile().unwrap();
+            let (tx, rx) = std::sync::mpsc::channel();
+            let root = root.clone();
+            std::thread::spawn(move || {
+                let r = write_image(&root, &o, &out, &crate::NoProgress).map(|_| {
+                    let mut v = Vec::new();
+                    (&out).read_to_end(&mut v).unwrap();
+                    v
+                });
+                let _ = tx.send(r);
+            });
+            rx.recv_timeout(std::time::Duration::from_secs(300))
+                .expect("the writer hangs")
+                .unwrap()
+        };
+        let cache = Arc::new(BlockCache::open(dir.path(), 1 << 30).unwrap());
+        let plain = write(None);
+        assert_eq!(write(Some(cache.clone())), plain);
+        assert_eq!(write(Some(cache)), plain);
     }
 
     #[test]

@@ -60,7 +60,11 @@ impl Archive {
 /// The five-release archive most farm tests use (4 IUKs to 6.4).
 pub fn archive() -> &'static Archive {
     static A: OnceLock<Archive> = OnceLock::new();
-    A.get_or_init(|| Archive::make(5))
+    A.get_or_init(|| {
+        let a = Archive::make(5);
+        crate::remove_at_exit(a.dir.path(), false);
+        a
+    })
 }
 
 /// sha256 of `iukfarm build` run locally for each source of [`archive`].
@@ -171,7 +175,11 @@ impl Drop for AgentGuard {
 
 pub fn gpg() -> &'static Gpg {
     static G: OnceLock<Gpg> = OnceLock::new();
-    G.get_or_init(Gpg::generate)
+    G.get_or_init(|| {
+        let g = Gpg::generate();
+        crate::remove_at_exit(g.home.path(), true);
+        g
+    })
 }
 
 /// A token file in `dir`.

@@ -536,3 +536,37 @@ impl Drop for Mount {
         let _ = Command::new("umount").arg(self.dir.path()).status();
     }
 }
+
+/// Directories of fixtures held in statics (which are never dropped), with
+/// whether each is a GnuPG home whose agent must be stopped.
+static AT_EXIT: std::sync::Mutex<Vec<(PathBuf, bool)>> = std::sync::Mutex::new(Vec::new());
+
+extern "C" fn clean_at_exit() {
+    let dirs = match AT_EXIT.lock() {
+        Ok(mut d) => std::mem::take(&mut *d),
+        Err(_) => return,
+    };
+    for (dir, gnupg) in dirs {
+        if gnupg {
+            let _ = Command::new("gpgconf")
+                .env("GNUPGHOME", &dir)
+                .args(["--kill", "all"])
+                .status();
+        }
+        let _ = fs::remove_dir_all(&dir);
+    }
+}
+
+/// Removes `dir` when the test process exits: for temporary directories of
+/// shared fixtures kept in statics, so that nothing is left in /tmp.
+pub fn remove_at_exit(dir: &Path, gnupg_home: bool) {
+    static REGISTER: std::sync::Once = std::sync::Once::new();
+    // SAFETY: registers a plain function without arguments.
+    REGISTER.call_once(|| unsafe {
+        libc::atexit(clean_at_exit);
+    });
+    AT_EXIT
+        .lock()
+        .unwrap()
+        .push((dir.to_path_buf(), gnupg_home));
+}

@@ -137,6 +137,15 @@ impl XzConfig {
     /// ties. `None` means the block must be stored uncompressed because no
     /// candidate is smaller than the input.
     pub fn compress(&self, input: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.compress_with(input, true)
+    }
+
+    /// [`Self::compress`], with the candidates encoded on threads of their
+    /// own rather than on rayon's when `rayon` is false: for callers that
+    /// others wait on, since a thread inside a rayon call may run (steal)
+    /// another task, which could be one of the waiters. Same bytes either
+    /// way.
+    pub fn compress_with(&self, input: &[u8], rayon: bool) -> Result<Option<Vec<u8>>> {
         let extreme = self.flags & xz_flags::EXTREME != 0;
         // Candidates in trial order; each is independent, so they are
         // encoded in parallel (on the caller's rayon pool, if any) and
@@ -164,6 +173,20 @@ impl XzConfig {
         }
         let results: Vec<Result<Option<Vec<u8>>>> = if trials.len() == 1 {
             vec![self.encode(None, false, input)]
+        } else if !rayon {
+            std::thread::scope(|s| {
+                let others: Vec<_> = trials[1..]
+                    .iter()
+                    .map(|&(filter, ext)| s.spawn(move || self.encode(filter, ext, input)))
+                    .collect();
+                let mut all = vec![self.encode(trials[0].0, trials[0].1, input)];
+                for h in others {
+                    all.push(h.join().unwrap_or_else(|_| {
+                        Err(Error::Compressor("an xz trial thread panicked".into()))
+                    }));
+                }
+                all
+            })
         } else {
             use rayon::prelude::*;
             trials

@@ -145,8 +145,10 @@ impl Compressor {
             });
         };
         let key = BlockKey::new(&self.cfg, &data);
+        // Sequential trials: other jobs may be waiting for this block (see
+        // `XzConfig::compress_with`).
         let (value, spared) = cache.get_or_insert_with(&key, &data, || {
-            Ok(match self.cfg.compress(&data)? {
+            Ok(match self.cfg.compress_with(&data, false)? {
                 Some(c) => Cached::Compressed(c),
                 None => Cached::Uncompressed,
             })
