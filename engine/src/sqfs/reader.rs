@@ -693,19 +693,7 @@ impl Archive {
             .fragments
             .get(index as usize)
             .ok_or_else(|| Error::corrupt(format!("fragment {index} does not exist")))?;
-        let len = (size & !BLOCK_UNCOMPRESSED) as usize;
-        if size & !(BLOCK_UNCOMPRESSED | 0x00FF_FFFF) != 0 || len > self.sb.block_size as usize {
-            corrupt!("fragment block size {size:#x} invalid");
-        }
-        if start
-            .checked_add(len as u64)
-            .is_none_or(|e| e > self.sb.inode_table_start)
-        {
-            corrupt!("fragment block at {start} (+{len}) outside the data area");
-        }
-        let mut raw = vec![0u8; len];
-        read_at(&*self.src, &mut raw, start, "fragment block")?;
-        Ok((size, raw))
+        Ok((size, self.stored(start, size, "fragment block")?))
     }
 
     /// Reads a fragment block (decompressed).
@@ -731,22 +719,29 @@ impl Archive {
         Ok(block)
     }
 
-    /// Reads and decompresses one stored data block of at most `max` bytes.
-    fn data_block(&self, start: u64, size: u32, max: usize) -> Result<Vec<u8>> {
+    /// The bytes of a block as stored (`size` is its size field), after
+    /// checking that the field is valid and the block lies in the data area.
+    fn stored(&self, start: u64, size: u32, what: &str) -> Result<Vec<u8>> {
         let len = (size & !BLOCK_UNCOMPRESSED) as usize;
         if size & !(BLOCK_UNCOMPRESSED | 0x00FF_FFFF) != 0 || len > self.sb.block_size as usize {
-            corrupt!("data block size {size:#x} invalid");
+            corrupt!("{what} size {size:#x} invalid");
         }
         if start
             .checked_add(len as u64)
             .is_none_or(|e| e > self.sb.inode_table_start)
         {
-            corrupt!("data block at {start} (+{len}) outside the data area");
+            corrupt!("{what} at {start} (+{len}) outside the data area");
         }
         let mut raw = vec![0u8; len];
-        read_at(&*self.src, &mut raw, start, "data block")?;
+        read_at(&*self.src, &mut raw, start, what)?;
+        Ok(raw)
+    }
+
+    /// Reads and decompresses one stored data block of at most `max` bytes.
+    fn data_block(&self, start: u64, size: u32, max: usize) -> Result<Vec<u8>> {
+        let raw = self.stored(start, size, "data block")?;
         if size & BLOCK_UNCOMPRESSED != 0 {
-            if len > max {
+            if raw.len() > max {
                 corrupt!("uncompressed data block larger than expected");
             }
             Ok(raw)
