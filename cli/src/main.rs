@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod cmd;
+mod output;
 mod progress;
 mod samples;
 
@@ -113,6 +114,9 @@ fn main() -> ExitCode {
                 return ExitCode::from(exit::INTERRUPTED);
             }
             eprintln!("iukfarm: error: {e:#}");
+            if e.chain().any(|c| c.is::<cmd::Usage>()) {
+                return ExitCode::from(exit::USAGE);
+            }
             ExitCode::from(exit::FAILURE)
         }
     }

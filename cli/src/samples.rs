@@ -18,7 +18,7 @@ use iukfarm_engine::kit::diff_writer_options;
 use iukfarm_engine::sqfs::write_image;
 use iukfarm_engine::tree::{FileContent, Kind, Meta, Node, Source};
 
-use crate::cmd::sqfs::{persist, temp_next_to};
+use crate::output::{persist, temp_next_to};
 
 /// Deterministic PRNG (xorshift64*).
 struct Rng(u64);

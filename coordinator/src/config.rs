@@ -20,6 +20,8 @@ pub struct ReleaseFile {
     pub source_date_epoch: Option<u32>,
     pub iso_root: Option<PathBuf>,
     pub iso_pattern: Option<String>,
+    pub iso_sha256sums: Option<PathBuf>,
+    pub iso_keyring: Option<PathBuf>,
     pub output_dir: Option<PathBuf>,
     pub product: Option<String>,
     pub build_target: Option<String>,
@@ -91,6 +93,10 @@ pub struct Config {
     pub iso_root: PathBuf,
     /// Path of an ISO under `iso_root`; `{version}` is replaced.
     pub iso_pattern: String,
+    /// The RM's digests of the ISOs (sha256sum format).
+    pub iso_sha256sums: Option<PathBuf>,
+    /// Certificates whose detached signatures (`<iso>.sig`) the ISOs need.
+    pub iso_keyring: Option<PathBuf>,
     pub output_dir: PathBuf,
     pub product: String,
     pub build_target: String,
@@ -139,6 +145,33 @@ pub fn check_version(v: String) -> Result<String, Error> {
     }
 }
 
+/// A product name or build target: they end up in file names.
+pub fn check_name(what: &str, s: &str) -> Result<(), Error> {
+    if s.is_empty() || s.len() > 64 || !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+        return Err(Error::Config(format!(
+            "invalid {what} {s:?}: use letters, digits and -"
+        )));
+    }
+    Ok(())
+}
+
+/// A name of a file the release writes (a kit, the diff inside it): one
+/// plain component, no control characters, not hidden.
+pub fn check_file_name(what: &str, s: &str) -> Result<(), Error> {
+    if s.is_empty()
+        || s.len() > 255
+        || s.starts_with('.')
+        || s.contains('/')
+        || s.chars().any(char::is_control)
+    {
+        return Err(Error::Config(format!(
+            "invalid {what} {s:?}: one file name, without / or control characters, \
+             not starting with ."
+        )));
+    }
+    Ok(())
+}
+
 impl Config {
     /// Checks what can be checked without reading the ISOs.
     pub fn validate(&self) -> Result<(), Error> {
@@ -160,14 +193,8 @@ impl Config {
                 return Err(Error::Config(format!("source version {v} is listed twice")));
             }
         }
-        for (what, s) in [
-            ("product", &self.product),
-            ("build target", &self.build_target),
-        ] {
-            if s.is_empty() || !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-                return Err(Error::Config(format!("invalid {what} {s:?}")));
-            }
-        }
+        check_name("product", &self.product)?;
+        check_name("build target", &self.build_target)?;
         if !self.iso_pattern.contains("{version}") {
             return Err(Error::Config(format!(
                 "ISO pattern {:?} has no {{version}}",
@@ -246,6 +273,19 @@ mod tests {
         );
         assert!(parse_versions("6.0 ../etc").is_err());
         assert!(parse_versions("6.0 a/b").is_err());
+    }
+
+    #[test]
+    fn names_stay_file_names() {
+        assert!(check_name("product", "Tails").is_ok());
+        for bad in ["", "../../x", "x/y", "a b", "x\ny"] {
+            assert!(check_name("product", bad).is_err(), "{bad:?}");
+        }
+        assert!(check_file_name("diff name", "6.4.squashfs").is_ok());
+        for bad in ["", ".hidden", "a/b", "a\nb", "..", &"x".repeat(256)] {
+            assert!(check_file_name("diff name", bad).is_err(), "{bad:?}");
+        }
+        assert!(check_version("6.0\n".into()).is_err());
     }
 
     #[test]

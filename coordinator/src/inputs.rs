@@ -1,6 +1,8 @@
 //! The release's input ISOs: checked up front (so a bad one fails the
 //! release at once, named), then hashed, with digests remembered across
-//! restarts.
+//! restarts, and authenticated against what the RM vouches for: a
+//! `SHA256SUMS`-style file, or OpenPGP signatures (`<iso>.sig`) by a key
+//! of a keyring.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -74,16 +76,218 @@ pub fn check(version: &str, path: &Path) -> Result<u64, Error> {
     })
 }
 
+/// What the RM vouches for. With either part, no ISO is used before its
+/// digest or signature checked out.
+#[derive(Debug, Default)]
+pub struct Authority {
+    /// `--iso-sha256sums`: the file, and its entries (name, digest).
+    sums: Option<(PathBuf, Vec<(String, String)>)>,
+    /// `--iso-keyring`: the file, and its certificates.
+    keyring: Option<(PathBuf, Vec<u8>)>,
+}
+
+/// Reads `sha256sum` output: `<64 hex>  <name>` (or ` *<name>`) per line.
+fn parse_sums(path: &Path, text: &str) -> Result<Vec<(String, String)>, Error> {
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let parsed = line
+            .split_at_checked(64)
+            .filter(|(h, _)| h.bytes().all(|b| b.is_ascii_hexdigit()))
+            .and_then(|(h, rest)| {
+                let name = rest
+                    .strip_prefix("  ")
+                    .or_else(|| rest.strip_prefix(" *"))?;
+                (!name.is_empty()).then(|| (name.trim_start_matches("./").to_string(), h))
+            });
+        let Some((name, h)) = parsed else {
+            return Err(Error::BadInput(format!(
+                "{}: line {} is not `<sha256>  <file name>` (the format of sha256sum)",
+                path.display(),
+                n + 1
+            )));
+        };
+        out.push((name, h.to_ascii_lowercase()));
+    }
+    if out.is_empty() {
+        return Err(Error::BadInput(format!(
+            "{}: no digests in it",
+            path.display()
+        )));
+    }
+    Ok(out)
+}
+
+impl Authority {
+    /// Loads the RM's digests and keyring (either may be absent).
+    pub fn load(sums: Option<&Path>, keyring: Option<&Path>) -> Result<Authority, Error> {
+        let bad = |p: &Path, e: std::io::Error| Error::BadInput(format!("{}: {e}", p.display()));
+        let sums = sums
+            .map(|p| {
+                let text = std::fs::read_to_string(p).map_err(|e| bad(p, e))?;
+                Ok::<_, Error>((p.to_path_buf(), parse_sums(p, &text)?))
+            })
+            .transpose()?;
+        let keyring = keyring
+            .map(|p| {
+                let data = std::fs::read(p).map_err(|e| bad(p, e))?;
+                crate::signing::parse_certs(&data)
+                    .map_err(|e| Error::BadInput(format!("{}: {e}", p.display())))?;
+                Ok::<_, Error>((p.to_path_buf(), data))
+            })
+            .transpose()?;
+        Ok(Authority { sums, keyring })
+    }
+
+    /// Whether the RM vouches for the inputs at all.
+    pub fn is_set(&self) -> bool {
+        self.sums.is_some() || self.keyring.is_some()
+    }
+
+    /// The digest the RM's file gives for `iso` (found by its path under
+    /// the archive, or by its file name).
+    fn expected(&self, version: &str, iso: &Path, relpath: &str) -> Result<Option<String>, Error> {
+        let Some((file, entries)) = &self.sums else {
+            return Ok(None);
+        };
+        let base = iso.file_name().map(|n| n.to_string_lossy().into_owned());
+        let mut found: Vec<&String> = entries
+            .iter()
+            .filter(|(n, _)| {
+                n == relpath
+                    || Path::new(n)
+                        .file_name()
+                        .map(|b| b.to_string_lossy().into_owned())
+                        == base
+            })
+            .map(|(_, h)| h)
+            .collect();
+        found.dedup();
+        match found.as_slice() {
+            [h] => Ok(Some((*h).clone())),
+            [] => Err(Error::BadInput(format!(
+                "ISO of {version}: {} has no digest in {}; add its line (sha256sum output)",
+                iso.display(),
+                file.display()
+            ))),
+            _ => Err(Error::BadInput(format!(
+                "ISO of {version}: {} has several different digests in {}",
+                iso.display(),
+                file.display()
+            ))),
+        }
+    }
+
+    fn signature_path(iso: &Path) -> PathBuf {
+        let mut s = iso.as_os_str().to_owned();
+        s.push(".sig");
+        PathBuf::from(s)
+    }
+
+    /// What can be checked without reading the ISO: its digest is listed,
+    /// its signature file is there.
+    pub fn precheck(&self, version: &str, iso: &Path, relpath: &str) -> Result<(), Error> {
+        self.expected(version, iso, relpath)?;
+        if let Some((ring, _)) = &self.keyring {
+            let sig = Self::signature_path(iso);
+            if !sig.is_file() {
+                return Err(Error::BadInput(format!(
+                    "ISO of {version}: no signature {} (--iso-keyring {} needs each ISO's \
+                     detached OpenPGP signature next to it)",
+                    sig.display(),
+                    ring.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The ISO's SHA-256, checked against the RM's digest and signature.
+    /// `known` is a remembered digest; it is used only when no signature
+    /// must be checked (checking one reads the file anyway, and hashes it
+    /// in the same pass).
+    pub fn digest(
+        &self,
+        version: &str,
+        iso: &Path,
+        relpath: &str,
+        known: Option<String>,
+    ) -> Result<String, Error> {
+        let sha = match &self.keyring {
+            Some((ring, certs)) => {
+                let sig_path = Self::signature_path(iso);
+                let sig = std::fs::read(&sig_path).map_err(|e| Error::io(&sig_path, e))?;
+                let f = File::open(iso).map_err(|e| Error::io(iso, e))?;
+                let mut tee = HashingReader {
+                    inner: std::io::BufReader::with_capacity(1 << 20, f),
+                    hasher: Sha256::new(),
+                };
+                let signer = crate::signing::verify_reader(certs, &mut tee, &sig).map_err(|e| {
+                    Error::BadInput(format!(
+                        "ISO of {version}: {} is not signed by a key of {} ({e}): \
+                         the ISO is damaged or not the release; fetch it again",
+                        iso.display(),
+                        ring.display()
+                    ))
+                })?;
+                // The verifier reads to the end of the data; make sure of it.
+                std::io::copy(&mut tee, &mut std::io::sink()).map_err(|e| Error::io(iso, e))?;
+                tracing::info!("{}: signed by {signer}", iso.display());
+                hex(&tee.hasher.finalize())
+            }
+            None => match known {
+                Some(k) => k,
+                None => sha256_file(iso)?,
+            },
+        };
+        if let Some(want) = self.expected(version, iso, relpath)?
+            && want != sha
+        {
+            return Err(Error::BadInput(format!(
+                "ISO of {version}: {} has sha256 {sha}, but {} says {want}: the ISO is damaged \
+                 or not the release; fetch it again",
+                iso.display(),
+                self.sums
+                    .as_ref()
+                    .map(|(p, _)| p.display().to_string())
+                    .unwrap_or_default()
+            )));
+        }
+        Ok(sha)
+    }
+}
+
+/// Hashes what passes through it.
+struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct CacheEntry {
     size: u64,
     mtime_ns: i128,
+    /// A file rewritten in place with its mtime set back still gets a new
+    /// ctime (which no one can set).
+    #[serde(default)]
+    ctime_ns: i128,
     inode: u64,
     sha256: String,
 }
 
 /// Digests of files that have not changed since they were last hashed
-/// (same size, mtime and inode), kept in the output directory's state.
+/// (same size, mtime, ctime and inode), kept in the output directory's
+/// state.
 pub struct DigestCache {
     path: PathBuf,
     entries: BTreeMap<String, CacheEntry>,
@@ -97,6 +301,7 @@ fn key_of(path: &Path) -> Result<(String, CacheEntry), Error> {
         CacheEntry {
             size: m.len(),
             mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
+            ctime_ns: m.ctime() as i128 * 1_000_000_000 + m.ctime_nsec() as i128,
             inode: m.ino(),
             sha256: String::new(),
         },
@@ -118,7 +323,10 @@ impl DigestCache {
     pub fn get(&self, file: &Path) -> Option<String> {
         let (k, now) = key_of(file).ok()?;
         let e = self.entries.get(&k)?;
-        (e.size == now.size && e.mtime_ns == now.mtime_ns && e.inode == now.inode)
+        (e.size == now.size
+            && e.mtime_ns == now.mtime_ns
+            && e.ctime_ns == now.ctime_ns
+            && e.inode == now.inode)
             .then(|| e.sha256.clone())
     }
 

@@ -46,6 +46,8 @@ pub struct Lease {
     pub phase_started: Instant,
     pub done: u64,
     pub total: u64,
+    /// An upload stream is in progress (a second one is refused).
+    pub uploading: bool,
 }
 
 /// A kit that arrived intact.
@@ -306,6 +308,7 @@ mod tests {
             phase_started: now,
             done: 0,
             total: 0,
+            uploading: false,
         }
     }
 

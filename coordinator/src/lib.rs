@@ -15,10 +15,12 @@ pub mod inputs;
 pub mod jobs;
 pub mod journal;
 pub mod junit;
+mod listener;
 pub mod manifest;
 mod release;
 mod service;
 pub mod signing;
+mod state;
 
 pub use config::Config;
 pub use release::{Outcome, Running, start};

@@ -3,142 +3,30 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use iukfarm_engine::fingerprint::Fingerprint;
 use iukfarm_proto::v1;
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, oneshot, watch};
+use tokio::sync::{Notify, Semaphore, oneshot, watch};
 use tokio::task::JoinHandle;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tracing::{info, warn};
 
 use crate::config::{Config, Reproduce};
-use crate::inputs::{self, DigestCache, IsoInput};
+use crate::inputs::{self, Authority, DigestCache, IsoInput};
 use crate::jobs::{Built, Job, JobState, Table};
 use crate::journal::{Entry, Journal};
 use crate::manifest::{self, Manifest};
+use crate::state::{Phase, STATE_DIR, Shared, State};
 use crate::{Error, junit};
 
-/// Where the coordinator keeps its own files, inside the output directory.
-pub const STATE_DIR: &str = ".iukfarm";
-
-/// Planned memory per job, checked against what a worker advertises.
-pub const JOB_MEMORY: u64 = 1 << 30;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    Preparing,
-    Running,
-    Finishing,
-    Succeeded,
-    Failed,
-    Cancelled,
-}
-
-impl Phase {
-    pub fn name(self) -> &'static str {
-        match self {
-            Phase::Preparing => "preparing",
-            Phase::Running => "running",
-            Phase::Finishing => "finishing",
-            Phase::Succeeded => "succeeded",
-            Phase::Failed => "failed",
-            Phase::Cancelled => "cancelled",
-        }
-    }
-
-    pub fn is_over(self) -> bool {
-        matches!(self, Phase::Succeeded | Phase::Failed | Phase::Cancelled)
-    }
-}
-
-pub(crate) struct WorkerInfo {
-    pub name: String,
-    pub slots: u32,
-    pub memory: u64,
-    pub last_seen: Instant,
-    pub jobs_done: u32,
-    /// Has been told the release is over.
-    pub told_over: bool,
-}
-
-pub(crate) struct State {
-    pub phase: Phase,
-    pub message: String,
-    pub table: Table,
-    /// Index 0: the new release; then the sources in the RM's order.
-    pub inputs: Vec<IsoInput>,
-    /// For each job: its source's index in `inputs`.
-    pub job_input: Vec<usize>,
-    pub workers: BTreeMap<String, WorkerInfo>,
-    pub next_id: u64,
-    /// Files Download serves, in the output directory.
-    pub files: Vec<String>,
-    pub cancel_reason: Option<String>,
-}
-
-pub(crate) struct Shared {
-    pub cfg: Config,
-    pub fingerprint: Fingerprint,
-    pub required_version: String,
-    pub required_commit: String,
-    /// Per process: ids of leases and workers from an earlier process are
-    /// recognisably stale.
-    pub instance: String,
-    pub state: Mutex<State>,
-    pub changed: watch::Sender<u64>,
-    pub state_dir: PathBuf,
-    pub incoming: PathBuf,
-    pub verify_slots: Semaphore,
-    pub journal: Mutex<Option<Journal>>,
-}
-
-impl Shared {
-    pub fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Wakes the main loop and every watcher.
-    pub fn bump(&self) {
-        self.changed.send_modify(|v| *v += 1);
-    }
-
-    pub fn new_id(&self, st: &mut State, what: &str) -> String {
-        st.next_id += 1;
-        format!("{what}-{}-{}", self.instance, st.next_id)
-    }
-
-    /// Cancels the release (SIGINT, SIGTERM, `iukfarm cancel`).
-    pub fn cancel(&self, reason: &str) {
-        let mut st = self.lock();
-        if !st.phase.is_over() && st.cancel_reason.is_none() {
-            warn!("cancelling the release: {reason}");
-            st.cancel_reason = Some(reason.to_string());
-            st.table.cancel_all(&format!("cancelled: {reason}"));
-        }
-        drop(st);
-        self.bump();
-    }
-
-    pub fn input_path(&self, st: &State, sha256: &str) -> Option<PathBuf> {
-        st.inputs
-            .iter()
-            .find(|i| i.sha256 == sha256)
-            .map(|i| i.path.clone())
-    }
-
-    pub fn journal(&self, e: &Entry) -> Result<(), Error> {
-        let mut j = self.journal.lock().unwrap_or_else(|p| p.into_inner());
-        match j.as_mut() {
-            Some(j) => j.append(e),
-            None => Ok(()),
-        }
-    }
-}
+/// Concurrent calls on one connection (a worker with many slots uses a
+/// handful: lease, heartbeats, one upload and one ISO stream per slot).
+const MAX_STREAMS: u32 = 64;
 
 /// How a release ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -167,14 +55,6 @@ fn required(cfg: &Config, own: &Fingerprint) -> (String, String) {
             None => (r.to_string(), String::new()),
         },
     }
-}
-
-fn random_hex(n: usize) -> String {
-    let mut b = vec![0u8; n];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        let _ = std::io::Read::read_exact(&mut f, &mut b);
-    }
-    inputs::hex(&b)
 }
 
 /// An exclusive lock on the output directory for this process's lifetime.
@@ -210,12 +90,18 @@ pub async fn start(cfg: Config, listener: Option<TcpListener>) -> Result<Running
         .iter()
         .map(|v| (v.clone(), cfg.iso_relpath(v)))
         .collect();
+    let authority = Arc::new(Authority::load(
+        cfg.iso_sha256sums.as_deref(),
+        cfg.iso_keyring.as_deref(),
+    )?);
+    let auth = authority.clone();
     let checked = tokio::task::spawn_blocking(move || {
         relpaths
             .into_iter()
             .map(|(v, rel)| {
                 let path = root.join(&rel);
                 let system_size = inputs::check(&v, &path)?;
+                auth.precheck(&v, &path, &rel)?;
                 let size = std::fs::metadata(&path)
                     .map_err(|e| Error::io(&path, e))?
                     .len();
@@ -238,17 +124,10 @@ pub async fn start(cfg: Config, listener: Option<TcpListener>) -> Result<Running
     let incoming = state_dir.join("incoming");
     std::fs::create_dir_all(&incoming).map_err(|e| Error::io(&incoming, e))?;
     let lock = lock_dir(&state_dir)?;
-    // Partial uploads of a killed run are worthless; stale release files
-    // would be mistaken for this run's.
+    // Partial uploads of a killed run are worthless.
     for e in std::fs::read_dir(&incoming).map_err(|e| Error::io(&incoming, e))? {
         let p = e.map_err(|e| Error::io(&incoming, e))?.path();
         std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
-    }
-    for f in [manifest::SUMS, manifest::MANIFEST, manifest::SIGNATURE] {
-        let p = cfg.output_dir.join(f);
-        if p.exists() {
-            std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
-        }
     }
 
     let listener = match listener {
@@ -275,7 +154,6 @@ pub async fn start(cfg: Config, listener: Option<TcpListener>) -> Result<Running
         fingerprint: own,
         required_version,
         required_commit,
-        instance: random_hex(4),
         state: Mutex::new(State {
             phase: Phase::Preparing,
             message: "hashing the input ISOs".into(),
@@ -283,7 +161,6 @@ pub async fn start(cfg: Config, listener: Option<TcpListener>) -> Result<Running
             inputs: checked,
             job_input: Vec::new(),
             workers: BTreeMap::new(),
-            next_id: 0,
             files: Vec::new(),
             cancel_reason: None,
         }),
@@ -291,13 +168,24 @@ pub async fn start(cfg: Config, listener: Option<TcpListener>) -> Result<Running
         state_dir,
         incoming,
         journal: Mutex::new(None),
+        stop_lingering: Notify::new(),
+        authority,
+        watchers: Arc::new(Semaphore::new(crate::state::MAX_WATCHERS)),
         cfg,
     });
 
     let (stop_server, stop_rx) = oneshot::channel::<()>();
     let svc = crate::service::FarmService::new(shared.clone());
     let token = iukfarm_proto::CheckToken::new(shared.cfg.token.as_deref());
-    let mut builder = Server::builder();
+    // Limits: a client may not hold the coordinator's resources forever
+    // (keep-alives find dead peers: a cut link, a frozen worker).
+    let mut builder = Server::builder()
+        .max_concurrent_streams(Some(MAX_STREAMS))
+        .concurrency_limit_per_connection(MAX_STREAMS as usize)
+        .http2_keepalive_interval(Some(Duration::from_secs(15)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .tcp_keepalive(Some(Duration::from_secs(30)))
+        .tcp_nodelay(true);
     if let Some(tls) = tls {
         builder = builder
             .tls_config(tls)
@@ -307,7 +195,7 @@ pub async fn start(cfg: Config, listener: Option<TcpListener>) -> Result<Running
         v1::farm_server::FarmServer::new(svc).max_decoding_message_size(16 << 20),
         token,
     ));
-    let incoming_conns = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let incoming_conns = crate::listener::bounded(listener);
     let server = tokio::spawn(async move {
         let _lock = lock;
         router
@@ -420,7 +308,10 @@ impl Running {
         let linger = self.shared.cfg.linger;
         if !linger.is_zero() {
             info!("release over; serving status and downloads for {linger:?}");
-            tokio::time::sleep(linger).await;
+            tokio::select! {
+                _ = tokio::time::sleep(linger) => {}
+                _ = self.shared.stop_lingering.notified() => info!("stopped lingering"),
+            }
         }
         let _ = self.stop_server.send(());
         match tokio::time::timeout(Duration::from_secs(5), self.server).await {
@@ -514,27 +405,42 @@ impl Running {
         let cache_path = sh.state_dir.join("digests.json");
         let mut cache = DigestCache::load(&cache_path);
         let n = sh.lock().inputs.len();
+        if !sh.authority.is_set() {
+            warn!(
+                "the input ISOs are not authenticated: pass --iso-sha256sums or --iso-keyring \
+                 so that a damaged or substituted ISO cannot reach a signed IUK"
+            );
+        }
         for k in 0..n {
-            let (path, version) = {
+            let (path, version, relpath) = {
                 let st = sh.lock();
-                (st.inputs[k].path.clone(), st.inputs[k].version.clone())
+                let i = &st.inputs[k];
+                (i.path.clone(), i.version.clone(), i.relpath.clone())
             };
-            let sha = match cache.get(&path) {
-                Some(s) => s,
-                None => {
-                    {
-                        let mut st = sh.lock();
-                        st.message = format!("hashing the ISO of {version} ({}/{n})", k + 1);
-                    }
-                    sh.bump();
-                    let p = path.clone();
-                    let s = tokio::task::spawn_blocking(move || inputs::sha256_file(&p))
-                        .await
-                        .map_err(|e| Error::Other(e.to_string()))??;
-                    cache.put(&path, &s)?;
-                    s
-                }
-            };
+            let known = cache.get(&path);
+            if known.is_none() || sh.authority.is_set() {
+                let mut st = sh.lock();
+                st.message = format!(
+                    "{} the ISO of {version} ({}/{n})",
+                    if sh.authority.is_set() {
+                        "authenticating"
+                    } else {
+                        "hashing"
+                    },
+                    k + 1
+                );
+                drop(st);
+                sh.bump();
+            }
+            let fresh = known.is_none();
+            let (s2, p, v) = (sh.clone(), path.clone(), version.clone());
+            let sha =
+                tokio::task::spawn_blocking(move || s2.authority.digest(&v, &p, &relpath, known))
+                    .await
+                    .map_err(|e| Error::Other(e.to_string()))??;
+            if fresh {
+                cache.put(&path, &sha)?;
+            }
             info!("{version}: {} sha256 {sha}", path.display());
             sh.lock().inputs[k].sha256 = sha;
             if sh.lock().cancel_reason.is_some() {
@@ -632,14 +538,48 @@ impl Running {
                 );
             }
         }
-        for j in &jobs {
-            let p = cfg.output_dir.join(&j.output_name);
-            if j.reproduction_of.is_none() && j.state != JobState::Done && p.exists() {
-                return Err(Error::BadInput(format!(
-                    "{} exists but this release's journal does not vouch for it; move it away \
-                     (the coordinator never overwrites a kit it did not build)",
-                    p.display()
-                )));
+        // Kits in the output directory that the journal does not vouch for:
+        // a finished release's are never touched (check first, change
+        // later); anything else is set aside, never deleted.
+        let unvouched: Vec<&Job> = jobs
+            .iter()
+            .filter(|j| {
+                j.reproduction_of.is_none()
+                    && j.state != JobState::Done
+                    && cfg.output_dir.join(&j.output_name).exists()
+            })
+            .collect();
+        if !unvouched.is_empty() && cfg.output_dir.join(manifest::MANIFEST).exists() {
+            return Err(Error::BadInput(format!(
+                "{} holds a signed release made with other parameters (or whose journal is \
+                 gone): {} and {} more kit(s) are not this release's. Nothing was changed; \
+                 use another --output-dir, or move that release away",
+                cfg.output_dir.display(),
+                unvouched[0].output_name,
+                unvouched.len() - 1
+            )));
+        }
+        let aside = sh.state_dir.join("set-aside");
+        for j in &unvouched {
+            let from = cfg.output_dir.join(&j.output_name);
+            std::fs::create_dir_all(&aside).map_err(|e| Error::io(&aside, e))?;
+            let to = (0..)
+                .map(|n| aside.join(format!("{}.{n}", j.output_name)))
+                .find(|p| !p.exists())
+                .expect("a free name");
+            std::fs::rename(&from, &to).map_err(|e| Error::io(&from, e))?;
+            warn!(
+                "{}: not vouched for by this release's journal; set aside as {}",
+                from.display(),
+                to.display()
+            );
+        }
+        // Signed files of an earlier run would be mistaken for this run's;
+        // they are rewritten at the end.
+        for f in [manifest::SUMS, manifest::MANIFEST, manifest::SIGNATURE] {
+            let p = cfg.output_dir.join(f);
+            if p.exists() {
+                std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
             }
         }
         *sh.journal.lock().unwrap_or_else(|p| p.into_inner()) = Some(journal);
@@ -724,6 +664,23 @@ impl Running {
         let sh2 = sh.clone();
         tokio::task::spawn_blocking(move || -> Result<(), Error> {
             let out = &sh2.cfg.output_dir;
+            // The manifest signs what is on disk now: one more sequential
+            // read of every kit it names.
+            for k in &m.iuks {
+                let p = out.join(&k.name);
+                let size = std::fs::metadata(&p).map_err(|e| Error::io(&p, e))?.len();
+                let sha = inputs::sha256_file(&p)?;
+                if size != k.size || sha != k.sha256 {
+                    return Err(Error::Other(format!(
+                        "{} changed on disk after it was verified ({size} bytes, sha256 {sha}; \
+                         verified: {} bytes, sha256 {}): not signing. Run the same command \
+                         again: it sets that file aside and builds the kit anew",
+                        p.display(),
+                        k.size,
+                        k.sha256
+                    )));
+                }
+            }
             let put = |name: &str, data: &[u8]| -> Result<(), Error> {
                 let tmp = sh2.state_dir.join(format!("{name}.tmp"));
                 let dst = out.join(name);
@@ -738,8 +695,7 @@ impl Running {
             sh2.cfg
                 .signing
                 .sign(&out.join(manifest::MANIFEST), &sig_tmp)?;
-            // Checked against the key's certificate before it is put in place
-            // (the kits were hashed as they arrived; no need to read them again).
+            // Checked against the key's certificate before it is put in place.
             let cert = sh2.cfg.signing.certificate()?;
             let sig = std::fs::read(&sig_tmp).map_err(|e| Error::io(&sig_tmp, e))?;
             let signer = crate::signing::verify(&cert, &m.to_json(), &sig)?;

@@ -18,7 +18,7 @@ use tracing::{info, warn};
 use crate::inputs::hex;
 use crate::jobs::{Built, JobState, Lease};
 use crate::journal::Entry;
-use crate::release::{JOB_MEMORY, Phase, Shared, State, WorkerInfo};
+use crate::state::{JOB_MEMORY, Phase, Shared, State, WorkerInfo};
 
 type Chunks = Pin<Box<dyn Stream<Item = Result<v1::Chunk, Status>> + Send>>;
 type Statuses = Pin<Box<dyn Stream<Item = Result<v1::ReleaseStatus, Status>> + Send>>;
@@ -191,74 +191,134 @@ fn stream_file(path: PathBuf, offset: u64) -> Chunks {
     Box::pin(ReceiverStream::new(rx))
 }
 
+/// What a kit may weigh at most: a diff of the new system plus its boot
+/// files cannot exceed the new ISO by more than metadata; anything bigger
+/// is a worker filling the coordinator's disk.
+pub(crate) fn kit_size_cap(new_iso_size: u64) -> u64 {
+    new_iso_size + new_iso_size / 64 + (16 << 20)
+}
+
+/// Checks what a worker announces before a byte is written.
+fn check_header(h: &v1::UploadHeader, cap: u64) -> Result<(), Status> {
+    if h.size == 0 || h.size > cap {
+        return Err(Status::invalid_argument(format!(
+            "announced size {} is outside 1..={cap} bytes (the new ISO plus a margin)",
+            h.size
+        )));
+    }
+    if h.sha256.len() != 64
+        || !h
+            .sha256
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
+        return Err(Status::invalid_argument(
+            "the announced sha256 is not 64 lower-case hex digits",
+        ));
+    }
+    if !h.build_seconds.is_finite() || !(0.0..=1e6).contains(&h.build_seconds) {
+        return Err(Status::invalid_argument(format!(
+            "build_seconds {} is not a duration",
+            h.build_seconds
+        )));
+    }
+    if h.summary.len() > 4096 {
+        return Err(Status::invalid_argument("summary longer than 4 KiB"));
+    }
+    Ok(())
+}
+
+/// Removes a part file however its upload ends.
+struct PartFile(PathBuf);
+
+impl Drop for PartFile {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.0)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            warn!("removing {}: {e}", self.0.display());
+        }
+    }
+}
+
 impl FarmService {
-    /// Receives a kit into the incoming directory; returns its path once
-    /// size and digest match the header.
+    /// Receives a kit into the incoming directory, in a file of its own
+    /// created exclusively; returns it once every byte is on disk (written,
+    /// flushed and fsynced, each step checked) and size and digest match
+    /// the header. Stops as soon as the lease is no longer the uploader's.
     async fn receive(
         &self,
         h: &v1::UploadHeader,
         stream: &mut Streaming<v1::UploadMessage>,
-    ) -> Result<PathBuf, Status> {
-        let part = self.sh.incoming.join(format!("{}.part", h.lease_id));
-        let mut f = tokio::fs::File::create(&part)
+    ) -> Result<PartFile, Status> {
+        let path =
+            self.sh
+                .incoming
+                .join(format!("{}.{}.part", h.lease_id, &Shared::new_id("u")[2..]));
+        let mut f = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
             .await
-            .map_err(|e| Status::internal(format!("{}: {e}", part.display())))?;
+            .map_err(|e| Status::internal(format!("{}: {e}", path.display())))?;
+        let part = PartFile(path);
+        let disk = |e: std::io::Error| Status::internal(format!("{}: {e}", part.0.display()));
         let mut hasher = Sha256::new();
         let mut got = 0u64;
-        let result = async {
-            while let Some(m) = stream.message().await? {
-                let Some(v1::upload_message::Part::Data(d)) = m.part else {
-                    return Err(Status::invalid_argument("a second header in one upload"));
-                };
-                got += d.len() as u64;
-                if got > h.size {
-                    return Err(Status::data_loss(format!(
-                        "more bytes than the announced {}",
-                        h.size
-                    )));
-                }
-                hasher.update(&d);
-                f.write_all(&d)
-                    .await
-                    .map_err(|e| Status::internal(e.to_string()))?;
-                self.renew(&h.lease_id);
-            }
-            f.sync_all()
-                .await
-                .map_err(|e| Status::internal(e.to_string()))?;
-            let sha = hex(&hasher.finalize());
-            if got != h.size || sha != h.sha256 {
+        while let Some(m) = stream.message().await? {
+            let Some(v1::upload_message::Part::Data(d)) = m.part else {
+                return Err(Status::invalid_argument("a second header in one upload"));
+            };
+            got += d.len() as u64;
+            if got > h.size {
                 return Err(Status::data_loss(format!(
-                    "the kit arrived damaged ({got} of {} bytes, sha256 {sha}, announced {})",
-                    h.size, h.sha256
+                    "more bytes than the announced {}",
+                    h.size
                 )));
             }
-            Ok(())
-        }
-        .await;
-        match result {
-            Ok(()) => Ok(part),
-            Err(e) => {
-                let _ = tokio::fs::remove_file(&part).await;
-                Err(e)
+            hasher.update(&d);
+            f.write_all(&d).await.map_err(disk)?;
+            if !self.renew(&h.lease_id, &h.worker_id) {
+                return Err(Status::failed_precondition(
+                    "the lease ended during the upload",
+                ));
             }
         }
+        // tokio's File may still hold the last write: its error (a full
+        // disk) only shows in flush.
+        f.flush().await.map_err(disk)?;
+        f.sync_all().await.map_err(disk)?;
+        let sha = hex(&hasher.finalize());
+        if got != h.size || sha != h.sha256 {
+            return Err(Status::data_loss(format!(
+                "the kit arrived damaged ({got} of {} bytes, sha256 {sha}, announced {})",
+                h.size, h.sha256
+            )));
+        }
+        Ok(part)
     }
 
-    fn renew(&self, lease_id: &str) {
+    /// Extends the uploader's lease; false once it is no longer theirs.
+    fn renew(&self, lease_id: &str, worker_id: &str) -> bool {
         let mut st = self.sh.lock();
-        if let Some(i) = st.table.by_lease(lease_id)
-            && let Some(l) = st.table.jobs[i].lease.as_mut()
-        {
-            l.deadline = Instant::now() + self.sh.cfg.lease_timeout;
+        let Some(i) = st.table.by_lease(lease_id) else {
+            return false;
+        };
+        match st.table.jobs[i].lease.as_mut() {
+            Some(l) if l.worker_id == worker_id => {
+                l.deadline = Instant::now() + self.sh.cfg.lease_timeout;
+                true
+            }
+            _ => false,
         }
     }
 
-    /// Verifies a received kit by applying it, then moves it into the
-    /// output directory and journals it.
-    async fn verify_and_keep(sh: Arc<Shared>, i: usize, part: PathBuf, built: Built) {
+    /// Verifies a received kit by applying it, then journals it and moves
+    /// it into the output directory. A verification that could not run
+    /// (disk, I/O) is retried; only a kit proven wrong fails its IUK.
+    async fn verify_and_keep(sh: Arc<Shared>, i: usize, part: PartFile, built: Built) {
         let _slot = sh.verify_slots.acquire().await;
-        let (old, new, name, old_v) = {
+        let (old, new, name, old_v, job_id) = {
             let st = sh.lock();
             let j = &st.table.jobs[i];
             (
@@ -266,13 +326,14 @@ impl FarmService {
                 st.inputs[0].path.clone(),
                 j.output_name.clone(),
                 j.old_version.clone(),
+                j.id.clone(),
             )
         };
         let incoming = sh.incoming.clone();
-        let p = part.clone();
+        let p = part.0.clone();
         let verified = tokio::task::spawn_blocking(move || {
             let scratch = tempfile::NamedTempFile::new_in(&incoming)
-                .map_err(|e| format!("scratch file: {e}"))?;
+                .map_err(|e| format!("scratch file in {}: {e}", incoming.display()))?;
             iukfarm_engine::kit::verify::verify_iuk(
                 &old,
                 &new,
@@ -284,23 +345,26 @@ impl FarmService {
         })
         .await
         .unwrap_or_else(|e| Err(format!("verification crashed: {e}")));
-        let dst = sh.cfg.output_dir.join(&name);
-        let kept = match verified {
-            Ok(v) if v.differences.is_empty() => std::fs::rename(&part, &dst)
-                .and_then(|_| std::fs::File::open(&sh.cfg.output_dir)?.sync_all())
-                .map_err(|e| format!("{}: {e}", dst.display()))
-                .and_then(|_| {
-                    sh.journal(&Entry {
-                        job: sh.lock().table.jobs[i].id.clone(),
-                        name: name.clone(),
-                        sha256: built.sha256.clone(),
-                        size: built.size,
-                        worker: built.worker.clone(),
-                        build_seconds: built.build_seconds,
-                        reproduction: false,
-                    })
-                    .map_err(|e| e.to_string())
-                }),
+        // Err(transient) or Ok(Err(proven wrong)).
+        let kept: Result<Result<(), String>, String> = match verified {
+            Ok(v) if v.differences.is_empty() => sh
+                .journal(&Entry {
+                    job: job_id,
+                    name: name.clone(),
+                    sha256: built.sha256.clone(),
+                    size: built.size,
+                    worker: built.worker.clone(),
+                    build_seconds: built.build_seconds,
+                    reproduction: false,
+                })
+                .map_err(|e| e.to_string())
+                .and_then(|()| {
+                    let dst = sh.cfg.output_dir.join(&name);
+                    std::fs::rename(&part.0, &dst)
+                        .and_then(|_| std::fs::File::open(&sh.cfg.output_dir)?.sync_all())
+                        .map_err(|e| format!("{}: {e}", dst.display()))
+                })
+                .map(Ok),
             Ok(v) => {
                 let shown: Vec<String> = v
                     .differences
@@ -308,21 +372,21 @@ impl FarmService {
                     .take(5)
                     .map(|d| d.to_string())
                     .collect();
-                Err(format!(
+                Ok(Err(format!(
                     "does not turn {old_v} into {} ({} differences: {}{})",
                     sh.cfg.new_version,
                     v.differences.len(),
                     shown.join("; "),
                     if v.differences.len() > 5 { "; ..." } else { "" }
-                ))
+                )))
             }
             Err(e) => Err(e),
         };
-        let _ = std::fs::remove_file(&part);
+        drop(part);
         let mut st = sh.lock();
         if st.table.jobs[i].state == JobState::Verifying {
             match kept {
-                Ok(()) => {
+                Ok(Ok(())) => {
                     info!(
                         "{name}: verified by applying it; {} bytes, sha256 {}",
                         built.size, built.sha256
@@ -333,9 +397,13 @@ impl FarmService {
                     st.files.push(name);
                     st.table.check_reproduction(i);
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     warn!("{name}: {e}");
                     st.table.fail(i, &e);
+                }
+                Err(e) => {
+                    warn!("{name}: {e}; building again");
+                    st.table.retry(i, &e, sh.cfg.max_attempts, Instant::now());
                 }
             }
         }
@@ -393,7 +461,14 @@ impl Farm for FarmService {
             return Err(Status::invalid_argument("a worker needs at least one slot"));
         }
         let mut st = self.sh.lock();
-        let id = self.sh.new_id(&mut st, "w");
+        // A lingering coordinator only serves the RM: a worker waiting for
+        // the next release must not register with this one again and again.
+        if st.phase.is_over() {
+            return Err(Status::aborted(
+                "this release is over; waiting for the next coordinator",
+            ));
+        }
+        let id = Shared::new_id("w");
         info!("worker {} registered as {id} ({} slots)", r.name, r.slots);
         st.workers.insert(
             id.clone(),
@@ -464,7 +539,7 @@ impl Farm for FarmService {
                 .clamp(Duration::from_millis(100), Duration::from_secs(1));
             return wait(soonest.as_millis() as u64);
         };
-        let lease_id = sh.new_id(&mut st, "lease");
+        let lease_id = Shared::new_id("lease");
         st.table.start(
             i,
             Lease {
@@ -477,6 +552,7 @@ impl Farm for FarmService {
                 phase_started: now,
                 done: 0,
                 total: 0,
+                uploading: false,
             },
         );
         let j = &st.table.jobs[i];
@@ -588,18 +664,38 @@ impl Farm for FarmService {
         {
             let mut st = sh.lock();
             seen(&mut st, &h.worker_id)?;
-            let owned = st.table.by_lease(&h.lease_id).is_some_and(|i| {
+            let mine = st.table.by_lease(&h.lease_id).filter(|&i| {
                 st.table.jobs[i]
                     .lease
                     .as_ref()
                     .is_some_and(|l| l.worker_id == h.worker_id)
             });
-            if !owned {
+            let Some(i) = mine else {
                 return Err(Status::failed_precondition(format!(
                     "lease {} is no longer yours (it expired or the job was cancelled)",
                     h.lease_id
                 )));
+            };
+            let cap = kit_size_cap(st.inputs[0].size);
+            let l = st.table.jobs[i].lease.as_mut().expect("checked above");
+            if l.uploading {
+                warn!(
+                    "{}: refused a second upload stream on {}",
+                    st.table.jobs[i].output_name, h.lease_id
+                );
+                return Err(Status::already_exists(
+                    "this lease already has an upload in progress",
+                ));
             }
+            if let Err(e) = check_header(&h, cap) {
+                let why = format!("upload from {} refused: {}", l.worker_name, e.message());
+                warn!("{}: {why}", st.table.jobs[i].output_name);
+                st.table.retry(i, &why, sh.cfg.max_attempts, Instant::now());
+                drop(st);
+                sh.bump();
+                return Err(e);
+            }
+            l.uploading = true;
         }
         let received = self.receive(&h, &mut stream).await;
         let mut st = sh.lock();
@@ -672,7 +768,7 @@ impl Farm for FarmService {
                 build_seconds: h.build_seconds,
                 reproduction: true,
             };
-            let _ = std::fs::remove_file(&part);
+            drop(part);
             st.table.check_reproduction(i);
             drop(st);
             if let Err(e) = sh.journal(&entry) {
@@ -723,9 +819,15 @@ impl Farm for FarmService {
 
     async fn watch(&self, _: Request<v1::StatusRequest>) -> Result<Response<Statuses>, Status> {
         let sh = self.sh.clone();
+        let Ok(permit) = sh.watchers.clone().try_acquire_owned() else {
+            return Err(Status::resource_exhausted(
+                "too many watchers of this release: use `iukfarm status` instead",
+            ));
+        };
         let mut changed = sh.changed.subscribe();
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
+            let _permit = permit;
             loop {
                 let s = status(&sh);
                 let over = Phase::is_over(match s.state.as_str() {

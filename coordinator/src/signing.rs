@@ -218,7 +218,12 @@ impl VerificationHelper for Helper {
 /// `certs` (armored or binary, one or several); returns the signer's
 /// fingerprint.
 pub fn verify(certs: &[u8], data: &[u8], signature: &[u8]) -> Result<String, Error> {
-    let certs: Vec<Cert> = CertParser::from_bytes(certs)
+    verify_reader(certs, data, signature)
+}
+
+/// The certificates of an armored or binary keyring (at least one).
+pub fn parse_certs(data: &[u8]) -> Result<Vec<Cert>, Error> {
+    let certs: Vec<Cert> = CertParser::from_bytes(data)
         .map_err(|e| pgp("reading the certificate", e))?
         .collect::<openpgp::Result<_>>()
         .map_err(|e| pgp("reading the certificate", e))?;
@@ -227,6 +232,16 @@ pub fn verify(certs: &[u8], data: &[u8], signature: &[u8]) -> Result<String, Err
             "the certificate file holds no certificate".into(),
         ));
     }
+    Ok(certs)
+}
+
+/// [`verify`] over a stream (an ISO), read once to its end.
+pub fn verify_reader<R: std::io::Read + Send + Sync>(
+    certs: &[u8],
+    data: R,
+    signature: &[u8],
+) -> Result<String, Error> {
+    let certs = parse_certs(certs)?;
     let policy = StandardPolicy::new();
     let helper = Helper {
         certs,
@@ -236,7 +251,7 @@ pub fn verify(certs: &[u8], data: &[u8], signature: &[u8]) -> Result<String, Err
         .map_err(|e| pgp("reading the signature", e))?
         .with_policy(&policy, None, helper)
         .map_err(|e| pgp("bad signature", e))?;
-    v.verify_bytes(data).map_err(|e| pgp("bad signature", e))?;
+    v.verify_reader(data).map_err(|e| pgp("bad signature", e))?;
     Ok(v.into_helper().signer.unwrap_or_default())
 }
 

@@ -45,6 +45,8 @@ pub struct Iso {
     naming: Naming,
     /// Bytes to skip at the start of each system use area (SUSP "SP").
     susp_skip: usize,
+    /// The volume's size as its primary descriptor states it.
+    volume_bytes: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -61,6 +63,7 @@ impl Iso {
         let len = src.size()?;
         let mut primary = None;
         let mut joliet = None;
+        let mut volume_bytes = 0;
         for i in 16..256u64 {
             let mut vd = vec![0u8; SECTOR as usize];
             if (i + 1) * SECTOR > len {
@@ -76,7 +79,12 @@ impl Iso {
                 break;
             }
             match vd[0] {
-                1 if primary.is_none() => primary = Some(parse_record(&vd[156..190])?.0),
+                1 if primary.is_none() => {
+                    let blocks = u32::from_le_bytes(vd[80..84].try_into().unwrap());
+                    let block = u16::from_le_bytes(vd[128..130].try_into().unwrap());
+                    volume_bytes = blocks as u64 * block as u64;
+                    primary = Some(parse_record(&vd[156..190])?.0)
+                }
                 2 if matches!(&vd[88..91], b"%/@" | b"%/C" | b"%/E") => {
                     joliet = Some(parse_record(&vd[156..190])?.0)
                 }
@@ -94,6 +102,7 @@ impl Iso {
             root: root.clone(),
             naming: Naming::Plain,
             susp_skip: 0,
+            volume_bytes,
         };
         // Rock Ridge announces itself with "SP" in the root's "." record.
         let first = iso.raw_records(&root)?.into_iter().next();
@@ -350,6 +359,25 @@ impl Iso {
             .list_record(&dir)?
             .into_iter()
             .find(|e| e.name == *last))
+    }
+
+    /// Reads every directory and checks that the file holds the whole
+    /// volume and every file's extents: a truncated or damaged ISO fails
+    /// here rather than midway through the work.
+    pub fn check(&self) -> Result<()> {
+        let len = self.src.size()?;
+        if self.volume_bytes > len {
+            corrupt!(
+                "truncated: the volume holds {} bytes but the file has {len}",
+                self.volume_bytes
+            );
+        }
+        self.walk(b"", &mut |_, e| {
+            if !e.is_dir {
+                self.file_reader(e)?;
+            }
+            Ok(())
+        })
     }
 
     /// A positional reader over a file's bytes, for reading in place.

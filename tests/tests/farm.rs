@@ -461,8 +461,16 @@ fn bad_isos_fail_the_release_at_once_naming_the_file() {
     let a = archive();
     let key = gpg().secret_key.to_str().unwrap().to_string();
     type Damage<'a> = &'a dyn Fn(&std::path::Path);
-    let cases: [(&str, Damage, &str); 4] = [
+    let cases: [(&str, Damage, &str); 5] = [
         ("missing", &|p| fs::remove_file(p).unwrap(), "no such file"),
+        (
+            "cut at 99%",
+            &|p| {
+                let f = fs::OpenOptions::new().write(true).open(p).unwrap();
+                f.set_len(f.metadata().unwrap().len() / 100 * 99).unwrap();
+            },
+            "truncated",
+        ),
         (
             "truncated",
             &|p| {

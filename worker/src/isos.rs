@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use iukfarm_engine::Progress;
 
-use crate::job::JobError;
+use crate::error::JobError;
 use crate::{Config, Error, JobProgress};
 
 type Key = (PathBuf, u64, SystemTime);

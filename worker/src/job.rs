@@ -15,6 +15,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tracing::{info, warn};
 
 use crate::Ctx;
+use crate::error::JobError;
 
 /// A job's progress as the heartbeats report it, and its cancel flag.
 #[derive(Default)]
@@ -59,31 +60,6 @@ impl iukfarm_engine::Progress for JobProgress {
     }
     fn is_cancelled(&self) -> bool {
         self.cancelled.load(Ordering::SeqCst)
-    }
-}
-
-#[derive(Debug)]
-pub enum JobError {
-    /// Running it again will fail the same way (bad ISO, bad option).
-    Bad(String),
-    /// Worth another attempt (I/O, network).
-    Transient(String),
-    /// The lease is gone or the worker is stopping.
-    Cancelled,
-    /// The coordinator refused the upload and already knows why.
-    Reported,
-}
-
-impl From<iukfarm_engine::Error> for JobError {
-    fn from(e: iukfarm_engine::Error) -> Self {
-        use iukfarm_engine::Error as E;
-        match e {
-            E::Cancelled => JobError::Cancelled,
-            E::Invalid(_) | E::Corrupt(_) | E::Unsupported(_) | E::NotFound(_) => {
-                JobError::Bad(e.to_string())
-            }
-            other => JobError::Transient(other.to_string()),
-        }
     }
 }
 

@@ -3,6 +3,7 @@
 //! coordinator into a content-addressed cache), runs the IUK engine in a
 //! directory of the job's own, and streams the kit back.
 
+mod error;
 mod isos;
 mod job;
 
@@ -20,31 +21,8 @@ use tokio::task::JoinSet;
 use tonic::Code;
 use tracing::{debug, info, warn};
 
+pub use error::Error;
 pub use job::JobProgress;
-
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// The coordinator will not take this worker (token, engine, protocol).
-    #[error("{0}")]
-    Refused(String),
-    #[error("{0}")]
-    Config(String),
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-impl Error {
-    pub fn io(path: &std::path::Path, source: std::io::Error) -> Error {
-        Error::Io {
-            path: path.display().to_string(),
-            source,
-        }
-    }
-}
 
 /// Failure injection for the end-to-end tests; all off in production.
 #[derive(Debug, Clone, Default)]

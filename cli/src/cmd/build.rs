@@ -5,18 +5,22 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::Parser;
+use iukfarm_coordinator::config;
+use iukfarm_coordinator::inputs::Authority;
 use iukfarm_engine::diff::DiffOptions;
 use iukfarm_engine::kit::{BuildOptions, Profile, build_iuk};
 
-use super::sqfs::{persist, temp_next_to};
+use super::{Usage, usage};
+use crate::output::{persist, temp_next_to};
 use crate::progress::Reporter;
 
 #[derive(Parser)]
 #[command(
     after_help = "Exit status: 0 the IUK was written; 1 it could not be built (the \
-message names the input and the problem); 2 bad usage; 130 interrupted. Nothing is left \
+message names the input and the problem); 2 bad usage or inputs (a missing ISO, one whose \
+digest or signature does not match, a name that is not a file name); 130 interrupted. Nothing is left \
 behind on failure or interruption: the IUK is written to a temporary file next to its final \
 name and renamed only when complete."
 )]
@@ -52,8 +56,14 @@ pub struct Args {
     #[arg(long, default_value = "amd64")]
     build_target: String,
     /// Compression threads (default: one per core). The bytes do not depend on it.
-    #[arg(long)]
+    #[arg(long, value_parser = super::parse_threads)]
     threads: Option<usize>,
+    /// The RM's digests of the ISOs (sha256sum output): both must match before the build.
+    #[arg(long, value_name = "FILE")]
+    iso_sha256sums: Option<PathBuf>,
+    /// OpenPGP keyring: both ISOs need a good detached signature <iso>.sig by one of its keys.
+    #[arg(long, value_name = "FILE")]
+    iso_keyring: Option<PathBuf>,
     /// Leave out files matching this glob whose contents did not change
     /// (tails-create-iuk's --ignore_if_same_content). Repeatable.
     #[arg(long, value_name = "GLOB")]
@@ -88,44 +98,61 @@ fn version_from_iso(p: &Path) -> Option<String> {
     (!v.is_empty()).then(|| v.replace('-', "~"))
 }
 
+/// A usage error from the coordinator's shared checks.
+fn bad(e: iukfarm_coordinator::Error) -> anyhow::Error {
+    anyhow::Error::new(Usage(e.to_string()))
+}
+
+/// Same file (device and inode)?
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
+}
+
 pub fn run(a: Args) -> Result<ExitCode> {
     let sde = match a.source_date_epoch {
         Some(s) => s,
-        None => super::source_date_epoch()?.context(
-            "no SOURCE_DATE_EPOCH: pass --source-date-epoch or set the variable \
-             (the new release's changelog date, as for tails-create-iuk)",
-        )?,
+        None => match super::source_date_epoch()? {
+            Some(s) => s,
+            None => usage!(
+                "no SOURCE_DATE_EPOCH: pass --source-date-epoch or set the variable \
+                 (the new release's changelog date, as for tails-create-iuk)"
+            ),
+        },
     };
+    // The coordinator's rules: whatever ends up in a file name is checked.
+    config::check_name("product", &a.product).map_err(bad)?;
+    config::check_name("build target", &a.build_target).map_err(bad)?;
     let version = |given: &Option<String>, iso: &Path, flag: &str| -> Result<String> {
-        match given {
-            Some(v) => Ok(v.clone()),
-            None => version_from_iso(iso).with_context(|| {
-                format!(
+        let v = match given {
+            Some(v) => v.clone(),
+            None => match version_from_iso(iso) {
+                Some(v) => v,
+                None => usage!(
                     "cannot tell the version from {}; pass {flag}",
                     iso.display()
-                )
-            }),
-        }
-    };
-    let checked = |v: String, what: &str| -> Result<String> {
-        if v.is_empty() || v.contains('/') || v.starts_with('.') {
-            bail!("invalid {what} version {v:?}");
-        }
-        Ok(v)
+                ),
+            },
+        };
+        config::check_version(v).map_err(bad)
     };
     // Versions are only needed for the names they default.
     let diff_name = match &a.squashfs_diff_name {
         Some(n) => n.clone(),
         None => format!(
             "{}.squashfs",
-            checked(version(&a.new_version, &a.new_iso, "--new-version")?, "new")?
+            version(&a.new_version, &a.new_iso, "--new-version")?
         ),
     };
+    config::check_file_name("diff name", &diff_name).map_err(bad)?;
     let out = match &a.out {
         Some(p) => p.clone(),
         None => {
-            let old_v = checked(version(&a.old_version, &a.old_iso, "--old-version")?, "old")?;
-            let new_v = checked(version(&a.new_version, &a.new_iso, "--new-version")?, "new")?;
+            let old_v = version(&a.old_version, &a.old_iso, "--old-version")?;
+            let new_v = version(&a.new_version, &a.new_iso, "--new-version")?;
             a.output_dir
                 .clone()
                 .unwrap_or_else(|| PathBuf::from("."))
@@ -135,12 +162,31 @@ pub fn run(a: Args) -> Result<ExitCode> {
                 ))
         }
     };
-    if !a.force && out.exists() {
-        bail!("{} exists; use --force to overwrite it", out.display());
-    }
     for iso in [&a.old_iso, &a.new_iso] {
         if !iso.is_file() {
-            bail!("{}: no such ISO", iso.display());
+            usage!("{}: no such ISO", iso.display());
+        }
+        if same_file(iso, &out) {
+            usage!(
+                "the IUK {} would overwrite the input {}: choose another --out",
+                out.display(),
+                iso.display()
+            );
+        }
+    }
+    if !a.force && out.exists() {
+        usage!("{} exists; use --force to overwrite it", out.display());
+    }
+    if a.iso_sha256sums.is_some() || a.iso_keyring.is_some() {
+        let auth =
+            Authority::load(a.iso_sha256sums.as_deref(), a.iso_keyring.as_deref()).map_err(bad)?;
+        for (what, iso) in [("old", &a.old_iso), ("new", &a.new_iso)] {
+            let name = iso
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            auth.precheck(what, iso, &name).map_err(bad)?;
+            auth.digest(what, iso, &name, None).map_err(bad)?;
         }
     }
     let opts = BuildOptions {

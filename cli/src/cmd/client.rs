@@ -598,7 +598,7 @@ async fn download(
             bail!("{name} arrived damaged ({n} bytes, sha256 {got}; expected {size}, {sha})");
         }
     }
-    super::sqfs::persist(tmp, dst, true)
+    crate::output::persist(tmp, dst, true)
 }
 
 /// Prints a directory check and gives its exit status.

@@ -143,6 +143,8 @@ pub fn run(a: Args) -> Result<ExitCode> {
         source_date_epoch: samples::SAMPLE_SDE,
         iso_root: isos_dir.clone(),
         iso_pattern: DEFAULT_ISO_PATTERN.into(),
+        iso_sha256sums: None,
+        iso_keyring: None,
         output_dir: release_dir.clone(),
         product: "Tails".into(),
         build_target: "amd64".into(),

@@ -46,6 +46,12 @@ pub struct ReleaseArgs {
     /// Path of an ISO under the root; {version} is replaced.
     #[arg(long, value_name = "PATTERN")]
     iso_pattern: Option<String>,
+    /// The RM's digests of the ISOs (sha256sum output); each ISO must match before any work.
+    #[arg(long, value_name = "FILE")]
+    iso_sha256sums: Option<PathBuf>,
+    /// OpenPGP keyring: each ISO must have a good detached signature <iso>.sig by one of its keys.
+    #[arg(long, value_name = "FILE")]
+    iso_keyring: Option<PathBuf>,
     /// Where the IUKs, SHA256SUMS, manifest.json and its signature go.
     #[arg(long, value_name = "DIR")]
     output_dir: Option<PathBuf>,
@@ -196,6 +202,8 @@ impl ReleaseArgs {
                 .iso_pattern
                 .or(f.iso_pattern)
                 .unwrap_or_else(|| config::DEFAULT_ISO_PATTERN.into()),
+            iso_sha256sums: self.iso_sha256sums.or(f.iso_sha256sums),
+            iso_keyring: self.iso_keyring.or(f.iso_keyring),
             output_dir: need(self.output_dir.or(f.output_dir), "--output-dir")?,
             product: self.product.or(f.product).unwrap_or_else(|| "Tails".into()),
             build_target: self
@@ -301,10 +309,10 @@ pub struct ReleaseCmdArgs {
     #[command(flatten)]
     release: ReleaseArgs,
     /// In-process workers.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     workers: u32,
     /// Compression threads per worker (default: the cores shared among the workers).
-    #[arg(short = 'j', long)]
+    #[arg(short = 'j', long, value_parser = super::parse_threads)]
     threads: Option<usize>,
     /// Also serve status and downloads here (needs --token-file unless loopback).
     #[arg(long, value_name = "ADDRESS:PORT")]
@@ -495,10 +503,10 @@ pub struct WorkerArgs {
     #[arg(long, value_name = "DIR", default_value = "/var/cache/iukfarm")]
     cache_dir: PathBuf,
     /// Jobs at once.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     slots: u32,
     /// Compression threads per job (default: the cores shared among the slots).
-    #[arg(short = 'j', long, default_value_t = 0)]
+    #[arg(short = 'j', long, default_value_t = 0, value_parser = super::parse_threads)]
     threads: usize,
     /// Memory to advertise in MiB [default: MemAvailable].
     #[arg(long, value_name = "MIB")]

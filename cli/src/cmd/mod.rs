@@ -7,17 +7,54 @@ pub mod sqfs;
 pub mod verify;
 pub mod verify_iuk;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
+
+/// A mistake in the command line or its inputs, which the user must fix:
+/// exit status 2 wherever it is found.
+#[derive(Debug)]
+pub struct Usage(pub String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
+
+/// `Err(Usage(..))` with `format!` arguments.
+macro_rules! usage {
+    ($($arg:tt)*) => {
+        return Err(anyhow::Error::new($crate::cmd::Usage(format!($($arg)*))))
+    };
+}
+pub(crate) use usage;
+
+/// More compression threads than this only costs memory.
+pub const MAX_THREADS: usize = 256;
+
+/// A thread count: 0 (automatic) to [`MAX_THREADS`] (for clap).
+pub fn parse_threads(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n <= MAX_THREADS => Ok(n),
+        _ => Err(format!(
+            "{s:?}: use a number of threads from 0 (one per core) to {MAX_THREADS}"
+        )),
+    }
+}
 
 /// SOURCE_DATE_EPOCH from the environment: `None` when unset or empty.
 pub fn source_date_epoch() -> Result<Option<u32>> {
     match std::env::var("SOURCE_DATE_EPOCH") {
         Err(std::env::VarError::NotPresent) => Ok(None),
-        Err(e) => bail!("SOURCE_DATE_EPOCH: {e}"),
+        Err(e) => usage!("SOURCE_DATE_EPOCH: {e}"),
         Ok(s) if s.is_empty() => Ok(None),
-        Ok(s) => s.parse::<u32>().map(Some).with_context(|| {
-            format!("SOURCE_DATE_EPOCH={s:?} is not a number of seconds that fits in 32 bits")
-        }),
+        Ok(s) => match s.parse::<u32>() {
+            Ok(n) => Ok(Some(n)),
+            Err(_) => {
+                usage!("SOURCE_DATE_EPOCH={s:?} is not a number of seconds that fits in 32 bits")
+            }
+        },
     }
 }
 
@@ -67,6 +104,14 @@ pub fn open_block_cache(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn thread_counts_are_bounded() {
+        assert_eq!(super::parse_threads("0"), Ok(0));
+        assert_eq!(super::parse_threads("256"), Ok(256));
+        assert!(super::parse_threads("100000").is_err());
+        assert!(super::parse_threads("-1").is_err());
+    }
+
     #[test]
     fn sizes() {
         assert_eq!(super::parse_bytes("8G"), Ok(8 << 30));

@@ -2,7 +2,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -15,6 +15,7 @@ use iukfarm_engine::sqfs::{
 };
 use iukfarm_engine::tree::{Kind, Node, ScanOptions, scan_dir};
 
+use crate::output::{persist, temp_next_to};
 use crate::progress::Reporter;
 
 #[derive(Parser)]
@@ -387,33 +388,4 @@ fn force_owner(node: &mut Node, uid: Option<u32>, gid: Option<u32>) {
             force_owner(c, uid, gid);
         }
     }
-}
-
-/// A temporary file in the output's directory, removed if dropped.
-pub fn temp_next_to(output: &Path) -> Result<tempfile::NamedTempFile> {
-    let dir = match output.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let name = output
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    tempfile::Builder::new()
-        .prefix(&format!(".{name}."))
-        .suffix(".part")
-        .tempfile_in(dir)
-        .with_context(|| format!("creating a temporary file in {}", dir.display()))
-}
-
-/// Renames the finished temporary file to its final name.
-pub fn persist(tmp: tempfile::NamedTempFile, output: &Path, overwrite: bool) -> Result<()> {
-    tmp.as_file().sync_all().context("syncing output")?;
-    let res = if overwrite {
-        tmp.persist(output).map(|_| ())
-    } else {
-        tmp.persist_noclobber(output).map(|_| ())
-    };
-    res.map_err(|e| e.error)
-        .with_context(|| format!("renaming the finished image to {}", output.display()))
 }

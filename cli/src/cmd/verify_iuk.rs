@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use iukfarm_engine::kit::verify::verify_iuk;
 
-use super::sqfs::temp_next_to;
+use crate::output::temp_next_to;
 use crate::progress::Reporter;
 
 #[derive(Parser)]

@@ -441,12 +441,26 @@ fn open_system(iso: &Iso, path: &Path) -> Result<Arc<Archive>> {
     })
 }
 
-/// Checks, without reading much, that `path` is a release ISO the engine
-/// can use: an ISO 9660 image holding a readable `live/filesystem.squashfs`.
-/// Returns the system image's size.
+/// Checks that `path` is a release ISO the engine can use: an ISO 9660
+/// image, whole (not truncated), whose directories and system image's
+/// metadata all read (`live/filesystem.squashfs`: every inode, directory,
+/// xattr, and data positions within bounds). File data is not
+/// decompressed: authenticating the ISO (a digest, a signature) is what
+/// proves its data. Returns the system image's size.
 pub fn check_iso(path: &Path) -> Result<u64> {
     let iso = open_iso(path)?;
+    let named = |e: Error| match e {
+        Error::Corrupt(m) => Error::Corrupt(format!("{}: {m}", path.display())),
+        other => other,
+    };
+    iso.check().map_err(named)?;
     let system = open_system(&iso, path)?;
+    system.check_metadata().map_err(|e| match e {
+        Error::Corrupt(m) => {
+            Error::Corrupt(format!("{}: live/filesystem.squashfs: {m}", path.display()))
+        }
+        other => other,
+    })?;
     Ok(system.superblock().bytes_used)
 }
 

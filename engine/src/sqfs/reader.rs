@@ -796,6 +796,52 @@ impl Archive {
         Ok(Some(inode))
     }
 
+    /// Reads all metadata (every inode, directory and xattr) and checks that
+    /// every data block and fragment lies in the data area, without
+    /// decompressing file data. Returns the number of entries.
+    pub fn check_metadata(&self) -> Result<u64> {
+        let data_end = self.sb.inode_table_start;
+        for (i, &(start, size)) in self.fragments.iter().enumerate() {
+            let end = start.checked_add((size & 0x00FF_FFFF) as u64);
+            if end.is_none_or(|e| e > data_end) {
+                corrupt!("fragment block {i} lies outside the data area");
+            }
+        }
+        let mut n = 0u64;
+        self.walk(&mut |path, inode| {
+            n += 1;
+            self.xattrs(inode.xattr)?;
+            if let InodeKind::File(f) = &inode.kind {
+                let stored: u64 = f
+                    .block_sizes
+                    .iter()
+                    .map(|&b| (b & 0x00FF_FFFF) as u64)
+                    .sum();
+                if f.blocks_start
+                    .checked_add(stored)
+                    .is_none_or(|e| e > data_end)
+                {
+                    corrupt!(
+                        "the data of {:?} lies outside the data area",
+                        String::from_utf8_lossy(path)
+                    );
+                }
+                if f.fragment_index != NO_FRAGMENT
+                    && f.fragment_index as usize >= self.fragments.len()
+                {
+                    corrupt!(
+                        "{:?} names fragment {} of {}",
+                        String::from_utf8_lossy(path),
+                        f.fragment_index,
+                        self.fragments.len()
+                    );
+                }
+            }
+            Ok(())
+        })?;
+        Ok(n)
+    }
+
     /// Visits every entry depth-first in stored order with its path (`""`
     /// for the root). Refuses directory loops and directories reachable
     /// twice, and stops after `inode_count` entries times two.

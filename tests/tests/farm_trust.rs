@@ -1,0 +1,597 @@
+//! The farm tried as an attacker and as bad luck would: a worker that lies
+//! on the wire, a full output disk, inputs that are not what the RM vouches
+//! for, a rerun that must change nothing, and `iukfarm build` held to the
+//! coordinator's rules. Each ends with the kits equal to local builds (0
+//! bytes lost, 0 wrong kits signed) or with nothing changed.
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use iukfarm_proto::{ClientConfig, FarmClient, PROTOCOL_VERSION, v1};
+use iukfarm_tests::farm::{
+    Archive, Proc, SDE, archive, coordinator, gpg, iuks_in, local_builds, status, token_file,
+    wait_until, worker,
+};
+use iukfarm_tests::{iukfarm, require_root, require_tool, run, sha256_file};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+
+const LONG: Duration = Duration::from_secs(600);
+const TOKEN: &str = "0123456789abcdef0123456789abcdef";
+
+fn code(p: &mut Proc) -> i32 {
+    p.wait(LONG).code().unwrap_or(-1)
+}
+
+/// A worker speaking the protocol directly, saying whatever the test wants.
+struct Liar {
+    client: FarmClient,
+    id: String,
+}
+
+impl Liar {
+    async fn register(url: &str, name: &str) -> Liar {
+        let mut client = iukfarm_proto::connect(&ClientConfig {
+            url: url.into(),
+            tls_ca: None,
+            token: Some(TOKEN.into()),
+        })
+        .await
+        .unwrap();
+        let fp = iukfarm_engine::fingerprint::fingerprint();
+        let id = client
+            .register(v1::RegisterRequest {
+                protocol: PROTOCOL_VERSION,
+                name: name.into(),
+                fingerprint: Some(v1::Fingerprint {
+                    engine_version: fp.engine_version,
+                    git_commit: fp.git_commit,
+                    liblzma_version: fp.liblzma_version,
+                    iuk_format: fp.iuk_format,
+                }),
+                slots: 4,
+                memory_bytes: 64 << 30,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .worker_id;
+        Liar { client, id }
+    }
+
+    async fn lease(&mut self) -> v1::Job {
+        let t = Instant::now();
+        loop {
+            let r = self
+                .client
+                .lease(v1::LeaseRequest {
+                    worker_id: self.id.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            if let Some(j) = r.job {
+                return j;
+            }
+            assert!(!r.release_over, "the release ended under the liar");
+            assert!(t.elapsed() < LONG, "no job for the liar");
+            tokio::time::sleep(Duration::from_millis(r.retry_after_ms.max(50))).await;
+        }
+    }
+
+    fn header(&self, job: &v1::Job, size: u64, sha256: &str, secs: f64) -> v1::UploadMessage {
+        v1::UploadMessage {
+            part: Some(v1::upload_message::Part::Header(v1::UploadHeader {
+                worker_id: self.id.clone(),
+                lease_id: job.lease_id.clone(),
+                size,
+                sha256: sha256.into(),
+                build_seconds: secs,
+                summary: String::new(),
+                blocks: None,
+            })),
+        }
+    }
+
+    async fn upload(&mut self, msgs: Vec<v1::UploadMessage>) -> Result<(), tonic::Status> {
+        self.client
+            .upload(tokio_stream::iter(msgs))
+            .await
+            .map(|_| ())
+    }
+}
+
+fn data(bytes: Vec<u8>) -> v1::UploadMessage {
+    v1::UploadMessage {
+        part: Some(v1::upload_message::Part::Data(bytes)),
+    }
+}
+
+#[test]
+fn lying_workers_are_refused_while_the_honest_one_finishes() {
+    let a = archive();
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("release");
+    let key = gpg().secret_key.to_str().unwrap().to_string();
+    let token = token_file(d.path(), TOKEN);
+    let (mut c, addr) = coordinator(
+        a,
+        &out,
+        &[
+            "--signing-key",
+            &key,
+            "--token-file",
+            token.to_str().unwrap(),
+            "--max-attempts",
+            "20",
+        ],
+    );
+    let url = format!("http://{addr}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut refused = 0;
+    rt.block_on(async {
+        let mut liar = Liar::register(&url, "liar").await;
+        let zeros = "0".repeat(64);
+
+        // NaN (it used to make the journal line, and the manifest, unreadable).
+        let job = liar.lease().await;
+        let e = liar
+            .upload(vec![
+                liar.header(&job, 10, &zeros, f64::NAN),
+                data(vec![0; 10]),
+            ])
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains("not a duration"), "{e:?}");
+        refused += 1;
+
+        // More than a kit can weigh: refused before a byte is written.
+        let job = liar.lease().await;
+        let e = liar
+            .upload(vec![liar.header(&job, 1 << 40, &zeros, 1.0)])
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains("outside"), "{e:?}");
+        refused += 1;
+
+        // Bytes that do not match the announced digest.
+        let job = liar.lease().await;
+        let e = liar
+            .upload(vec![
+                liar.header(&job, 4096, &zeros, 1.0),
+                data(vec![7; 4096]),
+            ])
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::DataLoss, "{e:?}");
+        refused += 1;
+
+        // More bytes than announced.
+        let job = liar.lease().await;
+        let e = liar
+            .upload(vec![
+                liar.header(&job, 10, &zeros, 1.0),
+                data(vec![1; 4096]),
+            ])
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::DataLoss, "{e:?}");
+        refused += 1;
+
+        // A second stream on a lease whose first upload is in progress.
+        let job = liar.lease().await;
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(liar.header(&job, 1 << 20, &zeros, 1.0))
+            .await
+            .unwrap();
+        tx.send(data(vec![3; 4096])).await.unwrap();
+        let mut first = liar.client.clone();
+        let first = tokio::spawn(async move { first.upload(ReceiverStream::new(rx)).await });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let e = liar
+            .upload(vec![
+                liar.header(&job, 4096, &zeros, 1.0),
+                data(vec![9; 4096]),
+            ])
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+        refused += 1;
+        drop(tx);
+        let e = first.await.unwrap().unwrap_err();
+        assert_eq!(e.code(), Code::DataLoss, "the cut first stream: {e:?}");
+
+        // Acting on a lease that is not its own (ids are random).
+        liar.client
+            .fail(v1::FailRequest {
+                worker_id: liar.id.clone(),
+                lease_id: "lease-0000".into(),
+                message: "it is broken".into(),
+                deterministic: true,
+            })
+            .await
+            .unwrap();
+    });
+    // The part files of every refused upload are gone.
+    let incoming = out.join(".iukfarm/incoming");
+    wait_until("no part file is left", Duration::from_secs(10), || {
+        fs::read_dir(&incoming).unwrap().next().is_none()
+    });
+    let cache = d.path().join("cache");
+    let root = a.root().to_str().unwrap();
+    let mut w = worker(
+        "honest",
+        &url,
+        &cache,
+        &[
+            "--once",
+            "--iso-root",
+            root,
+            "--token-file",
+            token.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code(&mut c), 0, "{}", c.log());
+    assert_eq!(code(&mut w), 0, "{}", w.log());
+    assert_eq!(&iuks_in(&out), local_builds());
+    let m: serde_json::Value =
+        serde_json::from_slice(&fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    for k in m["iuks"].as_array().unwrap() {
+        assert_eq!(k["worker"], "honest", "{m}");
+    }
+    assert!(
+        c.log().contains("refused a second upload stream"),
+        "{}",
+        c.log()
+    );
+    assert!(fs::read_dir(&incoming).unwrap().next().is_none());
+    eprintln!("lies refused: {refused}; kits: 4 equal to local builds; wrong kits signed: 0");
+}
+
+/// A tmpfs of `mib` MiB mounted on `dir` until dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, mib: u64) -> Tmpfs {
+        require_root("mounts a small tmpfs as the coordinator's output disk");
+        fs::create_dir_all(dir).unwrap();
+        run(Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(dir));
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Fills the file system of `dir` but for about `keep` bytes.
+fn fill(dir: &Path, keep: u64) -> std::path::PathBuf {
+    let p = dir.join("filler");
+    // SAFETY: statvfs on a valid path into a zeroed struct.
+    let free = unsafe {
+        let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).unwrap();
+        let mut s: libc::statvfs = std::mem::zeroed();
+        assert_eq!(libc::statvfs(c.as_ptr(), &mut s), 0);
+        s.f_bavail * s.f_frsize
+    };
+    let f = fs::File::create(&p).unwrap();
+    let mut w = std::io::BufWriter::new(f);
+    let chunk = vec![0x55u8; 1 << 16];
+    let mut left = free.saturating_sub(keep);
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        if std::io::Write::write_all(&mut w, &chunk[..n]).is_err() {
+            break;
+        }
+        left -= n as u64;
+    }
+    let _ = std::io::Write::flush(&mut w);
+    p
+}
+
+#[test]
+fn a_full_output_disk_loses_nothing_and_a_refused_rerun_changes_nothing() {
+    let a = archive();
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("release");
+    let _disk = Tmpfs::mount(&out, 64);
+    let filler = fill(&out, 256 << 10);
+    let key = gpg().secret_key.to_str().unwrap().to_string();
+    let args = [
+        "--signing-key",
+        key.as_str(),
+        "--max-attempts",
+        "30",
+        "--linger",
+        "120s",
+    ];
+    let (mut c, addr) = coordinator(a, &out, &args);
+    let url = format!("http://{addr}");
+    let cache = d.path().join("cache");
+    let root = a.root().to_str().unwrap();
+    // Not --once: it waits for the next release, and must not register
+    // with this one again while it lingers.
+    let w = worker("w", &url, &cache, &["--iso-root", root]);
+    c.wait_log("No space left on device", LONG);
+    fs::remove_file(&filler).unwrap();
+    c.wait_log("release over; serving status", LONG);
+    assert_eq!(&iuks_in(&out), local_builds(), "0 bytes lost");
+    assert!(
+        fs::read_dir(out.join(".iukfarm/incoming"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "no part file left"
+    );
+    let journal = fs::read_to_string(out.join(".iukfarm/journal")).unwrap();
+    assert_eq!(journal.lines().count(), 4, "{journal}");
+    for l in journal.lines() {
+        serde_json::from_str::<serde_json::Value>(l).expect("whole journal lines");
+    }
+    // The worker's retries every 5 s must not pile up registrations.
+    std::thread::sleep(Duration::from_secs(8));
+    let s = status(&url, &[]).expect("the lingering coordinator answers");
+    assert_eq!(s["workers"].as_array().unwrap().len(), 1, "{s}");
+    // SIGTERM ends the linger at once.
+    let t = Instant::now();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(c.pid() as i32, libc::SIGTERM) };
+    assert_eq!(code(&mut c), 0, "{}", c.log());
+    assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
+    drop(w);
+
+    // The same release with another SOURCE_DATE_EPOCH: refused, and the
+    // signed release is left exactly as it was.
+    let signed: Vec<(String, String)> = ["SHA256SUMS", "manifest.json", "manifest.json.asc"]
+        .iter()
+        .map(|f| (f.to_string(), sha256_file(&out.join(f))))
+        .collect();
+    let o = Command::new(iukfarm())
+        .arg("coordinator")
+        .args(["--new-version", a.new_version()])
+        .args(["--source-versions", &a.sources().join(" ")])
+        .args(["--source-date-epoch", "1730285445"])
+        .arg("--iso-root")
+        .arg(a.root())
+        .arg("--output-dir")
+        .arg(&out)
+        .args(["--listen", "127.0.0.1:0", "--signing-key", &key])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(e.contains("holds a signed release"), "{e}");
+    for (f, sha) in &signed {
+        assert_eq!(&sha256_file(&out.join(f)), sha, "{f} untouched");
+    }
+    assert_eq!(&iuks_in(&out), local_builds());
+}
+
+/// Two releases of the shared archive copied, with what the RM vouches
+/// for: `SHA256SUMS` and detached signatures by the test key.
+fn vouched_archive(d: &Path) -> (Archive, std::path::PathBuf) {
+    require_tool("gpg");
+    let a = archive();
+    let small = Archive {
+        dir: tempfile::tempdir_in(d).unwrap(),
+        versions: vec!["6.0".into(), "6.4".into()],
+    };
+    let mut sums = String::new();
+    for v in &small.versions {
+        let dst = small.iso(v);
+        fs::create_dir_all(dst.parent().unwrap()).unwrap();
+        fs::copy(a.iso(v), &dst).unwrap();
+        sums.push_str(&format!(
+            "{}  {}\n",
+            sha256_file(&dst),
+            dst.file_name().unwrap().to_str().unwrap()
+        ));
+        run(gpg()
+            .cmd("gpg")
+            .args(["--batch", "--yes", "--detach-sign", "--output"])
+            .arg(dst.with_extension("iso.sig"))
+            .arg(&dst));
+    }
+    gpg().kill_agent();
+    let sums_file = d.join("SHA256SUMS");
+    fs::write(&sums_file, sums).unwrap();
+    (small, sums_file)
+}
+
+fn coordinator_on(small: &Archive, out: &Path, extra: &[&str]) -> std::process::Output {
+    let key = gpg().secret_key.to_str().unwrap().to_string();
+    Command::new(iukfarm())
+        .arg("coordinator")
+        .args(["--new-version", "6.4", "--source-versions", "6.0"])
+        .args(["--source-date-epoch", SDE])
+        .arg("--iso-root")
+        .arg(small.root())
+        .arg("--output-dir")
+        .arg(out)
+        .args(["--listen", "127.0.0.1:0", "--signing-key", &key])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn inputs_the_rm_does_not_vouch_for_are_refused_before_any_work() {
+    let d = tempfile::tempdir().unwrap();
+    let (small, sums) = vouched_archive(d.path());
+    let cert = gpg().cert.to_str().unwrap().to_string();
+
+    // A digest that differs (the RM's file, or the ISO, is not the release).
+    let wrong = d.path().join("SHA256SUMS.wrong");
+    let text = fs::read_to_string(&sums).unwrap();
+    let first = text.lines().next().unwrap();
+    let flipped = format!(
+        "{}{}",
+        if first.starts_with('0') { "1" } else { "0" },
+        &first[1..]
+    );
+    fs::write(&wrong, text.replacen(first, &flipped, 1)).unwrap();
+    let out = d.path().join("r1");
+    let o = coordinator_on(&small, &out, &["--iso-sha256sums", wrong.to_str().unwrap()]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(e.contains("tails-amd64-6.0.iso has sha256"), "{e}");
+    assert!(iuks_in(&out).is_empty());
+
+    // An ISO missing from the RM's file.
+    let partial = d.path().join("SHA256SUMS.partial");
+    fs::write(&partial, text.lines().nth(1).unwrap()).unwrap();
+    let o = coordinator_on(
+        &small,
+        &d.path().join("r2"),
+        &["--iso-sha256sums", partial.to_str().unwrap()],
+    );
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(e.contains("tails-amd64-6.0.iso has no digest"), "{e}");
+
+    // A signature of another file (the old ISO's signature on the new one).
+    let new_sig = small.iso("6.4").with_extension("iso.sig");
+    let saved = fs::read(&new_sig).unwrap();
+    fs::copy(small.iso("6.0").with_extension("iso.sig"), &new_sig).unwrap();
+    let o = coordinator_on(&small, &d.path().join("r3"), &["--iso-keyring", &cert]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(
+        e.contains("tails-amd64-6.4.iso is not signed by a key of"),
+        "{e}"
+    );
+    // No signature at all: refused before reading any ISO.
+    fs::remove_file(&new_sig).unwrap();
+    let o = coordinator_on(&small, &d.path().join("r4"), &["--iso-keyring", &cert]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(e.contains("no signature"), "{e}");
+    fs::write(&new_sig, saved).unwrap();
+
+    // A byte flipped in the old ISO's data: both checks catch it.
+    let iso = small.iso("6.0");
+    let mut bytes = fs::read(&iso).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 1;
+    fs::write(&iso, bytes).unwrap();
+    for flag in [
+        ["--iso-sha256sums", sums.to_str().unwrap()],
+        ["--iso-keyring", &cert],
+    ] {
+        let o = coordinator_on(&small, &d.path().join("r5"), &flag);
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{flag:?}: {e}");
+        assert!(e.contains("tails-amd64-6.0.iso"), "{flag:?}: {e}");
+    }
+}
+
+#[test]
+fn build_is_held_to_the_coordinators_rules() {
+    let d = tempfile::tempdir().unwrap();
+    let (small, sums) = vouched_archive(d.path());
+    let cert = gpg().cert.to_str().unwrap().to_string();
+    let (old, new) = (small.iso("6.0"), small.iso("6.4"));
+    let out_dir = d.path().join("out");
+    fs::create_dir_all(&out_dir).unwrap();
+    let build = |extra: &[&str]| {
+        let mut c = Command::new(iukfarm());
+        c.args(["build", "--quiet", "--old-iso"])
+            .arg(&old)
+            .arg("--new-iso")
+            .arg(&new)
+            .arg("--output-dir")
+            .arg(&out_dir)
+            .env_remove("SOURCE_DATE_EPOCH")
+            .args(extra);
+        c
+    };
+    let refused = |cmd: &mut Command, says: &str| {
+        let o = cmd.output().unwrap();
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{cmd:?}: {e}");
+        assert!(e.contains(says), "{cmd:?}: {e}");
+    };
+    refused(
+        &mut build(&["--source-date-epoch", SDE, "--product", "../../x"]),
+        "invalid product",
+    );
+    refused(
+        &mut build(&["--source-date-epoch", SDE, "--build-target", "x/y"]),
+        "invalid build target",
+    );
+    refused(
+        &mut build(&["--source-date-epoch", SDE, "--new-version", "6.4\n"]),
+        "invalid version",
+    );
+    refused(
+        &mut build(&["--source-date-epoch", SDE, "--threads", "100000"]),
+        "threads",
+    );
+    refused(
+        build(&[]).env("SOURCE_DATE_EPOCH", "yesterday"),
+        "SOURCE_DATE_EPOCH",
+    );
+    let before = sha256_file(&old);
+    let mut over_input = Command::new(iukfarm());
+    over_input
+        .args([
+            "build",
+            "--quiet",
+            "--force",
+            "--source-date-epoch",
+            SDE,
+            "--old-iso",
+        ])
+        .arg(&old)
+        .arg("--new-iso")
+        .arg(&new)
+        .arg("--out")
+        .arg(&old);
+    refused(&mut over_input, "would overwrite the input");
+    assert_eq!(sha256_file(&old), before);
+    assert!(
+        fs::read_dir(d.path())
+            .unwrap()
+            .all(|e| e.unwrap().file_name() != "x"),
+        "nothing written outside the output directory"
+    );
+
+    // A build killed with SIGKILL left a part file; the next one removes it,
+    // authenticates both ISOs, and writes the same bytes as ever, mode 0644.
+    let name = "Tails_amd64_6.0_to_6.4.iuk";
+    let stale = out_dir.join(format!(".{name}.Zk3q9a.part"));
+    fs::write(&stale, b"half a kit").unwrap();
+    run(&mut build(&[
+        "--source-date-epoch",
+        SDE,
+        "--iso-sha256sums",
+        sums.to_str().unwrap(),
+        "--iso-keyring",
+        &cert,
+    ]));
+    assert!(!stale.exists());
+    let kit = out_dir.join(name);
+    assert_eq!(
+        sha256_file(&kit),
+        local_builds().iter().find(|(n, _)| n == name).unwrap().1
+    );
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        fs::metadata(&kit).unwrap().permissions().mode() & 0o777,
+        0o644
+    );
+    let left: Vec<_> = fs::read_dir(&out_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, [name], "only the kit");
+}
