@@ -35,6 +35,8 @@ enum Command {
     Worker(cmd::farm::WorkerArgs),
     /// Run a whole release on this machine: a coordinator plus in-process workers.
     Release(cmd::farm::ReleaseCmdArgs),
+    /// The release CA: create it, issue and revoke the farm's certificates.
+    Ca(cmd::ca::Args),
     /// Show a release's jobs.
     Status(cmd::client::StatusArgs),
     /// Follow a release with progress bars until it ends.
@@ -96,6 +98,7 @@ fn main() -> ExitCode {
         Command::Coordinator(a) => cmd::farm::coordinator(a),
         Command::Worker(a) => cmd::farm::worker(a),
         Command::Release(a) => cmd::farm::release(a),
+        Command::Ca(a) => cmd::ca::run(a),
         Command::Status(a) => cmd::client::status(a),
         Command::Watch(a) => cmd::client::watch(a),
         Command::Workers(a) => cmd::client::workers(a),

@@ -31,6 +31,8 @@ pub struct ReleaseFile {
     pub listen: Option<String>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    pub tls_client_ca: Option<PathBuf>,
+    pub tls_revoked: Option<PathBuf>,
     pub token_file: Option<PathBuf>,
     pub signing_key: Option<PathBuf>,
     pub gpg_key: Option<String>,
@@ -105,6 +107,11 @@ pub struct Config {
     pub require_engine: Option<String>,
     pub listen: SocketAddr,
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// The release CA: clients must present a certificate it signed, whose
+    /// role and name are all the coordinator believes about them.
+    pub tls_client_ca: Option<PathBuf>,
+    /// Serials of revoked client certificates, one per line.
+    pub tls_revoked: Option<PathBuf>,
     pub token: Option<String>,
     pub signing: SigningKey,
     pub reproduce: Reproduce,
@@ -211,12 +218,30 @@ impl Config {
         if self.lease_timeout < Duration::from_secs(1) {
             return Err(Error::Config("--lease-timeout must be at least 1s".into()));
         }
-        if self.token.is_none() && !self.listen.ip().is_loopback() {
+        if self.tls.is_none() && !self.listen.ip().is_loopback() {
             return Err(Error::Config(format!(
-                "listening on {} without a token would let anyone on the network take jobs: \
-                 pass --token-file (or listen on 127.0.0.1)",
+                "listening on {} without TLS would send tokens and kits in clear: pass \
+                 --tls-cert, --tls-key and --tls-client-ca (see `iukfarm ca`), or listen on \
+                 127.0.0.1",
                 self.listen
             )));
+        }
+        if self.token.is_none() && self.tls_client_ca.is_none() && !self.listen.ip().is_loopback() {
+            return Err(Error::Config(format!(
+                "listening on {} with neither client certificates nor a token would let \
+                 anyone on the network take jobs: pass --tls-client-ca (or --token-file)",
+                self.listen
+            )));
+        }
+        if self.tls_client_ca.is_some() && self.tls.is_none() {
+            return Err(Error::Config(
+                "--tls-client-ca needs --tls-cert and --tls-key (the coordinator's own)".into(),
+            ));
+        }
+        if self.tls_revoked.is_some() && self.tls_client_ca.is_none() {
+            return Err(Error::Config(
+                "--tls-revoked lists client certificates: it needs --tls-client-ca".into(),
+            ));
         }
         Ok(())
     }

@@ -10,6 +10,7 @@
 //! * [`junit`]: the CI report;
 //! * [`release`]: the running coordinator (gRPC service and main loop).
 
+mod auth;
 pub mod config;
 pub mod inputs;
 pub mod jobs;

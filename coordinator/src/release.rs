@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tracing::{info, warn};
 
+use crate::auth::{Auth, Revoked};
 use crate::config::{Config, Reproduce};
 use crate::inputs::{self, Authority, DigestCache, IsoInput};
 use crate::jobs::{Built, Job, JobState, Table};
@@ -144,8 +145,22 @@ pub async fn start(cfg: Config, listener: Option<TcpListener>) -> Result<Running
         Some((cert, key)) => {
             let c = std::fs::read(cert).map_err(|e| Error::io(cert, e))?;
             let k = std::fs::read(key).map_err(|e| Error::io(key, e))?;
-            Some(ServerTlsConfig::new().identity(Identity::from_pem(c, k)))
+            let mut t = ServerTlsConfig::new().identity(Identity::from_pem(c, k));
+            if let Some(ca) = &cfg.tls_client_ca {
+                let pem = std::fs::read(ca).map_err(|e| Error::io(ca, e))?;
+                // Optional in the handshake so that a caller without one gets
+                // an answer saying what to do; every call then requires one
+                // (`auth::Auth::check`), and a presented one must be the CA's.
+                t = t
+                    .client_ca_root(tonic::transport::Certificate::from_pem(pem))
+                    .client_auth_optional(true);
+            }
+            Some(t)
         }
+    };
+    let auth = Auth {
+        mtls: cfg.tls_client_ca.is_some(),
+        revoked: cfg.tls_revoked.clone().map(Revoked::new).transpose()?,
     };
 
     let (changed, _) = watch::channel(0u64);
@@ -170,6 +185,7 @@ pub async fn start(cfg: Config, listener: Option<TcpListener>) -> Result<Running
         journal: Mutex::new(None),
         stop_lingering: Notify::new(),
         authority,
+        auth,
         watchers: Arc::new(Semaphore::new(crate::state::MAX_WATCHERS)),
         cfg,
     });

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use iukfarm_proto::v1::{self, farm_server::Farm};
-use iukfarm_proto::{CHUNK_SIZE, PROTOCOL_VERSION};
+use iukfarm_proto::{CHUNK_SIZE, PROTOCOL_VERSION, Peer, Role};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -37,8 +37,18 @@ fn unknown_worker() -> Status {
     Status::not_found("unknown worker (the coordinator restarted?): register again")
 }
 
-fn seen(st: &mut State, worker_id: &str) -> Result<String, Status> {
+/// The worker `worker_id`, if the caller is it: with client certificates,
+/// an id is only good with the certificate that registered it.
+fn seen(st: &mut State, worker_id: &str, caller: &Option<Peer>) -> Result<String, Status> {
     let w = st.workers.get_mut(worker_id).ok_or_else(unknown_worker)?;
+    if let Some(p) = caller
+        && w.credential.as_deref() != Some(p.name.as_str())
+    {
+        warn!("{} used the worker id of {}: refused", p.name, w.name);
+        return Err(Status::permission_denied(
+            "this worker id belongs to another certificate",
+        ));
+    }
     w.last_seen = Instant::now();
     Ok(w.name.clone())
 }
@@ -418,7 +428,15 @@ impl Farm for FarmService {
         &self,
         req: Request<v1::RegisterRequest>,
     ) -> Result<Response<v1::RegisterReply>, Status> {
-        let r = req.into_inner();
+        let caller = self
+            .sh
+            .auth
+            .check(&req, &[Role::Worker], "register as a worker")?;
+        let mut r = req.into_inner();
+        // With certificates, the name is the certificate's, whatever was sent.
+        if let Some(p) = &caller {
+            r.name = p.name.clone();
+        }
         if r.protocol != PROTOCOL_VERSION {
             return Err(Status::failed_precondition(format!(
                 "worker {} speaks protocol {}, this coordinator {PROTOCOL_VERSION}: install the same iukfarm on both",
@@ -470,9 +488,22 @@ impl Farm for FarmService {
         }
         let id = Shared::new_id("w");
         info!("worker {} registered as {id} ({} slots)", r.name, r.slots);
+        if let Some(p) = &caller {
+            // A reconnecting worker replaces its idle earlier registrations.
+            let busy: Vec<String> = st
+                .table
+                .jobs
+                .iter()
+                .filter_map(|j| j.lease.as_ref().map(|l| l.worker_id.clone()))
+                .collect();
+            st.workers.retain(|wid, w| {
+                w.credential.as_deref() != Some(p.name.as_str()) || busy.contains(wid)
+            });
+        }
         st.workers.insert(
             id.clone(),
             WorkerInfo {
+                credential: caller.map(|p| p.name),
                 name: r.name,
                 slots: r.slots,
                 memory: r.memory_bytes,
@@ -494,10 +525,11 @@ impl Farm for FarmService {
         &self,
         req: Request<v1::LeaseRequest>,
     ) -> Result<Response<v1::LeaseReply>, Status> {
+        let caller = self.sh.auth.check(&req, &[Role::Worker], "lease jobs")?;
         let r = req.into_inner();
         let sh = &self.sh;
         let mut st = sh.lock();
-        let name = seen(&mut st, &r.worker_id)?;
+        let name = seen(&mut st, &r.worker_id, &caller)?;
         let wait = |ms: u64| {
             Ok(Response::new(v1::LeaseReply {
                 job: None,
@@ -601,10 +633,11 @@ impl Farm for FarmService {
         &self,
         req: Request<v1::HeartbeatRequest>,
     ) -> Result<Response<v1::HeartbeatReply>, Status> {
+        let caller = self.sh.auth.check(&req, &[Role::Worker], "renew leases")?;
         let r = req.into_inner();
         let sh = &self.sh;
         let mut st = sh.lock();
-        seen(&mut st, &r.worker_id)?;
+        seen(&mut st, &r.worker_id, &caller)?;
         let now = Instant::now();
         let mut cancelled = Vec::new();
         for p in r.jobs {
@@ -640,9 +673,10 @@ impl Farm for FarmService {
         &self,
         req: Request<v1::FetchIsoRequest>,
     ) -> Result<Response<Chunks>, Status> {
+        let caller = self.sh.auth.check(&req, &[Role::Worker], "fetch ISOs")?;
         let r = req.into_inner();
         let mut st = self.sh.lock();
-        seen(&mut st, &r.worker_id)?;
+        seen(&mut st, &r.worker_id, &caller)?;
         let path = self.sh.input_path(&st, &r.sha256).ok_or_else(|| {
             Status::not_found(format!("no ISO with sha256 {} in this release", r.sha256))
         })?;
@@ -653,6 +687,7 @@ impl Farm for FarmService {
         &self,
         req: Request<Streaming<v1::UploadMessage>>,
     ) -> Result<Response<v1::UploadReply>, Status> {
+        let caller = self.sh.auth.check(&req, &[Role::Worker], "upload kits")?;
         let mut stream = req.into_inner();
         let h = match stream.message().await? {
             Some(v1::UploadMessage {
@@ -663,7 +698,7 @@ impl Farm for FarmService {
         let sh = self.sh.clone();
         {
             let mut st = sh.lock();
-            seen(&mut st, &h.worker_id)?;
+            seen(&mut st, &h.worker_id, &caller)?;
             let mine = st.table.by_lease(&h.lease_id).filter(|&i| {
                 st.table.jobs[i]
                     .lease
@@ -784,10 +819,11 @@ impl Farm for FarmService {
     }
 
     async fn fail(&self, req: Request<v1::FailRequest>) -> Result<Response<v1::FailReply>, Status> {
+        let caller = self.sh.auth.check(&req, &[Role::Worker], "fail jobs")?;
         let r = req.into_inner();
         let sh = &self.sh;
         let mut st = sh.lock();
-        let name = seen(&mut st, &r.worker_id)?;
+        let name = seen(&mut st, &r.worker_id, &caller)?;
         if let Some(i) = st.table.by_lease(&r.lease_id)
             && st.table.jobs[i]
                 .lease
@@ -810,14 +846,20 @@ impl Farm for FarmService {
 
     async fn status(
         &self,
-        _: Request<v1::StatusRequest>,
+        req: Request<v1::StatusRequest>,
     ) -> Result<Response<v1::ReleaseStatus>, Status> {
+        self.sh
+            .auth
+            .check(&req, &[Role::Rm, Role::Reader], "read the status")?;
         Ok(Response::new(status(&self.sh)))
     }
 
     type WatchStream = Statuses;
 
-    async fn watch(&self, _: Request<v1::StatusRequest>) -> Result<Response<Statuses>, Status> {
+    async fn watch(&self, req: Request<v1::StatusRequest>) -> Result<Response<Statuses>, Status> {
+        self.sh
+            .auth
+            .check(&req, &[Role::Rm, Role::Reader], "watch the release")?;
         let sh = self.sh.clone();
         let Ok(permit) = sh.watchers.clone().try_acquire_owned() else {
             return Err(Status::resource_exhausted(
@@ -851,11 +893,16 @@ impl Farm for FarmService {
         &self,
         req: Request<v1::CancelRequest>,
     ) -> Result<Response<v1::CancelReply>, Status> {
+        let caller = self
+            .sh
+            .auth
+            .check(&req, &[Role::Rm], "cancel the release")?;
+        let by = caller.map_or_else(|| "the RM".to_string(), |p| p.name);
         let r = req.into_inner();
         let reason = if r.reason.is_empty() {
-            "cancelled by the RM".to_string()
+            format!("cancelled by {by}")
         } else {
-            r.reason
+            format!("{} (by {by})", r.reason)
         };
         self.sh.cancel(&reason);
         Ok(Response::new(v1::CancelReply {}))
@@ -867,6 +914,7 @@ impl Farm for FarmService {
         &self,
         req: Request<v1::DownloadRequest>,
     ) -> Result<Response<Chunks>, Status> {
+        self.sh.auth.check(&req, &[Role::Rm], "download files")?;
         let r = req.into_inner();
         let st = self.sh.lock();
         // Only names the coordinator listed: nothing else under the output directory.

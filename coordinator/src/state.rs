@@ -11,6 +11,7 @@ use tokio::sync::{Notify, Semaphore, watch};
 use tracing::warn;
 
 use crate::Error;
+use crate::auth::Auth;
 use crate::config::Config;
 use crate::inputs::{Authority, IsoInput};
 use crate::jobs::Table;
@@ -54,6 +55,9 @@ impl Phase {
 
 pub(crate) struct WorkerInfo {
     pub name: String,
+    /// The name on its client certificate, when the farm uses them: only
+    /// calls made with that certificate may use this worker's id.
+    pub credential: Option<String>,
     pub slots: u32,
     pub memory: u64,
     pub last_seen: Instant,
@@ -87,6 +91,8 @@ pub(crate) struct Shared {
     pub incoming: PathBuf,
     pub verify_slots: Semaphore,
     pub journal: Mutex<Option<Journal>>,
+    /// Who may call what.
+    pub auth: Auth,
     /// What the RM vouches for about the input ISOs.
     pub authority: Arc<Authority>,
     /// One permit per open `Watch` stream.

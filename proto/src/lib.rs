@@ -43,6 +43,83 @@ pub enum Error {
     },
 }
 
+/// What a certificate of the release CA lets its holder do, written in
+/// its subject's organisational unit. The coordinator believes nothing else
+/// about who calls it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Lease, heartbeat, upload and fail its own leases.
+    Worker,
+    /// The release manager: status, watch, workers, fetch, cancel.
+    Rm,
+    /// Dashboards: status, watch and workers only.
+    Reader,
+}
+
+impl Role {
+    pub const ALL: [Role; 3] = [Role::Worker, Role::Rm, Role::Reader];
+
+    /// The subject OU that carries the role.
+    pub fn unit(self) -> &'static str {
+        match self {
+            Role::Worker => "iukfarm-worker",
+            Role::Rm => "iukfarm-rm",
+            Role::Reader => "iukfarm-reader",
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Worker => "worker",
+            Role::Rm => "rm",
+            Role::Reader => "reader",
+        }
+    }
+}
+
+/// The holder of a client certificate, as the certificate says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub role: Role,
+    /// The subject's common name: a worker's name in status and manifests.
+    pub name: String,
+    /// Lower-case hex, as `iukfarm ca revoke` lists it.
+    pub serial: String,
+}
+
+/// Reads role, name and serial from a DER certificate (already verified
+/// against the release CA by TLS).
+pub fn peer_of(der: &[u8]) -> Result<Peer, String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| format!("unreadable client certificate: {e}"))?;
+    let subject = cert.subject();
+    let one = |it: &mut dyn Iterator<Item = &x509_parser::x509::AttributeTypeAndValue>| {
+        let v: Vec<String> = it
+            .filter_map(|a| a.as_str().ok().map(str::to_string))
+            .collect();
+        match v.as_slice() {
+            [x] => Some(x.clone()),
+            _ => None,
+        }
+    };
+    let name = one(&mut subject.iter_common_name())
+        .filter(|n| !n.is_empty() && n.len() <= 64 && !n.chars().any(char::is_control))
+        .ok_or("the client certificate has no single, printable common name")?;
+    let unit = one(&mut subject.iter_organizational_unit())
+        .ok_or("the client certificate has no single organisational unit (its role)")?;
+    let role = Role::ALL
+        .into_iter()
+        .find(|r| r.unit() == unit)
+        .ok_or_else(|| format!("the client certificate's role {unit:?} is not an iukfarm role"))?;
+    let serial = cert
+        .tbs_certificate
+        .raw_serial()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok(Peer { role, name, serial })
+}
+
 /// Reads a token file: one line, surrounding whitespace ignored.
 pub fn read_token(path: &Path) -> Result<String, Error> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
@@ -112,6 +189,8 @@ pub struct ClientConfig {
     pub url: String,
     /// PEM of the CA that signed the coordinator's certificate (https only).
     pub tls_ca: Option<Vec<u8>>,
+    /// This client's certificate and key (PEM), from the release CA.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
     pub token: Option<String>,
 }
 
@@ -120,20 +199,30 @@ impl ClientConfig {
     pub fn from_files(
         url: &str,
         tls_ca: Option<&Path>,
+        identity: Option<(&Path, &Path)>,
         token_file: Option<&Path>,
     ) -> Result<Self, Error> {
-        let tls_ca = tls_ca
-            .map(|p| {
-                std::fs::read(p).map_err(|e| Error::Io {
-                    path: p.display().to_string(),
-                    source: e,
-                })
+        let read = |p: &Path| {
+            std::fs::read(p).map_err(|e| Error::Io {
+                path: p.display().to_string(),
+                source: e,
             })
+        };
+        let tls_ca = tls_ca.map(read).transpose()?;
+        let identity = identity
+            .map(|(c, k)| Ok::<_, Error>((read(c)?, read(k)?)))
             .transpose()?;
+        if identity.is_some() && tls_ca.is_none() {
+            return Err(Error::Config(
+                "--tls-cert/--tls-key need --tls-ca (the release CA) and an https:// address"
+                    .into(),
+            ));
+        }
         let token = token_file.map(read_token).transpose()?;
         Ok(ClientConfig {
             url: url.to_string(),
             tls_ca,
+            identity,
             token,
         })
     }
@@ -179,8 +268,12 @@ pub async fn connect(cfg: &ClientConfig) -> Result<FarmClient, Error> {
         .http2_keep_alive_interval(Duration::from_secs(20))
         .keep_alive_timeout(Duration::from_secs(20));
     if let Some(ca) = &cfg.tls_ca {
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+        if let Some((cert, key)) = &cfg.identity {
+            tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
+        }
         ep = ep
-            .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)))
+            .tls_config(tls)
             .map_err(|e| Error::Config(format!("TLS set-up: {}", chain(&e))))?;
     }
     let channel = ep.connect().await.map_err(|e| Error::Unreachable {

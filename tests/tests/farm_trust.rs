@@ -37,6 +37,7 @@ impl Liar {
         let mut client = iukfarm_proto::connect(&ClientConfig {
             url: url.into(),
             tls_ca: None,
+            identity: None,
             token: Some(TOKEN.into()),
         })
         .await
@@ -594,4 +595,230 @@ fn build_is_held_to_the_coordinators_rules() {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(left, [name], "only the kit");
+}
+
+/// `iukfarm ca` in `dir`: the CA, the coordinator's certificate for
+/// localhost, and client certificates `(name, role)`.
+fn release_ca(dir: &Path, clients: &[(&str, &str)]) {
+    run(Command::new(iukfarm())
+        .args(["ca", "init", "--dir"])
+        .arg(dir));
+    run(Command::new(iukfarm())
+        .args(["ca", "issue", "--role", "coordinator", "localhost"])
+        .args(["--host", "localhost", "--host", "127.0.0.1", "--dir"])
+        .arg(dir));
+    for (name, role) in clients {
+        run(Command::new(iukfarm())
+            .args(["ca", "issue", "--role", role, name, "--dir"])
+            .arg(dir));
+    }
+}
+
+#[test]
+fn certificates_say_who_is_who() {
+    let a = archive();
+    let d = tempfile::tempdir().unwrap();
+    let ca = d.path().join("ca");
+    release_ca(
+        &ca,
+        &[
+            ("w1", "worker"),
+            ("w2", "worker"),
+            ("evil", "worker"),
+            ("revoked", "worker"),
+            ("rm", "rm"),
+            ("dash", "reader"),
+        ],
+    );
+    // Issuing over an existing certificate is refused; the key stays private.
+    let o = Command::new(iukfarm())
+        .args(["ca", "issue", "--role", "rm", "w1", "--dir"])
+        .arg(&ca)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    use std::os::unix::fs::PermissionsExt;
+    for k in ["ca.key", "issued/w1.key"] {
+        let mode = fs::metadata(ca.join(k)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{k}");
+    }
+    run(Command::new(iukfarm())
+        .args(["ca", "revoke", "revoked", "--dir"])
+        .arg(&ca));
+
+    let out = d.path().join("release");
+    let key = gpg().secret_key.to_str().unwrap().to_string();
+    let p = |f: &str| ca.join(f).to_str().unwrap().to_string();
+    let (mut c, addr) = coordinator(
+        a,
+        &out,
+        &[
+            "--signing-key",
+            &key,
+            "--tls-cert",
+            &p("issued/localhost.pem"),
+            "--tls-key",
+            &p("issued/localhost.key"),
+            "--tls-client-ca",
+            &p("ca.pem"),
+            "--tls-revoked",
+            &p("revoked"),
+            "--reproduce",
+            "1",
+        ],
+    );
+    let port = addr.rsplit(':').next().unwrap();
+    let url = format!("https://localhost:{port}");
+    let client = |who: Option<&str>, args: &[&str]| {
+        let mut cmd = Command::new(iukfarm());
+        cmd.args(args)
+            .args(["--coordinator", &url, "--tls-ca", &p("ca.pem")]);
+        if let Some(w) = who {
+            cmd.args([
+                "--tls-cert",
+                &p(&format!("issued/{w}.pem")),
+                "--tls-key",
+                &p(&format!("issued/{w}.key")),
+            ]);
+        }
+        cmd.output().unwrap()
+    };
+    let refused = |o: std::process::Output, says: &str| {
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{e}");
+        assert!(e.contains(says), "{says:?}: {e}");
+    };
+    refused(client(None, &["status"]), "requires a client certificate");
+    refused(client(Some("w1"), &["status"]), "may not read the status");
+    refused(client(Some("dash"), &["cancel"]), "may not cancel");
+    assert!(client(Some("dash"), &["status"]).status.success());
+
+    let cache = d.path().join("cache");
+    let root = a.root().to_str().unwrap();
+    let tls = |w: &str| {
+        vec![
+            "--tls-ca".to_string(),
+            p("ca.pem"),
+            "--tls-cert".to_string(),
+            p(&format!("issued/{w}.pem")),
+            "--tls-key".to_string(),
+            p(&format!("issued/{w}.key")),
+        ]
+    };
+    let args = |w: &str, extra: &[&str]| {
+        let mut v: Vec<String> = tls(w);
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let mut gone = worker(
+        "revoked",
+        &url,
+        &cache,
+        &args("revoked", &["--once"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(code(&mut gone), 2, "{}", gone.log());
+    assert!(gone.log().contains("is revoked"), "{}", gone.log());
+
+    // The reproduction must run under the other certificate.
+    let w1_args = args("w1", &["--once", "--iso-root", root]);
+    let w2_args = args(
+        "w2",
+        &["--once", "--iso-root", root, "--test-job-delay", "2s"],
+    );
+    let mut w1 = worker(
+        "w1",
+        &url,
+        &cache,
+        &w1_args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let mut w2 = worker(
+        "w2",
+        &url,
+        &cache,
+        &w2_args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+
+    // Another worker's certificate cannot use w1's id.
+    let rm_status = || {
+        let o = client(Some("rm"), &["status", "--json"]);
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).ok()
+    };
+    let mut w1_id = String::new();
+    wait_until("w1 registered", LONG, || {
+        rm_status().is_some_and(|s| {
+            s["workers"].as_array().unwrap().iter().any(|w| {
+                if w["name"] == "w1" {
+                    w1_id = w["id"].as_str().unwrap().to_string();
+                    true
+                } else {
+                    false
+                }
+            })
+        })
+    });
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut evil = iukfarm_proto::connect(&ClientConfig {
+            url: url.clone(),
+            tls_ca: Some(fs::read(ca.join("ca.pem")).unwrap()),
+            identity: Some((
+                fs::read(ca.join("issued/evil.pem")).unwrap(),
+                fs::read(ca.join("issued/evil.key")).unwrap(),
+            )),
+            token: None,
+        })
+        .await
+        .unwrap();
+        let e = evil
+            .heartbeat(v1::HeartbeatRequest {
+                worker_id: w1_id.clone(),
+                jobs: vec![],
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+        // Claiming w1's name registers "evil": the certificate decides.
+        let fp = iukfarm_engine::fingerprint::fingerprint();
+        evil.register(v1::RegisterRequest {
+            protocol: PROTOCOL_VERSION,
+            name: "w1".into(),
+            fingerprint: Some(v1::Fingerprint {
+                engine_version: fp.engine_version,
+                git_commit: fp.git_commit,
+                liblzma_version: fp.liblzma_version,
+                iuk_format: fp.iuk_format,
+            }),
+            slots: 1,
+            memory_bytes: 1 << 30,
+        })
+        .await
+        .unwrap();
+        let e = evil.cancel(v1::CancelRequest::default()).await.unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    });
+
+    assert_eq!(code(&mut c), 0, "{}", c.log());
+    assert_eq!(code(&mut w1), 0, "{}", w1.log());
+    assert_eq!(code(&mut w2), 0, "{}", w2.log());
+    assert_eq!(&iuks_in(&out), local_builds());
+    let m: serde_json::Value =
+        serde_json::from_slice(&fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    let mut twins = 0;
+    for k in m["iuks"].as_array().unwrap() {
+        let w = k["worker"].as_str().unwrap();
+        assert!(w == "w1" || w == "w2", "{m}");
+        if let Some(r) = k["reproduced_by"].as_str() {
+            assert_ne!(r, w, "{m}");
+            twins += 1;
+        }
+    }
+    assert_eq!(twins, 1, "{m}");
+    assert!(
+        c.log().contains("evil used the worker id of w1"),
+        "{}",
+        c.log()
+    );
 }

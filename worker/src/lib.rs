@@ -158,7 +158,10 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> Result<(), Err
                 .map_err(|s| {
                     let fatal = matches!(
                         s.code(),
-                        Code::Unauthenticated | Code::FailedPrecondition | Code::InvalidArgument
+                        Code::Unauthenticated
+                            | Code::PermissionDenied
+                            | Code::FailedPrecondition
+                            | Code::InvalidArgument
                     );
                     (fatal, iukfarm_proto::explain(&url, &s))
                 })?;

@@ -31,6 +31,22 @@ pub struct Conn {
     /// CA certificate (PEM) that signed the coordinator's TLS certificate.
     #[arg(long, env = "IUKFARM_TLS_CA", value_name = "FILE")]
     pub tls_ca: Option<PathBuf>,
+    /// This client's certificate from the release CA (`iukfarm ca issue`): who it is.
+    #[arg(
+        long,
+        env = "IUKFARM_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// The key of --tls-cert.
+    #[arg(
+        long,
+        env = "IUKFARM_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Conn {
@@ -38,6 +54,7 @@ impl Conn {
         Ok(ClientConfig::from_files(
             &self.coordinator,
             self.tls_ca.as_deref(),
+            self.tls_cert.as_deref().zip(self.tls_key.as_deref()),
             self.token_file.as_deref(),
         )?)
     }

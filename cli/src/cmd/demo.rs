@@ -152,6 +152,8 @@ pub fn run(a: Args) -> Result<ExitCode> {
         require_engine: None,
         listen: "127.0.0.1:0".parse().expect("literal address"),
         tls: None,
+        tls_client_ca: None,
+        tls_revoked: None,
         token: None,
         signing: SigningKey::Cert(Box::new(key)),
         reproduce: if a.workers >= 2 {

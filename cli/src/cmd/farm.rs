@@ -77,6 +77,13 @@ pub struct ReleaseArgs {
     /// TLS private key (PEM) of the coordinator.
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// The release CA (`iukfarm ca init`): every worker and client must present a
+    /// certificate it issued; roles and names come from those certificates.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// Revoked client certificates (`iukfarm ca revoke`), re-read when it changes.
+    #[arg(long, value_name = "FILE", requires = "tls_client_ca")]
+    tls_revoked: Option<PathBuf>,
     /// File holding the token every worker and client must present.
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
@@ -214,6 +221,8 @@ impl ReleaseArgs {
             require_engine: self.require_engine.or(f.require_engine),
             listen,
             tls,
+            tls_client_ca: self.tls_client_ca.or(f.tls_client_ca),
+            tls_revoked: self.tls_revoked.or(f.tls_revoked),
             token,
             signing,
             reproduce,
@@ -422,6 +431,7 @@ pub async fn embedded(
     let client = ClientConfig {
         url: url.clone(),
         tls_ca: None,
+        identity: None,
         token: Some(token),
     };
     // One cache for every in-process worker: they share the machine.

@@ -1,4 +1,5 @@
 pub mod build;
+pub mod ca;
 pub mod client;
 pub mod demo;
 pub mod farm;
