@@ -18,6 +18,9 @@ declare -A tools=(
   [bsdtar]=libarchive-tools
   [gpg]=gnupg
   [sqv]=sqv
+  [ip]=iproute2
+  [tc]=iproute2
+  [nft]=nftables
 )
 missing=()
 for t in "${!tools[@]}"; do

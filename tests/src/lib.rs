@@ -5,6 +5,7 @@
 
 pub mod farm;
 pub mod fixtures;
+pub mod netns;
 pub mod releases;
 
 use std::ffi::CString;

@@ -387,9 +387,9 @@ fn identical_isos_and_clear_failures() {
         "{ls}"
     );
 
-    // Refuses to overwrite; names the file.
+    // Refuses to overwrite (a usage error); names the file.
     let res = build(&iso, &iso, &kit, "2");
-    assert_eq!(res.status.code(), Some(1));
+    assert_eq!(res.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&res.stderr).contains("--force"));
 
     // A new ISO without utils/.
