@@ -24,6 +24,7 @@ impl Revoked {
             path,
             cache: Mutex::new((None, BTreeSet::new())),
         };
+        // Read once now: a missing or unreadable list fails the start.
         r.contains("")?;
         Ok(r)
     }

@@ -164,6 +164,7 @@ impl Authority {
             })
             .map(|(_, h)| h)
             .collect();
+        found.sort();
         found.dedup();
         match found.as_slice() {
             [h] => Ok(Some((*h).clone())),
@@ -341,5 +342,55 @@ impl DigestCache {
         )
         .and_then(|_| std::fs::rename(&tmp, &self.path))
         .map_err(|e| Error::io(&self.path, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_as_sha256sum_writes_them() {
+        let p = Path::new("SHA256SUMS");
+        let a = "ab".repeat(32);
+        let b = "CD".repeat(32);
+        let text = format!("{a}  tails-amd64-6.0.iso\n\n{b} *./tails-amd64-6.1.iso\n");
+        let sums = parse_sums(p, &text).unwrap();
+        assert_eq!(
+            sums,
+            [
+                ("tails-amd64-6.0.iso".to_string(), a.clone()),
+                ("tails-amd64-6.1.iso".to_string(), "cd".repeat(32)),
+            ]
+        );
+        for bad in ["x  y.iso", &format!("{a} y.iso"), &format!("{a}  "), ""] {
+            assert!(parse_sums(p, bad).is_err(), "{bad:?}");
+        }
+        let e = parse_sums(p, &format!("{a}  ok.iso\nnonsense\n")).unwrap_err();
+        assert!(e.to_string().contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn an_iso_is_found_by_path_or_name_once() {
+        let (a, b) = ("ab".repeat(32), "cd".repeat(32));
+        let auth = |text: String| Authority {
+            sums: Some((
+                PathBuf::from("S"),
+                parse_sums(Path::new("S"), &text).unwrap(),
+            )),
+            keyring: None,
+        };
+        let iso = Path::new("/srv/isos/tails-amd64-6.0/tails-amd64-6.0.iso");
+        let rel = "tails-amd64-6.0/tails-amd64-6.0.iso";
+        // The same digest listed under its path and its name, apart: one digest.
+        let same = auth(format!(
+            "{a}  {rel}\n{b}  other.iso\n{a}  tails-amd64-6.0.iso\n"
+        ));
+        assert_eq!(same.expected("6.0", iso, rel).unwrap(), Some(a.clone()));
+        let differ = auth(format!("{a}  {rel}\n{b}  tails-amd64-6.0.iso\n"));
+        assert!(differ.expected("6.0", iso, rel).is_err());
+        let missing = auth(format!("{b}  other.iso\n"));
+        let e = missing.expected("6.0", iso, rel).unwrap_err().to_string();
+        assert!(e.contains("has no digest"), "{e}");
     }
 }

@@ -18,7 +18,7 @@ use tracing::{info, warn};
 use crate::inputs::hex;
 use crate::jobs::{Built, JobState, Lease};
 use crate::journal::Entry;
-use crate::state::{JOB_MEMORY, Phase, Shared, State, WorkerInfo};
+use crate::state::{JOB_MEMORY, Phase, Shared, State, WorkerInfo, random_hex};
 
 type Chunks = Pin<Box<dyn Stream<Item = Result<v1::Chunk, Status>> + Send>>;
 type Statuses = Pin<Box<dyn Stream<Item = Result<v1::ReleaseStatus, Status>> + Send>>;
@@ -261,10 +261,10 @@ impl FarmService {
         h: &v1::UploadHeader,
         stream: &mut Streaming<v1::UploadMessage>,
     ) -> Result<PartFile, Status> {
-        let path =
-            self.sh
-                .incoming
-                .join(format!("{}.{}.part", h.lease_id, &Shared::new_id("u")[2..]));
+        let path = self
+            .sh
+            .incoming
+            .join(format!("{}.{}.part", h.lease_id, random_hex()));
         let mut f = tokio::fs::OpenOptions::new()
             .write(true)
             .create_new(true)

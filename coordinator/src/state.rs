@@ -20,6 +20,13 @@ use crate::journal::{Entry, Journal};
 /// Where the coordinator keeps its own files, inside the output directory.
 pub const STATE_DIR: &str = ".iukfarm";
 
+/// 128 random bits in hex: ids and file names no one can guess.
+pub fn random_hex() -> String {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).expect("the OS random number generator");
+    crate::inputs::hex(&b)
+}
+
 /// Open `Watch` streams at most (dashboards, RM terminals).
 pub const MAX_WATCHERS: usize = 32;
 
@@ -115,9 +122,7 @@ impl Shared {
     /// cannot guess (and act on) another's lease, and ids of an earlier
     /// process are never taken for this one's.
     pub fn new_id(what: &str) -> String {
-        let mut b = [0u8; 16];
-        getrandom::fill(&mut b).expect("the OS random number generator");
-        format!("{what}-{}", crate::inputs::hex(&b))
+        format!("{what}-{}", random_hex())
     }
 
     /// Cancels the release (SIGINT, SIGTERM, `iukfarm cancel`); once it is
