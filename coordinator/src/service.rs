@@ -275,7 +275,23 @@ impl FarmService {
         let disk = |e: std::io::Error| Status::internal(format!("{}: {e}", part.0.display()));
         let mut hasher = Sha256::new();
         let mut got = 0u64;
-        while let Some(m) = stream.message().await? {
+        // A stalled stream (a cut link) must not keep its part file past the
+        // lease: look at the lease while waiting for the next chunk.
+        let mut watch =
+            tokio::time::interval((self.sh.cfg.lease_timeout / 4).max(Duration::from_millis(100)));
+        loop {
+            let m = tokio::select! {
+                m = stream.message() => m?,
+                _ = watch.tick() => {
+                    if !self.renew(&h.lease_id, &h.worker_id, false) {
+                        return Err(Status::failed_precondition(
+                            "the lease ended during the upload",
+                        ));
+                    }
+                    continue;
+                }
+            };
+            let Some(m) = m else { break };
             let Some(v1::upload_message::Part::Data(d)) = m.part else {
                 return Err(Status::invalid_argument("a second header in one upload"));
             };
@@ -288,7 +304,7 @@ impl FarmService {
             }
             hasher.update(&d);
             f.write_all(&d).await.map_err(disk)?;
-            if !self.renew(&h.lease_id, &h.worker_id) {
+            if !self.renew(&h.lease_id, &h.worker_id, true) {
                 return Err(Status::failed_precondition(
                     "the lease ended during the upload",
                 ));
@@ -308,15 +324,18 @@ impl FarmService {
         Ok(part)
     }
 
-    /// Extends the uploader's lease; false once it is no longer theirs.
-    fn renew(&self, lease_id: &str, worker_id: &str) -> bool {
+    /// Whether the lease is still the uploader's; with `extend`, also
+    /// extends it.
+    fn renew(&self, lease_id: &str, worker_id: &str, extend: bool) -> bool {
         let mut st = self.sh.lock();
         let Some(i) = st.table.by_lease(lease_id) else {
             return false;
         };
         match st.table.jobs[i].lease.as_mut() {
             Some(l) if l.worker_id == worker_id => {
-                l.deadline = Instant::now() + self.sh.cfg.lease_timeout;
+                if extend {
+                    l.deadline = Instant::now() + self.sh.cfg.lease_timeout;
+                }
                 true
             }
             _ => false,

@@ -72,23 +72,31 @@ pub fn local_builds() -> &'static Vec<(String, String)> {
     static B: OnceLock<Vec<(String, String)>> = OnceLock::new();
     B.get_or_init(|| {
         let a = archive();
-        let d = tempfile::tempdir().unwrap();
-        a.sources()
-            .iter()
-            .map(|v| {
-                let name = format!("Tails_amd64_{v}_to_{}.iuk", a.new_version());
-                let out = d.path().join(&name);
-                run(Command::new(iukfarm())
-                    .args(["build", "--quiet", "--source-date-epoch", SDE, "--old-iso"])
-                    .arg(a.iso(v))
-                    .arg("--new-iso")
-                    .arg(a.iso(a.new_version()))
-                    .arg("--out")
-                    .arg(&out));
-                (name, sha256_file(&out))
-            })
-            .collect()
+        builds_of(a, a.new_version(), a.sources())
     })
+}
+
+/// Names and sha256 of the IUKs `iukfarm build` makes locally from each
+/// of `sources` to `new`, sorted by name.
+pub fn builds_of(a: &Archive, new: &str, sources: &[String]) -> Vec<(String, String)> {
+    let d = tempfile::tempdir().unwrap();
+    let mut v: Vec<(String, String)> = sources
+        .iter()
+        .map(|v| {
+            let name = format!("Tails_amd64_{v}_to_{new}.iuk");
+            let out = d.path().join(&name);
+            run(Command::new(iukfarm())
+                .args(["build", "--quiet", "--source-date-epoch", SDE, "--old-iso"])
+                .arg(a.iso(v))
+                .arg("--new-iso")
+                .arg(a.iso(new))
+                .arg("--out")
+                .arg(&out));
+            (name, sha256_file(&out))
+        })
+        .collect();
+    v.sort();
+    v
 }
 
 /// A GnuPG home with an unprotected Ed25519 signing key; its secret key
@@ -321,16 +329,30 @@ impl Drop for Proc {
 /// The `iukfarm coordinator` command for a release of `archive`,
 /// listening on an ephemeral loopback port.
 pub fn coordinator_cmd(archive: &Archive, out: &Path, extra: &[&str]) -> Command {
+    let (new, sources) = (archive.new_version(), archive.sources());
+    coordinator_cmd_for(archive, new, sources, out, "127.0.0.1:0", extra)
+}
+
+/// The `iukfarm coordinator` command for a release of `new` from
+/// `sources`, all of `archive`, listening on `listen`.
+pub fn coordinator_cmd_for(
+    archive: &Archive,
+    new: &str,
+    sources: &[String],
+    out: &Path,
+    listen: &str,
+    extra: &[&str],
+) -> Command {
     let mut cmd = Command::new(iukfarm());
     cmd.arg("coordinator")
-        .args(["--new-version", archive.new_version()])
-        .args(["--source-versions", &archive.sources().join(" ")])
+        .args(["--new-version", new])
+        .args(["--source-versions", &sources.join(" ")])
         .args(["--source-date-epoch", SDE])
         .arg("--iso-root")
         .arg(archive.root())
         .arg("--output-dir")
         .arg(out)
-        .args(["--listen", "127.0.0.1:0"])
+        .args(["--listen", listen])
         .args(extra);
     cmd
 }

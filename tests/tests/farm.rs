@@ -4,12 +4,13 @@
 
 use std::fs;
 use std::process::Command;
-use std::time::Duration;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant, SystemTime};
 
 use iukfarm_tests::farm::{
-    AgentGuard, Archive, Proc, SDE, archive, coordinator, coordinator_cmd, gpg, iuks_in,
-    leftover_job_files, local_builds, start_coordinator, status, tls_files, token_file, wait_until,
-    worker,
+    AgentGuard, Archive, Proc, SDE, archive, builds_of, coordinator, coordinator_cmd,
+    coordinator_cmd_for, gpg, iuks_in, leftover_job_files, local_builds, start_coordinator, status,
+    tls_files, token_file, wait_until, worker,
 };
 use iukfarm_tests::{iukfarm, require_tool, run};
 
@@ -252,22 +253,7 @@ fn a_killed_coordinator_resumes_from_its_journal() {
     let done_before = fs::read_to_string(&journal).unwrap().lines().count();
     assert!(done_before < 4, "the release had not ended");
     // Same arguments, same port (the worker reconnects there).
-    let mut cmd = Command::new(iukfarm());
-    cmd.arg("coordinator")
-        .args([
-            "--new-version",
-            a.new_version(),
-            "--source-versions",
-            &a.sources().join(","),
-            "--source-date-epoch",
-            SDE,
-        ])
-        .arg("--iso-root")
-        .arg(a.root())
-        .arg("--output-dir")
-        .arg(&out)
-        .args(["--listen", &url1])
-        .args(args);
+    let mut cmd = coordinator_cmd_for(a, a.new_version(), a.sources(), &out, &url1, &args);
     let mut c2 = Proc::spawn("coordinator-2", &mut cmd);
     assert_eq!(code(&mut c2), 0, "{}", c2.log());
     let log = c2.log();
@@ -585,11 +571,11 @@ fn unknown_engine_options_and_missing_keys_are_refused_up_front() {
 /// memory does not grow with the number of kits it has handled.
 #[test]
 fn load_forty_sources_over_four_workers() {
-    let a = Archive::make(41);
+    let a = big_archive();
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("release");
     let key = gpg().secret_key.to_str().unwrap().to_string();
-    let (mut c, url) = coordinator(&a, &out, &["--signing-key", &key]);
+    let (mut c, url) = coordinator(a, &out, &["--signing-key", &key]);
     let url = format!("http://{url}");
     let cache = d.path().join("cache");
     let root = a.root().to_str().unwrap();
@@ -631,5 +617,157 @@ fn load_forty_sources_over_four_workers() {
     assert!(
         late <= early + 32 * 1024,
         "memory grew from {early} KiB to {late} KiB"
+    );
+}
+
+/// Releases 6.0 ... 6.40, shared by the load and soak tests.
+fn big_archive() -> &'static Archive {
+    static A: OnceLock<Archive> = OnceLock::new();
+    A.get_or_init(|| {
+        let a = Archive::make(41);
+        iukfarm_tests::remove_at_exit(a.dir.path(), false);
+        a
+    })
+}
+
+/// xorshift64*: a kill schedule that a seed replays.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
+    }
+}
+
+#[test]
+fn soak_twenty_sources_while_workers_and_the_coordinator_are_killed_at_random() {
+    const WORKERS: usize = 3;
+    const KILLS: u32 = 12;
+    let seed = std::env::var("IUKFARM_SOAK_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        });
+    eprintln!("soak: seed {seed} (IUKFARM_SOAK_SEED={seed} replays the schedule)");
+    let mut rng = Rng(seed);
+
+    let a = big_archive();
+    let (new, sources) = (&a.versions[40], &a.versions[20..40]);
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("release");
+    let key = gpg().secret_key.to_str().unwrap().to_string();
+    let args = [
+        "--signing-key",
+        &key,
+        "--lease-timeout",
+        "3s",
+        "--max-attempts",
+        "30",
+    ];
+    let t = Instant::now();
+    let (mut c, addr) = start_coordinator(&mut coordinator_cmd_for(
+        a,
+        new,
+        sources,
+        &out,
+        "127.0.0.1:0",
+        &args,
+    ));
+    let url = format!("http://{addr}");
+    let cache = d.path().join("cache");
+    let root = a.root().to_str().unwrap();
+    let start = |n: usize| {
+        worker(
+            &format!("w{n}"),
+            &url,
+            &cache,
+            &["--once", "--iso-root", root, "--slots", "2", "-j", "1"],
+        )
+    };
+    let mut ws: Vec<Proc> = (0..WORKERS).map(start).collect();
+    let journal = out.join(".iukfarm/journal");
+    let journalled = || {
+        fs::read_to_string(&journal)
+            .map(|j| j.lines().count())
+            .unwrap_or(0)
+    };
+
+    // Kill a random worker every 0.5 to 3 s (SIGKILL, or one time in four
+    // SIGTERM) and start it again at once; kill -9 the coordinator once,
+    // when a third of the kits are in, and start it again on its port.
+    let (mut sigkills, mut sigterms, mut coordinator_kills) = (0, 0, 0);
+    let mut logs = Vec::new();
+    while sigkills + sigterms < KILLS && c.poll().is_none() && t.elapsed() < LONG {
+        std::thread::sleep(Duration::from_millis(500 + rng.below(2500)));
+        if coordinator_kills == 0 && journalled() >= sources.len() / 3 {
+            c.kill9();
+            logs.push(c.log());
+            coordinator_kills += 1;
+            c = Proc::spawn(
+                "coordinator-2",
+                &mut coordinator_cmd_for(a, new, sources, &out, &addr, &args),
+            );
+            c.wait_log("listening on", LONG);
+            continue;
+        }
+        let n = rng.below(WORKERS as u64) as usize;
+        if ws[n].poll().is_some() {
+            continue;
+        }
+        if rng.below(4) == 0 {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(ws[n].pid() as i32, libc::SIGTERM) };
+            assert_eq!(code(&mut ws[n]), 0, "SIGTERM ends a worker cleanly");
+            sigterms += 1;
+        } else {
+            ws[n].kill9();
+            sigkills += 1;
+        }
+        logs.push(ws[n].log());
+        ws[n] = start(n);
+    }
+    assert_eq!(code(&mut c), 0, "{}", c.log());
+    let took = t.elapsed();
+    for w in &mut ws {
+        assert_eq!(code(w), 0, "{}", w.log());
+    }
+    logs.push(c.log());
+    let lost = logs
+        .iter()
+        .map(|l| l.matches("stopped renewing its lease").count())
+        .sum::<usize>();
+
+    // 0 bytes lost, 0 wrong kits signed.
+    assert_eq!(iuks_in(&out), builds_of(a, new, sources));
+    run(Command::new(iukfarm())
+        .arg("verify")
+        .arg(&out)
+        .arg("--cert")
+        .arg(&gpg().cert));
+    let left: Vec<_> = fs::read_dir(out.join(".iukfarm/incoming"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "part files left: {left:?}");
+    assert!(
+        leftover_job_files(&cache).is_empty(),
+        "{:?}",
+        leftover_job_files(&cache)
+    );
+    eprintln!(
+        "soak: {} IUKs in {:.1}s with {sigkills} workers SIGKILLed, {sigterms} SIGTERMed, \
+         {coordinator_kills} coordinator SIGKILLed, {lost} leases lost; \
+         every kit identical to a local build",
+        sources.len(),
+        took.as_secs_f64()
     );
 }

@@ -377,6 +377,44 @@ fn a_full_output_disk_loses_nothing_and_a_refused_rerun_changes_nothing() {
     assert_eq!(&iuks_in(&out), local_builds());
 }
 
+#[test]
+fn a_journal_append_on_a_full_disk_is_cut_back_and_the_next_one_is_whole() {
+    use iukfarm_coordinator::journal::{Entry, Journal};
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("disk");
+    let _disk = Tmpfs::mount(&dir, 1);
+    let path = dir.join("journal");
+    let entry = |n: usize| Entry {
+        job: format!("job-{n}"),
+        name: format!("Tails_amd64_6.{n}_to_7.0.iuk"),
+        sha256: format!("{n:064x}"),
+        size: 1 << 20,
+        worker: "w".repeat(n % 7 + 1),
+        build_seconds: 1.5,
+        reproduction: false,
+    };
+    let (mut j, _) = Journal::open(&path).unwrap();
+    // Up to the end of the journal's first page, so that the next line
+    // straddles a page that the full disk cannot give.
+    let line = |n| serde_json::to_vec(&entry(n)).unwrap().len() as u64 + 1;
+    let mut n = 0;
+    while fs::metadata(&path).unwrap().len() + line(n) <= 4096 {
+        j.append(&entry(n)).unwrap();
+        n += 1;
+    }
+    let whole = fs::metadata(&path).unwrap().len();
+    assert!(whole < 4096 && whole + line(n) > 4096, "{whole}");
+    let filler = fill(&dir, 0);
+    let e = j.append(&entry(n)).expect_err("the disk is full");
+    assert!(e.to_string().contains("No space left on device"), "{e}");
+    assert_eq!(fs::metadata(&path).unwrap().len(), whole, "cut back");
+    fs::remove_file(filler).unwrap();
+    j.append(&entry(n)).unwrap();
+    drop(j);
+    let (_, entries) = Journal::open(&path).unwrap();
+    assert_eq!(entries, (0..=n).map(entry).collect::<Vec<_>>());
+}
+
 /// Two releases of the shared archive copied, with what the RM vouches
 /// for: `SHA256SUMS` and detached signatures by the test key.
 fn vouched_archive(d: &Path) -> (Archive, std::path::PathBuf) {

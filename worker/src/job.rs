@@ -264,6 +264,7 @@ async fn upload(
         })),
     };
     let corrupt = ctx.take_corruption();
+    let mut pause = ctx.take_upload_pause();
     let path = kit.to_path_buf();
     let p = progress.clone();
     let reader = tokio::spawn(async move {
@@ -295,6 +296,10 @@ async fn upload(
             };
             if tx.send(m).await.is_err() {
                 return Ok(());
+            }
+            if let Some(d) = pause.take() {
+                info!("test hook: upload paused for {d:?} after its first chunk");
+                tokio::time::sleep(d).await;
             }
         }
     });

@@ -33,6 +33,8 @@ pub struct TestHooks {
     pub perturb: bool,
     /// Wait this long (cancellably) before each build.
     pub job_delay: Duration,
+    /// Stall the first upload this long after its first chunk.
+    pub upload_pause: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -99,6 +101,7 @@ pub(crate) struct Ctx {
     pub isos: isos::Isos,
     pub blocks: Option<Arc<BlockCache>>,
     pub corrupt_left: AtomicU32,
+    pub pause_left: AtomicU32,
 }
 
 enum SessionEnd {
@@ -127,6 +130,7 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> Result<(), Err
         isos: isos::Isos::new(&cfg)?,
         blocks: cfg.blocks.clone(),
         corrupt_left: AtomicU32::new(cfg.test.corrupt_uploads),
+        pause_left: AtomicU32::new(u32::from(!cfg.test.upload_pause.is_zero())),
         cfg,
     });
     let url = ctx.cfg.client.url.clone();
@@ -344,8 +348,15 @@ async fn session(
 
 impl Ctx {
     pub fn take_corruption(&self) -> bool {
-        self.corrupt_left
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok()
+        take_one(&self.corrupt_left)
     }
+
+    pub fn take_upload_pause(&self) -> Option<Duration> {
+        take_one(&self.pause_left).then_some(self.cfg.test.upload_pause)
+    }
+}
+
+fn take_one(left: &AtomicU32) -> bool {
+    left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
 }

@@ -534,6 +534,8 @@ pub struct WorkerArgs {
     test_perturb: bool,
     #[arg(long, hide = true, default_value = "0s", value_parser = config::parse_duration)]
     test_job_delay: Duration,
+    #[arg(long, hide = true, default_value = "0s", value_parser = config::parse_duration)]
+    test_upload_pause: Duration,
 }
 
 pub fn worker(a: WorkerArgs) -> Result<ExitCode> {
@@ -568,6 +570,7 @@ pub fn worker(a: WorkerArgs) -> Result<ExitCode> {
             corrupt_uploads: a.test_corrupt_uploads,
             perturb: a.test_perturb,
             job_delay: a.test_job_delay,
+            upload_pause: a.test_upload_pause,
         },
     };
     super::block_on(async move {
