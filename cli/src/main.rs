@@ -49,6 +49,8 @@ enum Command {
     Fetch(cmd::client::FetchArgs),
     /// Check a directory of IUKs against a release's SHA256SUMS, manifest and signature.
     Verify(cmd::verify::Args),
+    /// Tails' upgrade-description files: generate (and sign) a release's, check them.
+    Udf(cmd::udf::Args),
     /// A whole release on generated sample ISOs, farm included (no setup needed).
     Demo(cmd::demo::Args),
     /// Write sample Tails-like ISOs (an ISO archive to try a farm on).
@@ -105,6 +107,7 @@ fn main() -> ExitCode {
         Command::Cancel(a) => cmd::client::cancel(a),
         Command::Fetch(a) => cmd::client::fetch(a),
         Command::Verify(a) => cmd::verify::run(a),
+        Command::Udf(a) => cmd::udf::run(a),
         Command::VerifyIuk(a) => cmd::verify_iuk::run(a),
         Command::Sqfs(a) => cmd::sqfs::run(a),
         Command::Iso(a) => cmd::iso::run(a),

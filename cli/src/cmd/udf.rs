@@ -1,0 +1,374 @@
+//! `iukfarm udf`: Tails' upgrade-description files, generated as
+//! `tails-iuk-generate-upgrade-description-files` writes them, signed as
+//! `sign-updated-udfs` signs them, and checked.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, anyhow};
+use clap::{Parser, Subcommand};
+use iukfarm_coordinator::manifest::Manifest;
+use iukfarm_coordinator::signing::{self, SigningKey};
+use iukfarm_udf::{Channel, Release, Target};
+
+use super::usage;
+
+#[derive(Parser)]
+pub struct Args {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Write every upgrades.yml of a release into the website checkout, as Tails' generator does, and sign them.
+    Generate(Box<GenerateArgs>),
+    /// Parse UDFs, check every field an Upgrader needs and their signatures (upgrades.yml.pgp).
+    Check(CheckArgs),
+}
+
+#[derive(Parser)]
+#[command(
+    after_help = "Writes RELEASE_CHECKOUT/wiki/src/upgrade/v2/<product>/<version>/\
+<build-target>/<channel>/upgrades.yml for the release, its next versions and its previous \
+versions, byte for byte as tails-iuk-generate-upgrade-description-files would, and with \
+a key, each changed file's upgrades.yml.pgp (armored, detached), every signature checked \
+afterwards. Sizes and digests come from the release's signed manifest (no hashing) or \
+from the files.
+
+Exit status: 0 written (and signed); 1 an I/O or signing failure; 2 bad usage or input \
+(an unreadable existing UDF, a manifest that is not the release's or not signed)."
+)]
+pub struct GenerateArgs {
+    /// The version being released.
+    #[arg(long, value_name = "VERSION")]
+    version: String,
+    /// A version planned after this one (repeat; at least one).
+    #[arg(long = "next-version", value_name = "VERSION", required = true)]
+    next_versions: Vec<String>,
+    /// A version whose UDF gets this release as its upgrade (repeat).
+    #[arg(long = "previous-version", value_name = "VERSION")]
+    previous_versions: Vec<String>,
+    /// Upgrades of type major (Tails' release process always passes it), else minor.
+    #[arg(long)]
+    major_release: bool,
+    /// The channel of this release.
+    #[arg(long, default_value = "stable", value_parser = ["stable", "alpha"])]
+    channel: String,
+    #[arg(long, default_value = "amd64", value_name = "NAME")]
+    build_target: String,
+    #[arg(long, default_value = "Tails", value_name = "NAME")]
+    product_name: String,
+    /// Tails' website checkout (the UDFs go under wiki/src/upgrade/v2/).
+    #[arg(long, value_name = "DIR")]
+    release_checkout: PathBuf,
+    /// The new release's ISO (hashed unless the manifest names its digest).
+    #[arg(long, value_name = "FILE", required_unless_present = "manifest")]
+    iso: Option<PathBuf>,
+    /// Directory of the IUKs (<product>_<target>_<previous>_to_<version>.iuk), hashed.
+    #[arg(
+        long,
+        value_name = "DIR",
+        required_unless_present = "manifest",
+        conflicts_with = "manifest"
+    )]
+    iuks: Option<PathBuf>,
+    /// The farm's signed manifest.json: sizes and digests of the ISO and IUKs without
+    /// hashing (its signature, manifest.json.asc, is checked with --cert).
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    manifest: Option<PathBuf>,
+    /// OpenPGP certificate that signed the manifest.
+    #[arg(long, value_name = "FILE")]
+    cert: Option<PathBuf>,
+    /// Sign each changed UDF with this unencrypted OpenPGP secret key file.
+    #[arg(long, value_name = "FILE", conflicts_with = "gpg_key")]
+    signing_key: Option<PathBuf>,
+    /// Sign each changed UDF with `gpg --local-user KEY` (agent, smartcards).
+    #[arg(long, value_name = "KEY")]
+    gpg_key: Option<String>,
+}
+
+#[derive(Parser)]
+#[command(
+    after_help = "Exit status: 0 every file is a well-formed, signed UDF; 1 a file \
+is not (each is named); 2 bad usage."
+)]
+pub struct CheckArgs {
+    /// upgrades.yml files; each FILE.pgp must hold its detached signature.
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+    /// OpenPGP certificate(s) of the signing key.
+    #[arg(long, value_name = "FILE")]
+    cert: PathBuf,
+}
+
+pub fn run(a: Args) -> Result<ExitCode> {
+    match a.cmd {
+        Cmd::Generate(g) => generate(*g),
+        Cmd::Check(c) => check(c),
+    }
+}
+
+fn generate(a: GenerateArgs) -> Result<ExitCode> {
+    let release = Release {
+        version: a.version.clone(),
+        next_versions: a.next_versions.clone(),
+        previous_versions: a.previous_versions.clone(),
+        major: a.major_release,
+        channel: Channel::parse(&a.channel).map_err(|e| anyhow!(super::Usage(e.to_string())))?,
+        build_target: a.build_target.clone(),
+        product_name: a.product_name.clone(),
+    };
+    if let Err(e) = release.check() {
+        usage!("{e}");
+    }
+    if !a.release_checkout.is_dir() {
+        usage!(
+            "--release-checkout {}: not a directory",
+            a.release_checkout.display()
+        );
+    }
+    let key = match (&a.signing_key, &a.gpg_key) {
+        (Some(p), None) => Some(SigningKey::KeyFile(p.clone())),
+        (None, Some(k)) => Some(SigningKey::Gpg(k.clone())),
+        _ => None,
+    };
+    // The key must work before anything is written.
+    let cert = key
+        .as_ref()
+        .map(|k| {
+            k.certificate()
+                .map_err(|e| anyhow!(super::Usage(e.to_string())))
+        })
+        .transpose()?;
+
+    let (iso, iuks) = match &a.manifest {
+        Some(m) => from_manifest(&a, &release, m)?,
+        None => from_files(&a, &release)?,
+    };
+    let checkout = a.release_checkout.clone();
+    let existing = |p: &Path| -> Result<Option<Vec<u8>>, iukfarm_udf::Error> {
+        match std::fs::read(checkout.join(p)) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(iukfarm_udf::Error::Options(format!(
+                "{}: {e}",
+                checkout.join(p).display()
+            ))),
+        }
+    };
+    let iuk = |name: &str| iuks.iter().find(|(n, _)| n == name).map(|(_, t)| t.clone());
+    let written = match iukfarm_udf::generate(&release, &iso, &iuk, &existing) {
+        Ok(w) => w,
+        Err(iukfarm_udf::Error::Invalid { path, why }) => usage!(
+            "{}: {why}; Tails' generator would refuse it too: fix or remove it, then run again \
+             (nothing was written)",
+            checkout.join(path).display()
+        ),
+        Err(e) => usage!("{e}"),
+    };
+    if a.previous_versions.is_empty() {
+        eprintln!("iukfarm: warning: no --previous-version: no UDF advertises this release");
+    }
+
+    let mut signed = 0;
+    for w in &written {
+        let dest = checkout.join(&w.path);
+        let before = std::fs::read(&dest).ok();
+        let changed = before.as_deref() != Some(&w.bytes[..]);
+        if changed {
+            let dir = dest.parent().expect("UDF paths have a directory");
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            let mut tmp = crate::output::temp_next_to(&dest)?;
+            std::io::Write::write_all(&mut tmp, &w.bytes)
+                .with_context(|| format!("writing {}", dest.display()))?;
+            crate::output::persist(tmp, &dest, true)?;
+        }
+        let what = match (changed, before.is_some(), w.updated) {
+            (false, _, _) => "unchanged",
+            (true, false, _) => "created",
+            (true, true, true) => "updated",
+            (true, true, false) => "reset",
+        };
+        println!("{what:9} {}", w.path.display());
+        let (Some(key), Some(cert)) = (&key, &cert) else {
+            continue;
+        };
+        let sig = sig_path(&dest);
+        let good = std::fs::read(&sig)
+            .ok()
+            .is_some_and(|s| signing::verify(cert, &w.bytes, &s).is_ok());
+        if changed || !good {
+            let tmp = crate::output::temp_next_to(&sig)?;
+            key.sign(&dest, tmp.path())
+                .with_context(|| format!("signing {}", dest.display()))?;
+            crate::output::persist(tmp, &sig, true)?;
+            signed += 1;
+        }
+    }
+    match &cert {
+        Some(cert) => {
+            for w in &written {
+                let dest = checkout.join(&w.path);
+                check_one(&dest, cert).with_context(|| "checking what was just signed")?;
+            }
+            println!(
+                "{} UDFs written, {signed} signed; every signature checked",
+                written.len()
+            );
+        }
+        None => println!(
+            "{} UDFs written, not signed (--signing-key or --gpg-key signs them)",
+            written.len()
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn sig_path(udf: &Path) -> PathBuf {
+    let mut s = udf.as_os_str().to_owned();
+    s.push(".pgp");
+    PathBuf::from(s)
+}
+
+/// The ISO's and IUKs' sizes and digests from the farm's manifest, after
+/// checking its signature and that it is this release's.
+fn from_manifest(
+    a: &GenerateArgs,
+    r: &Release,
+    path: &Path,
+) -> Result<(Target, Vec<(String, Target)>)> {
+    let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let cert_path = a.cert.as_ref().expect("clap requires --cert");
+    let cert =
+        std::fs::read(cert_path).with_context(|| format!("reading {}", cert_path.display()))?;
+    let sig = sig_of_manifest(path);
+    let sig_bytes = std::fs::read(&sig).with_context(|| format!("reading {}", sig.display()))?;
+    if let Err(e) = signing::verify(&cert, &data, &sig_bytes) {
+        usage!("{}: {e}", sig.display());
+    }
+    let m: Manifest = match serde_json::from_slice(&data) {
+        Ok(m) => m,
+        Err(e) => usage!("{}: not a manifest: {e}", path.display()),
+    };
+    if m.new_version != r.version || m.product != r.product_name || m.build_target != r.build_target
+    {
+        usage!(
+            "{}: the manifest is of {} {} {}, not of {} {} {}",
+            path.display(),
+            m.product,
+            m.build_target,
+            m.new_version,
+            r.product_name,
+            r.build_target,
+            r.version
+        );
+    }
+    let Some(input) = m.inputs.iter().find(|i| i.version == r.version) else {
+        usage!("{}: names no ISO of {}", path.display(), r.version);
+    };
+    let iso = Target {
+        sha256: input.sha256.clone(),
+        size: input.size,
+    };
+    if let Some(p) = &a.iso {
+        let meta = std::fs::metadata(p).with_context(|| format!("reading {}", p.display()))?;
+        if meta.len() != iso.size {
+            usage!(
+                "{}: {} bytes, but the manifest's ISO of {} has {}",
+                p.display(),
+                meta.len(),
+                r.version,
+                iso.size
+            );
+        }
+    }
+    let iuks = m
+        .iuks
+        .iter()
+        .map(|k| {
+            (
+                k.name.clone(),
+                Target {
+                    sha256: k.sha256.clone(),
+                    size: k.size,
+                },
+            )
+        })
+        .collect();
+    Ok((iso, iuks))
+}
+
+fn sig_of_manifest(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".asc");
+    PathBuf::from(s)
+}
+
+/// Sizes and digests read from the files, as the generator does: the ISO,
+/// and each previous version's IUK that is a regular file in --iuks.
+fn from_files(a: &GenerateArgs, r: &Release) -> Result<(Target, Vec<(String, Target)>)> {
+    let iso_path = a.iso.as_ref().expect("clap requires --iso");
+    if !iso_path.is_file() {
+        usage!("--iso {}: not a file", iso_path.display());
+    }
+    let dir = a.iuks.as_ref().expect("clap requires --iuks");
+    if !dir.is_dir() {
+        usage!("--iuks {}: not a directory", dir.display());
+    }
+    let hash = |p: &Path| -> Result<Target> {
+        Ok(Target {
+            sha256: iukfarm_coordinator::inputs::sha256_file(p)?,
+            size: std::fs::metadata(p)
+                .with_context(|| format!("reading {}", p.display()))?
+                .len(),
+        })
+    };
+    let iso = hash(iso_path)?;
+    let mut iuks = Vec::new();
+    for prev in &r.previous_versions {
+        let name = r.iuk_name(prev);
+        let p = dir.join(&name);
+        if p.is_file() {
+            iuks.push((name, hash(&p)?));
+        } else {
+            eprintln!(
+                "no IUK {name} in {}: its UDF advertises the full upgrade only",
+                dir.display()
+            );
+        }
+    }
+    Ok((iso, iuks))
+}
+
+fn check_one(file: &Path, cert: &[u8]) -> Result<()> {
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    iukfarm_udf::check(file, &bytes)?;
+    let sig = sig_path(file);
+    let s = std::fs::read(&sig).with_context(|| format!("reading {}", sig.display()))?;
+    signing::verify(cert, &bytes, &s).with_context(|| format!("{}", sig.display()))?;
+    Ok(())
+}
+
+fn check(a: CheckArgs) -> Result<ExitCode> {
+    let cert = std::fs::read(&a.cert).with_context(|| format!("reading {}", a.cert.display()))?;
+    if let Err(e) = signing::parse_certs(&cert) {
+        usage!("{}: {e}", a.cert.display());
+    }
+    let mut bad = 0;
+    for f in &a.files {
+        if let Err(e) = check_one(f, &cert) {
+            eprintln!("iukfarm: {}: {e:#}", f.display());
+            bad += 1;
+        }
+    }
+    if bad > 0 {
+        eprintln!(
+            "iukfarm: {bad} of {} files are not well-formed, signed UDFs",
+            a.files.len()
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    println!("All input files are well-formed, signed upgrade-description files.");
+    Ok(ExitCode::SUCCESS)
+}
