@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod assets;
 mod cmd;
 mod output;
 mod progress;
@@ -59,6 +60,9 @@ enum Command {
     Sqfs(cmd::sqfs::Args),
     /// ISO 9660 tools: ls, extent, cat.
     Iso(cmd::iso::Args),
+    /// Write the man pages and shell completions (for packaging).
+    #[command(hide = true)]
+    PackageAssets(assets::Args),
 }
 
 /// Exit codes shared by every subcommand.
@@ -111,6 +115,7 @@ fn main() -> ExitCode {
         Command::VerifyIuk(a) => cmd::verify_iuk::run(a),
         Command::Sqfs(a) => cmd::sqfs::run(a),
         Command::Iso(a) => cmd::iso::run(a),
+        Command::PackageAssets(a) => assets::run(a, <Cli as clap::CommandFactory>::command()),
     };
     match result {
         Ok(code) => code,

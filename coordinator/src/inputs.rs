@@ -350,6 +350,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_digest_cache_does_not_trust_a_file_rewritten_behind_its_back() {
+        let d = tempfile::tempdir().unwrap();
+        let iso = d.path().join("x.iso");
+        std::fs::write(&iso, b"first").unwrap();
+        let mut cache = DigestCache::load(&d.path().join("digests.json"));
+        cache.put(&iso, "11").unwrap();
+        assert_eq!(cache.get(&iso).as_deref(), Some("11"));
+        // Same size, same mtime, same inode: only the ctime tells.
+        let mtime = std::fs::metadata(&iso).unwrap().modified().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let f = std::fs::OpenOptions::new().write(true).open(&iso).unwrap();
+        std::io::Write::write_all(&mut &f, b"other").unwrap();
+        f.set_modified(mtime).unwrap();
+        drop(f);
+        assert_eq!(std::fs::metadata(&iso).unwrap().modified().unwrap(), mtime);
+        assert_eq!(cache.get(&iso), None);
+    }
+
+    #[test]
     fn sums_as_sha256sum_writes_them() {
         let p = Path::new("SHA256SUMS");
         let a = "ab".repeat(32);

@@ -378,6 +378,41 @@ fn a_full_output_disk_loses_nothing_and_a_refused_rerun_changes_nothing() {
 }
 
 #[test]
+fn listening_beyond_loopback_needs_tls_and_client_certificates() {
+    let a = archive();
+    let d = tempfile::tempdir().unwrap();
+    let token = token_file(d.path(), "0123456789abcdef0123456789abcdef");
+    let (cert, key) = iukfarm_tests::farm::tls_files(d.path());
+    let (c, k) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let signing = gpg().secret_key.to_str().unwrap().to_string();
+    for (mut extra, why) in [
+        (vec![], "without TLS"),
+        (vec!["--token-file", token.to_str().unwrap()], "without TLS"),
+        (
+            vec!["--tls-cert", c, "--tls-key", k],
+            "neither client certificates nor a token",
+        ),
+    ] {
+        extra.extend(["--signing-key", &signing]);
+        let out = d.path().join("out");
+        let o = iukfarm_tests::farm::coordinator_cmd_for(
+            a,
+            a.new_version(),
+            a.sources(),
+            &out,
+            "0.0.0.0:0",
+            &extra,
+        )
+        .output()
+        .unwrap();
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{e}");
+        assert!(e.contains(why), "{extra:?}: {e}");
+        assert!(!out.exists(), "a refused start writes nothing");
+    }
+}
+
+#[test]
 fn a_journal_append_on_a_full_disk_is_cut_back_and_the_next_one_is_whole() {
     use iukfarm_coordinator::journal::{Entry, Journal};
     let d = tempfile::tempdir().unwrap();
