@@ -11,7 +11,13 @@ cd "$(dirname "$0")/.."
 profile=release
 if [ "${1:-}" = --profile ]; then profile=${2:?--profile needs a name}; fi
 command -v cargo-deb >/dev/null 2>&1 || cargo install --locked cargo-deb@3.8.0
-cargo build --locked --profile "$profile" -p iukfarm
+# The dev build (CI's) is the test build of the whole workspace: building
+# it the same way reuses it instead of compiling dependencies again.
+if [ "$profile" = dev ]; then
+  cargo build --locked --workspace
+else
+  cargo build --locked --profile "$profile" -p iukfarm
+fi
 target=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
 dir=$profile; [ "$profile" = dev ] && dir=debug
 rm -rf dist/generated

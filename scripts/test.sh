@@ -21,6 +21,9 @@ declare -A tools=(
   [ip]=iproute2
   [tc]=iproute2
   [nft]=nftables
+  [ssh]=openssh-client
+  [ssh-keygen]=openssh-client
+  [pkill]=procps
 )
 missing=()
 for t in "${!tools[@]}"; do
@@ -29,6 +32,8 @@ done
 # Perl modules the reference tails-create-iuk pipeline uses, as Tails does.
 perl -MDevice::Cdio::ISO9660::IFS -e 1 2>/dev/null || missing+=(libdevice-cdio-perl)
 perl -MYAML::XS -e 1 2>/dev/null || missing+=(libyaml-libyaml-perl)
+# The publish test's rsync server.
+[ -x /usr/sbin/sshd ] || missing+=(openssh-server)
 if [ ${#missing[@]} -gt 0 ]; then
   pkgs=$(printf '%s\n' "${missing[@]}" | sort -u | tr '\n' ' ')
   echo "Installing reference tools: $pkgs"

@@ -50,6 +50,8 @@ enum Command {
     Fetch(cmd::client::FetchArgs),
     /// Check a directory of IUKs against a release's SHA256SUMS, manifest and signature.
     Verify(cmd::verify::Args),
+    /// Copy a release's IUKs to the rsync server, check them there against the RM's build, promote them.
+    Publish(cmd::publish::Args),
     /// Tails' upgrade-description files: generate (and sign) a release's, check them.
     Udf(cmd::udf::Args),
     /// A whole release on generated sample ISOs, farm included (no setup needed).
@@ -112,6 +114,7 @@ fn main() -> ExitCode {
         Command::Fetch(a) => cmd::client::fetch(a),
         Command::Verify(a) => cmd::verify::run(a),
         Command::Udf(a) => cmd::udf::run(a),
+        Command::Publish(a) => cmd::publish::run(a),
         Command::VerifyIuk(a) => cmd::verify_iuk::run(a),
         Command::Sqfs(a) => cmd::sqfs::run(a),
         Command::Iso(a) => cmd::iso::run(a),

@@ -99,6 +99,22 @@ pub fn builds_of(a: &Archive, new: &str, sources: &[String]) -> Vec<(String, Str
     v
 }
 
+/// `iukfarm release` of `archive`'s newest version from all the others,
+/// with workers in process, signed with [`gpg`]'s key, into `out`.
+pub fn signed_release(archive: &Archive, out: &Path) {
+    run(Command::new(iukfarm())
+        .arg("release")
+        .args(["--new-version", archive.new_version()])
+        .args(["--source-versions", &archive.sources().join(" ")])
+        .args(["--source-date-epoch", SDE])
+        .arg("--iso-root")
+        .arg(archive.root())
+        .arg("--output-dir")
+        .arg(out)
+        .arg("--signing-key")
+        .arg(&gpg().secret_key));
+}
+
 /// A GnuPG home with an unprotected Ed25519 signing key; its secret key
 /// exported to a file (for --signing-key) and its certificate.
 pub struct Gpg {

@@ -378,6 +378,51 @@ fn a_full_output_disk_loses_nothing_and_a_refused_rerun_changes_nothing() {
 }
 
 #[test]
+fn a_kit_changed_after_its_verification_is_not_signed() {
+    let a = archive();
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("release");
+    let key = gpg().secret_key.to_str().unwrap().to_string();
+    let (mut c, addr) = coordinator(a, &out, &["--signing-key", &key]);
+    let url = format!("http://{addr}");
+    let cache = d.path().join("cache");
+    let root = a.root().to_str().unwrap();
+    // "slow" holds one job while "fast" builds the others.
+    let _slow = worker(
+        "slow",
+        &url,
+        &cache,
+        &["--once", "--iso-root", root, "--test-job-delay", "20s"],
+    );
+    wait_until("slow holds a job", LONG, || {
+        status(&url, &[]).is_some_and(|s| {
+            s["jobs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|j| j["worker"] == "slow" && j["state"] == "leased")
+        })
+    });
+    let _fast = worker("fast", &url, &cache, &["--once", "--iso-root", root]);
+    wait_until("three kits are in place", LONG, || iuks_in(&out).len() == 3);
+    assert!(c.poll().is_none(), "the release waits for slow");
+    // Same size, one bit changed, after the coordinator verified it.
+    let (name, _) = &iuks_in(&out)[0];
+    let p = out.join(name);
+    let mut bytes = fs::read(&p).unwrap();
+    bytes[4096] ^= 1;
+    fs::write(&p, bytes).unwrap();
+    let code = code(&mut c);
+    let log = c.log();
+    assert_ne!(code, 0, "{log}");
+    assert!(
+        log.contains(&format!("{name} changed on disk after it was verified")),
+        "{log}"
+    );
+    assert!(!out.join("manifest.json.asc").exists(), "nothing signed");
+}
+
+#[test]
 fn listening_beyond_loopback_needs_tls_and_client_certificates() {
     let a = archive();
     let d = tempfile::tempdir().unwrap();

@@ -7,7 +7,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use iukfarm_tests::farm::{AgentGuard, Archive, SDE, gpg};
+use iukfarm_tests::farm::{AgentGuard, Archive, gpg, signed_release};
 use iukfarm_tests::{iukfarm, require_tool, run};
 
 /// Every file under `dir`, by relative path.
@@ -91,14 +91,20 @@ fn inputs(dir: &Path, version: &str, iuks_from: &[&str]) -> (PathBuf, PathBuf) {
     (iso, iuks)
 }
 
-fn ours(checkout: &Path, iso: &Path, iuks: &Path, args: &[&str]) -> Output {
-    let mut c = Command::new(iukfarm());
+/// `iukfarm udf generate` into `checkout`, sizes and digests from the files.
+fn generate_cmd(program: Command, checkout: &Path, iso: &Path, iuks: &Path) -> Command {
+    let mut c = program;
     c.args(["udf", "generate", "--release-checkout"])
         .arg(checkout)
         .arg("--iso")
         .arg(iso)
         .arg("--iuks")
         .arg(iuks);
+    c
+}
+
+fn ours(checkout: &Path, iso: &Path, iuks: &Path, args: &[&str]) -> Output {
+    let mut c = generate_cmd(Command::new(iukfarm()), checkout, iso, iuks);
     for a in args {
         match a.strip_prefix("--") {
             Some(opt) => c.arg(format!("--{}", opt.replace('_', "-"))),
@@ -282,22 +288,16 @@ fn signed_udfs_verify_with_sqv_and_gpg_and_check_names_what_is_wrong() {
     let _agent = AgentGuard(g);
     let co2 = d.path().join("checkout-gpg");
     checkout(&co2);
-    let mut c = g.cmd(iukfarm().to_str().unwrap());
-    c.args(["udf", "generate", "--release-checkout"])
-        .arg(&co2)
-        .arg("--iso")
-        .arg(&iso)
-        .arg("--iuks")
-        .arg(&iuks)
-        .args([
-            "--version",
-            "7.2",
-            "--next-version",
-            "7.3",
-            "--previous-version",
-            "7.1",
-        ])
-        .args(["--gpg-key", &g.fingerprint]);
+    let mut c = generate_cmd(g.cmd(iukfarm().to_str().unwrap()), &co2, &iso, &iuks);
+    c.args([
+        "--version",
+        "7.2",
+        "--next-version",
+        "7.3",
+        "--previous-version",
+        "7.1",
+    ])
+    .args(["--gpg-key", &g.fingerprint]);
     let o = run(&mut c);
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(
@@ -314,13 +314,7 @@ fn signed_udfs_verify_with_sqv_and_gpg_and_check_names_what_is_wrong() {
     // A key that cannot sign (a public certificate) is bad usage, found
     // before anything is written.
     let before = tree(&co);
-    let no_key = Command::new(iukfarm())
-        .args(["udf", "generate", "--release-checkout"])
-        .arg(&co)
-        .arg("--iso")
-        .arg(&iso)
-        .arg("--iuks")
-        .arg(&iuks)
+    let no_key = generate_cmd(Command::new(iukfarm()), &co, &iso, &iuks)
         .args(["--version", "7.2", "--next-version", "7.3", "--signing-key"])
         .arg(&g.cert)
         .output()
@@ -335,16 +329,7 @@ fn from_the_farms_signed_manifest_without_hashing_the_same_bytes() {
     let g = gpg();
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("release");
-    run(Command::new(iukfarm())
-        .arg("release")
-        .args(["--new-version", "6.2", "--source-versions", "6.0 6.1"])
-        .args(["--source-date-epoch", SDE])
-        .arg("--iso-root")
-        .arg(a.root())
-        .arg("--output-dir")
-        .arg(&out)
-        .arg("--signing-key")
-        .arg(&g.secret_key));
+    signed_release(&a, &out);
     let iso = a.iso("6.2");
     let args = [
         "--version",
@@ -357,13 +342,7 @@ fn from_the_farms_signed_manifest_without_hashing_the_same_bytes() {
     let (x, y) = (d.path().join("x"), d.path().join("y"));
     fs::create_dir_all(&x).unwrap();
     fs::create_dir_all(&y).unwrap();
-    let from_files = Command::new(iukfarm())
-        .args(["udf", "generate", "--release-checkout"])
-        .arg(&x)
-        .arg("--iso")
-        .arg(&iso)
-        .arg("--iuks")
-        .arg(&out)
+    let from_files = generate_cmd(Command::new(iukfarm()), &x, &iso, &out)
         .args(args)
         .args(["--previous-version", "6.1"])
         .output()

@@ -4,6 +4,7 @@ pub mod client;
 pub mod demo;
 pub mod farm;
 pub mod iso;
+pub mod publish;
 pub mod sqfs;
 pub mod udf;
 pub mod verify;

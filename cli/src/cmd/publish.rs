@@ -1,0 +1,246 @@
+//! `iukfarm publish`: the release's IUKs onto the rsync server, checked
+//! there against the RM's own build, then promoted.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use iukfarm_coordinator::manifest::{self, Manifest};
+use iukfarm_publish::{self as publish, Error, Kit, Promotion, Remote};
+
+use super::usage;
+
+/// A kit differs from the RM's build (also when its copy on the server does).
+pub const MISMATCH: u8 = 3;
+
+#[derive(Parser)]
+#[command(
+    after_help = "Steps, each idempotent (run the same command again after any \
+failure: it resumes):
+  1. the release directory is checked against its signed manifest (--cert), and the \
+manifest's kits against the RM's own build (--rm-sums: the sha256sum of their `iukfarm \
+build` or `iukfarm release`): the same names, the same digests;
+  2. the kits missing or different on the server are copied into --staging-dir \
+(rsync --partial --inplace over --ssh);
+  3. every copy is hashed on the server; a damaged one is sent again once;
+  4. with --promote, one remote script checks every kit again and only then sets \
+--owner and Tails' modes (u=rwX,go=rX), moves them into --final-dir and writes the time \
+to --trace-file.
+
+Exit status: 0 done; 1 ssh, rsync or the server failed, or the release directory does \
+not match its manifest (nothing unchecked was promoted; rerun to resume); 2 bad usage; \
+3 a kit differs from the RM's build, or its copy on the server does after being sent \
+again (each is named; nothing is promoted)."
+)]
+pub struct Args {
+    /// The release: its IUKs, manifest.json, manifest.json.asc and SHA256SUMS (the
+    /// coordinator's output directory, or what `iukfarm fetch` downloaded).
+    release_dir: PathBuf,
+    /// OpenPGP certificate that signed the manifest.
+    #[arg(long, value_name = "FILE")]
+    cert: PathBuf,
+    /// The RM's own build: `sha256sum` of the IUKs they built locally.
+    #[arg(long, value_name = "FILE")]
+    rm_sums: PathBuf,
+    /// The rsync server.
+    #[arg(long, value_name = "USER@HOST")]
+    host: String,
+    /// The ssh command and its options, split on spaces (also used by rsync).
+    #[arg(long, value_name = "COMMAND", default_value = "ssh")]
+    ssh: String,
+    /// Where the kits are copied and checked on the server (Tails: /srv/tmp).
+    #[arg(long, value_name = "DIR")]
+    staging_dir: String,
+    /// Move the checked kits into --final-dir.
+    #[arg(long, requires = "final_dir")]
+    promote: bool,
+    /// Where published kits live (Tails: /srv/rsync/tails/tails/<dist>/iuk/v2).
+    #[arg(long, value_name = "DIR")]
+    final_dir: Option<String>,
+    /// Owner of promoted kits (Tails: root:rsync_tails).
+    #[arg(long, value_name = "USER:GROUP")]
+    owner: Option<String>,
+    /// The mirrors' trace file, given the time when kits were promoted
+    /// (Tails: /srv/rsync/tails/tails/project/trace).
+    #[arg(long, value_name = "FILE")]
+    trace_file: Option<String>,
+    /// Run chown, chmod, mv and the trace update through sudo on the server.
+    #[arg(long)]
+    sudo: bool,
+    /// Cap the copy's bandwidth (KiB/s).
+    #[arg(long, value_name = "KIB")]
+    bwlimit: Option<u32>,
+}
+
+pub fn run(a: Args) -> Result<ExitCode> {
+    match publish_release(&a) {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            let code = match e.downcast_ref::<Error>() {
+                Some(Error::Mismatch(bad)) => {
+                    for b in bad {
+                        eprintln!("iukfarm: differs from the RM's build: {b}");
+                    }
+                    eprintln!(
+                        "iukfarm: {} IUKs do not match yours: nothing was promoted",
+                        bad.len()
+                    );
+                    return Ok(ExitCode::from(MISMATCH));
+                }
+                Some(Error::Usage(_)) => crate::exit::USAGE,
+                _ => crate::exit::FAILURE,
+            };
+            eprintln!("iukfarm: error: {e:#}");
+            Ok(ExitCode::from(code))
+        }
+    }
+}
+
+fn publish_release(a: &Args) -> Result<()> {
+    publish::check_remote_dir("--staging-dir", &a.staging_dir)?;
+    if let Some(f) = &a.final_dir {
+        publish::check_remote_dir("--final-dir", f)?;
+    }
+    if let Some(t) = &a.trace_file {
+        publish::check_remote_dir("--trace-file", t)?;
+    }
+    if let Some(o) = &a.owner {
+        let (u, g) = o.split_once(':').unwrap_or((o, "x"));
+        publish::check_name("--owner user", u)?;
+        publish::check_name("--owner group", g)?;
+    }
+    let ssh: Vec<String> = a.ssh.split_whitespace().map(String::from).collect();
+    if ssh.is_empty() {
+        usage!("--ssh is empty");
+    }
+    let remote = Remote {
+        ssh,
+        host: a.host.clone(),
+        sudo: a.sudo,
+    };
+
+    // 1. What the RM signed, on disk, and the RM's own build.
+    let cert = std::fs::read(&a.cert).with_context(|| format!("reading {}", a.cert.display()))?;
+    let c = manifest::check_dir(&a.release_dir, &a.release_dir, Some(&cert), false)?;
+    if !c.problems.is_empty() {
+        anyhow::bail!(
+            "{} does not match its signed manifest: {}; fetch the release again",
+            a.release_dir.display(),
+            c.problems.join("; ")
+        );
+    }
+    let path = a.release_dir.join(manifest::MANIFEST);
+    let m: Manifest = serde_json::from_slice(
+        &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+    )
+    .with_context(|| format!("{}", path.display()))?;
+    let kits: Vec<Kit> = m
+        .iuks
+        .iter()
+        .map(|k| Kit {
+            name: k.name.clone(),
+            size: k.size,
+            sha256: k.sha256.clone(),
+        })
+        .collect();
+    for k in &kits {
+        publish::check_name("kit", &k.name)?;
+    }
+    let rm_text = std::fs::read_to_string(&a.rm_sums)
+        .with_context(|| format!("reading {}", a.rm_sums.display()))?;
+    let rm = publish::parse_sums(&rm_text).map_err(|e| match e {
+        Error::Usage(why) => Error::Usage(format!("{}: {why}", a.rm_sums.display())),
+        other => other,
+    })?;
+    publish::compare_with_rm(&kits, &rm)?;
+    println!(
+        "{} IUKs of {} match the RM's build and the manifest signed by {}",
+        kits.len(),
+        m.new_version,
+        c.signer.as_deref().unwrap_or("?")
+    );
+
+    // 2. and 3. The copies, checked on the server.
+    let staging = a.staging_dir.as_str();
+    let mut dirs = vec![staging];
+    if let Some(f) = &a.final_dir {
+        dirs.push(f);
+    }
+    publish::mkdir(&remote, staging)?;
+    let before = publish::check(&remote, &kits, &dirs)?;
+    let mut send = before.missing.clone();
+    send.extend(before.bad.iter().cloned());
+    if !send.is_empty() {
+        println!("copying {} IUKs to {}:{staging}", send.len(), a.host);
+    }
+    publish::upload(
+        &remote,
+        &a.release_dir,
+        &before.missing,
+        staging,
+        a.bwlimit,
+        false,
+    )?;
+    publish::upload(
+        &remote,
+        &a.release_dir,
+        &before.bad,
+        staging,
+        a.bwlimit,
+        true,
+    )?;
+    let mut after = publish::check(&remote, &kits, &dirs)?;
+    if !after.bad.is_empty() || !after.missing.is_empty() {
+        let again: Vec<String> = after.bad.iter().chain(&after.missing).cloned().collect();
+        eprintln!(
+            "iukfarm: {} copies on the server are damaged or missing ({}): sending them again",
+            again.len(),
+            again.join(", ")
+        );
+        publish::upload(&remote, &a.release_dir, &again, staging, a.bwlimit, true)?;
+        after = publish::check(&remote, &kits, &dirs)?;
+    }
+    if !after.bad.is_empty() || !after.missing.is_empty() {
+        let mut bad = after.bad.clone();
+        bad.extend(
+            after
+                .missing
+                .iter()
+                .map(|n| format!("{n} (missing on the server)")),
+        );
+        return Err(Error::Mismatch(bad).into());
+    }
+    println!(
+        "{} IUKs on {}: every copy hashed on the server matches the RM's build",
+        kits.len(),
+        a.host
+    );
+
+    // 4. Promotion, checked again in the same remote script.
+    if a.promote {
+        let p = Promotion {
+            final_dir: a.final_dir.clone().expect("clap requires --final-dir"),
+            owner: a.owner.clone(),
+            trace_file: a.trace_file.clone(),
+        };
+        publish::mkdir(&remote, &p.final_dir)?;
+        let moved = publish::promote(&remote, &kits, staging, &p)?;
+        if moved == 0 {
+            println!("already published in {}", p.final_dir);
+        } else {
+            println!(
+                "published {moved} IUKs in {}{}",
+                p.final_dir,
+                if p.trace_file.is_some() {
+                    "; trace file updated"
+                } else {
+                    ""
+                }
+            );
+        }
+    } else {
+        println!("not promoted (--promote --final-dir DIR publishes them)");
+    }
+    Ok(())
+}
