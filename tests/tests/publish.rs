@@ -126,7 +126,6 @@ fn files(dir: &Path) -> Vec<PathBuf> {
 fn publish_checks_on_the_server_resumes_a_cut_copy_and_promotes() {
     require_tool("pkill");
     let a = Archive::make(3);
-    let g = gpg();
     let d = tempfile::tempdir().unwrap();
     let release = d.path().join("release");
     signed_release(&a, &release);
