@@ -34,9 +34,12 @@ fn main() {
 /// thread stamps what arrives, a writer thread sends it when due.
 fn pump(from: &TcpStream, to: &TcpStream, delay: Duration) {
     let (mut from, mut to) = (from.try_clone().unwrap(), to.try_clone().unwrap());
-    let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>)>();
+    // Bounded like a real link's queue: a reader with a full queue stops
+    // reading, and TCP pushes back. Unbounded, it held seconds of an ISO
+    // stream ahead of every heartbeat reply on a capped link.
+    let (tx, rx) = mpsc::sync_channel::<(Instant, Vec<u8>)>(4);
     std::thread::spawn(move || {
-        let mut buf = vec![0u8; 64 << 10];
+        let mut buf = vec![0u8; 16 << 10];
         loop {
             match from.read(&mut buf) {
                 Ok(0) | Err(_) => break,
