@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -125,11 +125,8 @@ pub async fn start(cfg: Config, listener: Option<TcpListener>) -> Result<Running
     let incoming = state_dir.join("incoming");
     std::fs::create_dir_all(&incoming).map_err(|e| Error::io(&incoming, e))?;
     let lock = lock_dir(&state_dir)?;
-    // Partial uploads of a killed run are worthless.
-    for e in std::fs::read_dir(&incoming).map_err(|e| Error::io(&incoming, e))? {
-        let p = e.map_err(|e| Error::io(&incoming, e))?.path();
-        std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
-    }
+    // What a killed run left in `incoming` is sorted out by `plan`, once
+    // the checks that may refuse this run have passed.
 
     let listener = match listener {
         Some(l) => l,
@@ -226,6 +223,39 @@ pub async fn start(cfg: Config, listener: Option<TcpListener>) -> Result<Running
         addr,
         server,
         stop_server,
+    })
+}
+
+/// Marks a job done by an earlier run, as its journal entry says.
+fn resumed(j: &mut Job, e: &Entry, how: &str) {
+    j.state = JobState::Done;
+    j.resumed = true;
+    j.built = Some(Built {
+        sha256: e.sha256.clone(),
+        size: e.size,
+        worker: e.worker.clone(),
+        build_seconds: e.build_seconds,
+        blocks: None,
+    });
+    j.ran_on.push(e.worker.clone());
+    j.note(format!(
+        "built by {} and verified in an earlier run (journal){how}; not rebuilt",
+        e.worker
+    ));
+}
+
+/// A file directly in `dir` with this size and digest (the size is looked
+/// at first: most leftovers are partial uploads).
+fn find_in(dir: &Path, size: u64, sha256: &str) -> Option<PathBuf> {
+    let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    names.sort();
+    names.into_iter().find(|p| {
+        std::fs::symlink_metadata(p).is_ok_and(|m| m.is_file() && m.len() == size)
+            && inputs::sha256_file(p).is_ok_and(|s| s == sha256)
     })
 }
 
@@ -524,30 +554,22 @@ impl Running {
         // Resume: kits recorded in the journal and still intact are done.
         let (journal, entries) = Journal::open(&sh.state_dir.join("journal"))?;
         let by_id: BTreeMap<&str, &Entry> = entries.iter().map(|e| (e.job.as_str(), e)).collect();
-        for j in &mut jobs {
+        // Journalled kits whose rename into place a crash prevented: their
+        // verified bytes may still be in `incoming`.
+        let mut not_in_place = Vec::new();
+        for (i, j) in jobs.iter_mut().enumerate() {
             let Some(e) = by_id.get(j.id.as_str()) else {
                 continue;
             };
-            let intact = j.reproduction_of.is_some() || {
-                let p = cfg.output_dir.join(&j.output_name);
-                std::fs::metadata(&p).is_ok_and(|m| m.len() == e.size)
-                    && inputs::sha256_file(&p).is_ok_and(|s| s == e.sha256)
-            };
+            let p = cfg.output_dir.join(&j.output_name);
+            let intact = j.reproduction_of.is_some()
+                || (std::fs::metadata(&p).is_ok_and(|m| m.len() == e.size)
+                    && inputs::sha256_file(&p).is_ok_and(|s| s == e.sha256));
+            if !intact && !p.exists() {
+                not_in_place.push(i);
+            }
             if intact {
-                j.state = JobState::Done;
-                j.resumed = true;
-                j.built = Some(Built {
-                    sha256: e.sha256.clone(),
-                    size: e.size,
-                    worker: e.worker.clone(),
-                    build_seconds: e.build_seconds,
-                    blocks: None,
-                });
-                j.ran_on.push(e.worker.clone());
-                j.note(format!(
-                    "built by {} and verified in an earlier run (journal); not rebuilt",
-                    e.worker
-                ));
+                resumed(j, e, "");
                 info!(
                     "{}: already built and verified (journal); not rebuilding",
                     j.output_name
@@ -557,13 +579,14 @@ impl Running {
         // Kits in the output directory that the journal does not vouch for:
         // a finished release's are never touched (check first, change
         // later); anything else is set aside, never deleted.
-        let unvouched: Vec<&Job> = jobs
+        let unvouched: Vec<String> = jobs
             .iter()
             .filter(|j| {
                 j.reproduction_of.is_none()
                     && j.state != JobState::Done
                     && cfg.output_dir.join(&j.output_name).exists()
             })
+            .map(|j| j.output_name.clone())
             .collect();
         if !unvouched.is_empty() && cfg.output_dir.join(manifest::MANIFEST).exists() {
             return Err(Error::BadInput(format!(
@@ -571,16 +594,37 @@ impl Running {
                  gone): {} and {} more kit(s) are not this release's. Nothing was changed; \
                  use another --output-dir, or move that release away",
                 cfg.output_dir.display(),
-                unvouched[0].output_name,
+                unvouched[0],
                 unvouched.len() - 1
             )));
         }
+        for i in not_in_place {
+            let j = &mut jobs[i];
+            let e = by_id[j.id.as_str()];
+            if let Some(from) = find_in(&sh.incoming, e.size, &e.sha256) {
+                let to = cfg.output_dir.join(&j.output_name);
+                std::fs::rename(&from, &to)
+                    .and_then(|_| std::fs::File::open(&cfg.output_dir)?.sync_all())
+                    .map_err(|err| Error::io(&to, err))?;
+                resumed(j, e, ", put in place after a crash");
+                info!(
+                    "{}: already built and verified (journal); put in place from {}",
+                    j.output_name,
+                    sh.incoming.display()
+                );
+            }
+        }
+        // The rest of a killed run's uploads are worthless.
+        for e in std::fs::read_dir(&sh.incoming).map_err(|e| Error::io(&sh.incoming, e))? {
+            let p = e.map_err(|e| Error::io(&sh.incoming, e))?.path();
+            std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
+        }
         let aside = sh.state_dir.join("set-aside");
-        for j in &unvouched {
-            let from = cfg.output_dir.join(&j.output_name);
+        for name in &unvouched {
+            let from = cfg.output_dir.join(name);
             std::fs::create_dir_all(&aside).map_err(|e| Error::io(&aside, e))?;
             let to = (0..)
-                .map(|n| aside.join(format!("{}.{n}", j.output_name)))
+                .map(|n| aside.join(format!("{name}.{n}")))
                 .find(|p| !p.exists())
                 .expect("a free name");
             std::fs::rename(&from, &to).map_err(|e| Error::io(&from, e))?;
