@@ -40,7 +40,8 @@ pub struct Kit {
 /// The server and how to reach it.
 #[derive(Debug, Clone)]
 pub struct Remote {
-    /// The ssh command and its options, e.g. `["ssh", "-p", "2222"]`.
+    /// The ssh command and its options, e.g. `["ssh", "-p", "2222"]`;
+    /// empty for a "server" that is this machine ([`Remote::local`]).
     pub ssh: Vec<String>,
     /// `user@host`.
     pub host: String,
@@ -130,22 +131,44 @@ pub fn check_remote_dir(what: &str, s: &str) -> Result<(), Error> {
 }
 
 impl Remote {
-    fn ssh(&self) -> Command {
-        let mut c = Command::new(&self.ssh[0]);
-        c.args(&self.ssh[1..]).arg(&self.host);
-        c
+    /// This machine as the server: the same scripts and rsync, without
+    /// ssh (the demo's "server", and tests).
+    pub fn local() -> Remote {
+        Remote {
+            ssh: Vec::new(),
+            host: "localhost".into(),
+            sudo: false,
+        }
+    }
+
+    /// `sh -s` on the server.
+    fn shell(&self) -> Command {
+        match self.ssh.split_first() {
+            Some((ssh, opts)) => {
+                let mut c = Command::new(ssh);
+                c.args(opts).arg(&self.host).args(["sh", "-s"]);
+                c
+            }
+            None => {
+                let mut c = Command::new("sh");
+                c.arg("-s");
+                c
+            }
+        }
     }
 
     /// Runs a POSIX shell script on the server; returns its standard output.
     fn script(&self, script: &str) -> Result<(i32, String), Error> {
         let mut child = self
-            .ssh()
-            .args(["sh", "-s"])
+            .shell()
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| Error::Remote(format!("running {}: {e}", self.ssh[0])))?;
+            .map_err(|e| {
+                let what = self.ssh.first().map_or("sh", String::as_str);
+                Error::Remote(format!("running {what}: {e}"))
+            })?;
         child
             .stdin
             .take()
@@ -253,17 +276,20 @@ pub fn upload(
         return Ok(());
     }
     let mut c = Command::new("rsync");
-    c.args(["--partial", "--inplace", "--times", "--chmod=F644"])
-        .arg("--rsh")
-        .arg(remote.ssh.join(" "));
+    c.args(["--partial", "--inplace", "--times", "--chmod=F644"]);
+    let target = if remote.ssh.is_empty() {
+        format!("{staging}/")
+    } else {
+        c.arg("--rsh").arg(remote.ssh.join(" "));
+        format!("{}:{staging}/", remote.host)
+    };
     if checksum {
         c.arg("--checksum");
     }
     if let Some(kib) = bwlimit_kib {
         c.arg(format!("--bwlimit={kib}"));
     }
-    c.args(names.iter().map(|n| local_dir.join(n)))
-        .arg(format!("{}:{staging}/", remote.host));
+    c.args(names.iter().map(|n| local_dir.join(n))).arg(target);
     let out = c
         .stdin(Stdio::null())
         .output()
@@ -292,29 +318,32 @@ pub struct Promotion {
 }
 
 /// Moves the kits from `staging` into the final directory in one remote
-/// script that first checks every kit (in staging, or already in the
+/// script that first hashes every kit (in staging, or already in the
 /// final directory from an earlier run) and stops before changing anything
-/// if one is missing or differs.
+/// if one is missing or differs. Returns how many were moved, or the
+/// missing and wrong ones (`ok` left empty) when nothing was.
 pub fn promote(
     remote: &Remote,
     kits: &[Kit],
     staging: &str,
     p: &Promotion,
-) -> Result<usize, Error> {
+) -> Result<Result<usize, Check>, Error> {
     let sudo = remote.sudo();
-    let mut s = String::from("set -eu\n");
-    // Check all first: nothing moves unless every kit is right.
+    let mut s = String::from("set -eu\nwrong=0\n");
+    // Check all first, naming every wrong kit: nothing moves unless every
+    // kit is right.
     for k in kits {
         s.push_str(&format!(
             "if [ -f {staging}/{n} ]; then f={staging}/{n}; elif [ -f {fin}/{n} ]; then f={fin}/{n}; \
-             else echo MISSING {n}; exit 3; fi\n\
-             if [ \"$(sha256sum < \"$f\" | cut -d' ' -f1)\" != {h} ]; then echo BAD {n}; exit 3; fi\n",
+             else f=; fi\n\
+             if [ -z \"$f\" ]; then echo MISSING {n}; wrong=1\n\
+             elif [ \"$(sha256sum < \"$f\" | cut -d' ' -f1)\" != {h} ]; then echo BAD {n}; wrong=1; fi\n",
             n = k.name,
             h = k.sha256,
             fin = p.final_dir
         ));
     }
-    s.push_str("moved=0\n");
+    s.push_str("if [ \"$wrong\" -ne 0 ]; then exit 3; fi\nmoved=0\n");
     for k in kits {
         let mut steps = String::new();
         if let Some(o) = &p.owner {
@@ -337,24 +366,23 @@ pub fn promote(
     }
     s.push_str("echo MOVED $moved\n");
     let (code, out) = remote.script(&s)?;
-    let named = |v: &str| {
-        out.lines()
-            .filter_map(|l| l.strip_prefix(v).map(|n| n.trim().to_string()))
-            .collect::<Vec<_>>()
-    };
     match code {
         0 => out
             .lines()
             .find_map(|l| l.strip_prefix("MOVED ")?.trim().parse().ok())
+            .map(Ok)
             .ok_or_else(|| Error::Remote("the promotion script said nothing".into())),
         3 => {
-            let mut bad = named("BAD ");
-            bad.extend(
-                named("MISSING ")
-                    .into_iter()
-                    .map(|n| format!("{n} (missing)")),
-            );
-            Err(Error::Mismatch(bad))
+            let named = |v: &str| {
+                out.lines()
+                    .filter_map(|l| l.strip_prefix(v).map(|n| n.trim().to_string()))
+                    .collect::<Vec<_>>()
+            };
+            Ok(Err(Check {
+                ok: Vec::new(),
+                bad: named("BAD "),
+                missing: named("MISSING "),
+            }))
         }
         c => Err(Error::Remote(format!(
             "promoting on {} failed (exit {c}); nothing unchecked was moved",
@@ -422,6 +450,52 @@ mod tests {
         for bad in ["srv", "/srv/../etc", "/srv/a b", "/srv/$x"] {
             assert!(check_remote_dir("staging", bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn promotion_moves_nothing_unless_every_kit_matches() {
+        use sha2::{Digest, Sha256};
+        let d = tempfile::tempdir().unwrap();
+        let (staging, fin) = (d.path().join("staging"), d.path().join("final"));
+        std::fs::create_dir_all(&staging).unwrap();
+        std::fs::create_dir_all(&fin).unwrap();
+        let kit = |n: &str, bytes: &[u8]| Kit {
+            name: n.into(),
+            size: bytes.len() as u64,
+            sha256: Sha256::digest(bytes)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+        };
+        let kits = [kit("a.iuk", b"kit a"), kit("b.iuk", b"kit b")];
+        std::fs::write(staging.join("a.iuk"), b"kit a").unwrap();
+        std::fs::write(staging.join("b.iuk"), b"kit B").unwrap();
+        let p = Promotion {
+            final_dir: fin.to_str().unwrap().into(),
+            owner: None,
+            trace_file: Some(d.path().join("trace").to_str().unwrap().into()),
+        };
+        let (r, staging) = (Remote::local(), staging.to_str().unwrap());
+        let wrong = promote(&r, &kits, staging, &p).unwrap().unwrap_err();
+        assert_eq!(
+            (wrong.bad, wrong.missing),
+            (vec!["b.iuk".to_string()], vec![])
+        );
+        assert!(
+            std::fs::read_dir(&fin).unwrap().next().is_none(),
+            "nothing moved"
+        );
+        assert!(!d.path().join("trace").exists());
+
+        std::fs::write(d.path().join("b.iuk"), b"kit b").unwrap();
+        upload(&r, d.path(), &["b.iuk".into()], staging, None, true).unwrap();
+        assert_eq!(promote(&r, &kits, staging, &p).unwrap().unwrap(), 2);
+        assert_eq!(std::fs::read(fin.join("b.iuk")).unwrap(), b"kit b");
+        assert!(d.path().join("trace").exists());
+        assert_eq!(promote(&r, &kits, staging, &p).unwrap().unwrap(), 0);
+        std::fs::remove_file(fin.join("a.iuk")).unwrap();
+        let wrong = promote(&r, &kits, staging, &p).unwrap().unwrap_err();
+        assert_eq!(wrong.missing, ["a.iuk"]);
     }
 
     #[test]

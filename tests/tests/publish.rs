@@ -188,18 +188,21 @@ fn publish_checks_on_the_server_resumes_a_cut_copy_and_promotes() {
     assert!(complete < rm.len(), "the copy was cut before its end");
     // A copy on the server damaged where rsync's quick check (size and
     // time) cannot see it: the server-side hash finds it.
-    let second = release.join(&rm[1].0);
-    let mut bytes = fs::read(&second).unwrap();
-    bytes[1000] ^= 0x40;
-    let damaged = staging.join(&rm[1].0);
-    fs::write(&damaged, &bytes).unwrap();
-    let mtime = fs::metadata(&second).unwrap().modified().unwrap();
-    fs::File::options()
-        .write(true)
-        .open(&damaged)
-        .unwrap()
-        .set_modified(mtime)
-        .unwrap();
+    let damage = |name: &str| {
+        let original = release.join(name);
+        let mut bytes = fs::read(&original).unwrap();
+        bytes[1000] ^= 0x40;
+        let damaged = staging.join(name);
+        fs::write(&damaged, &bytes).unwrap();
+        let mtime = fs::metadata(&original).unwrap().modified().unwrap();
+        fs::File::options()
+            .write(true)
+            .open(&damaged)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+    };
+    damage(&rm[1].0);
 
     // Run again: resumed, repaired, checked on the server.
     let (code, out) = output(publish(&release, &sshd, &rm_sums, &server, &[]));
@@ -212,7 +215,9 @@ fn publish_checks_on_the_server_resumes_a_cut_copy_and_promotes() {
         assert_eq!(&sha256_file(&staging.join(n)), h, "{n} on the server");
     }
 
-    // Promoted with Tails' modes and the trace file; again: nothing to do.
+    // Promoted with Tails' modes and the trace file, a copy damaged since
+    // the last run sent again first. Again: nothing to do.
+    damage(&rm[0].0);
     let trace_file = server.join("project/trace");
     let promote = [
         "--promote",
@@ -226,6 +231,7 @@ fn publish_checks_on_the_server_resumes_a_cut_copy_and_promotes() {
     let (code, out) = output(publish(&release, &sshd, &rm_sums, &server, &promote));
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("published 2 IUKs"), "{out}");
+    assert!(out.contains("copying 1 IUKs"), "{out}");
     assert!(files(&staging).is_empty(), "staging emptied");
     for (n, h) in &rm {
         let p = fin.join(n);

@@ -23,10 +23,10 @@ manifest's kits against the RM's own build (--rm-sums: the sha256sum of their `i
 build` or `iukfarm release`): the same names, the same digests;
   2. the kits missing or different on the server are copied into --staging-dir \
 (rsync --partial --inplace over --ssh);
-  3. every copy is hashed on the server; a damaged one is sent again once;
-  4. with --promote, one remote script checks every kit again and only then sets \
---owner and Tails' modes (u=rwX,go=rX), moves them into --final-dir and writes the time \
-to --trace-file.
+  3. every copy is hashed on the server, once; a damaged or missing one is sent again \
+once. With --promote that hashing is done by the promotion script itself, which moves \
+nothing unless every kit matches, and only then sets --owner and Tails' modes \
+(u=rwX,go=rX), moves them into --final-dir and writes the time to --trace-file.
 
 Exit status: 0 done; 1 ssh, rsync or the server failed, or the release directory does \
 not match its manifest (nothing unchecked was promoted; rerun to resume); 2 bad usage; \
@@ -190,57 +190,74 @@ fn publish_release(a: &Args) -> Result<()> {
         a.bwlimit,
         true,
     )?;
-    let mut after = publish::check(&remote, &kits, &dirs)?;
-    if !after.bad.is_empty() || !after.missing.is_empty() {
-        let again: Vec<String> = after.bad.iter().chain(&after.missing).cloned().collect();
+    // 3. and 4. Every copy hashed once on the server: by the promotion
+    // script itself when promoting (it moves nothing unless all match),
+    // else by a check. A damaged or missing copy is sent again once.
+    let promotion = match (a.promote, &a.final_dir) {
+        (true, Some(f)) => {
+            publish::mkdir(&remote, f)?;
+            Some(Promotion {
+                final_dir: f.clone(),
+                owner: a.owner.clone(),
+                trace_file: a.trace_file.clone(),
+            })
+        }
+        _ => None,
+    };
+    let hash_on_server = || -> Result<Result<usize, publish::Check>, Error> {
+        match &promotion {
+            Some(p) => publish::promote(&remote, &kits, staging, p),
+            None => {
+                let c = publish::check(&remote, &kits, &dirs)?;
+                Ok(if c.bad.is_empty() && c.missing.is_empty() {
+                    Ok(0)
+                } else {
+                    Err(c)
+                })
+            }
+        }
+    };
+    let mut verdict = hash_on_server()?;
+    if let Err(wrong) = &verdict {
+        let again: Vec<String> = wrong.bad.iter().chain(&wrong.missing).cloned().collect();
         eprintln!(
             "iukfarm: {} copies on the server are damaged or missing ({}): sending them again",
             again.len(),
             again.join(", ")
         );
         publish::upload(&remote, &a.release_dir, &again, staging, a.bwlimit, true)?;
-        after = publish::check(&remote, &kits, &dirs)?;
+        verdict = hash_on_server()?;
     }
-    if !after.bad.is_empty() || !after.missing.is_empty() {
-        let mut bad = after.bad.clone();
-        bad.extend(
-            after
-                .missing
-                .iter()
-                .map(|n| format!("{n} (missing on the server)")),
-        );
-        return Err(Error::Mismatch(bad).into());
-    }
+    let moved = match verdict {
+        Ok(moved) => moved,
+        Err(wrong) => {
+            let mut bad = wrong.bad;
+            bad.extend(
+                wrong
+                    .missing
+                    .iter()
+                    .map(|n| format!("{n} (missing on the server)")),
+            );
+            return Err(Error::Mismatch(bad).into());
+        }
+    };
     println!(
         "{} IUKs on {}: every copy hashed on the server matches the RM's build",
         kits.len(),
         a.host
     );
-
-    // 4. Promotion, checked again in the same remote script.
-    if a.promote {
-        let p = Promotion {
-            final_dir: a.final_dir.clone().expect("clap requires --final-dir"),
-            owner: a.owner.clone(),
-            trace_file: a.trace_file.clone(),
-        };
-        publish::mkdir(&remote, &p.final_dir)?;
-        let moved = publish::promote(&remote, &kits, staging, &p)?;
-        if moved == 0 {
-            println!("already published in {}", p.final_dir);
-        } else {
-            println!(
-                "published {moved} IUKs in {}{}",
-                p.final_dir,
-                if p.trace_file.is_some() {
-                    "; trace file updated"
-                } else {
-                    ""
-                }
-            );
-        }
-    } else {
-        println!("not promoted (--promote --final-dir DIR publishes them)");
+    match &promotion {
+        Some(p) if moved == 0 => println!("already published in {}", p.final_dir),
+        Some(p) => println!(
+            "published {moved} IUKs in {}{}",
+            p.final_dir,
+            if p.trace_file.is_some() {
+                "; trace file updated"
+            } else {
+                ""
+            }
+        ),
+        None => println!("not promoted (--promote --final-dir DIR publishes them)"),
     }
     Ok(())
 }
