@@ -387,3 +387,85 @@ fn from_the_farms_signed_manifest_without_hashing_the_same_bytes() {
     );
     assert_eq!(tree(&y), before);
 }
+
+#[test]
+fn the_release_writes_and_signs_its_udfs_once_signed() {
+    require_tool("sqv");
+    let a = Archive::make(3);
+    let g = gpg();
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("release");
+    let web = d.path().join("website");
+    fs::create_dir_all(&web).unwrap();
+    let release = |extra: &[&str]| {
+        Command::new(iukfarm())
+            .arg("release")
+            .args(["--new-version", a.new_version()])
+            .args(["--source-versions", &a.sources().join(" ")])
+            .args(["--source-date-epoch", iukfarm_tests::farm::SDE])
+            .arg("--iso-root")
+            .arg(a.root())
+            .arg("--output-dir")
+            .arg(&out)
+            .arg("--signing-key")
+            .arg(&g.secret_key)
+            .arg("--udf-dir")
+            .arg(&web)
+            .args(["--udf-next-version", "6.3", "--udf-major-release"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+
+    // An existing UDF the generator could not load: refused before any
+    // work, nothing written anywhere.
+    let broken = web.join(udf("6.0/amd64/stable"));
+    fs::create_dir_all(broken.parent().unwrap()).unwrap();
+    fs::write(&broken, "---\nupgrades: [unclosed\n").unwrap();
+    let r = release(&[]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--udf-dir") && err.contains("upgrades.yml"),
+        "{err}"
+    );
+    assert!(!out.exists(), "the release did not start");
+    fs::remove_file(&broken).unwrap();
+
+    let r = release(&[]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    // The same bytes as the generator, run on the kits the release wrote.
+    let expected = d.path().join("expected");
+    fs::create_dir_all(&expected).unwrap();
+    reference(
+        &expected,
+        &a.iso(a.new_version()),
+        &out,
+        &release_args(a.new_version(), "stable", &["6.3"], &["6.0", "6.1"]),
+    );
+    let ours = tree(&web);
+    let ymls: BTreeMap<_, _> = ours
+        .iter()
+        .filter(|(p, _)| p.extension().is_some_and(|e| e == "yml"))
+        .map(|(p, b)| (p.clone(), b.clone()))
+        .collect();
+    assert_eq!(ymls, tree(&expected));
+    assert!(
+        String::from_utf8_lossy(&ymls[Path::new(&udf("6.1/amd64/stable"))])
+            .contains("Tails_amd64_6.1_to_6.2.iuk")
+    );
+    for p in ymls.keys() {
+        let mut sig = web.join(p).into_os_string();
+        sig.push(".pgp");
+        run(Command::new("sqv")
+            .arg("--keyring")
+            .arg(&g.cert)
+            .arg(&sig)
+            .arg(web.join(p)));
+    }
+    // Run again: resumed from the journal, the UDFs unchanged, not signed again.
+    let r = release(&[]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(String::from_utf8_lossy(&r.stdout).contains("0 signed"));
+    assert_eq!(tree(&web), ours);
+}

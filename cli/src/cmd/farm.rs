@@ -19,7 +19,8 @@ use tracing::error;
 use crate::exit;
 
 const EXIT_HELP: &str = "Exit status: 0 every IUK was built, verified by applying it, and the \
-manifest signed; 1 some IUKs failed (each is named, also in the JUnit report); 2 bad input or \
+manifest signed (with --udf-dir, the UDFs written, signed and checked too); 1 some IUKs failed \
+(each is named, also in the JUnit report), or the UDFs could not be written; 2 bad input or \
 configuration (a missing or unusable ISO, an unknown option, no signing key), found before any \
 work starts; 130 interrupted (SIGINT, SIGTERM or `iukfarm cancel`). Finished IUKs are journalled: \
 run the same command again to resume.";
@@ -240,6 +241,8 @@ impl ReleaseArgs {
 pub struct CoordinatorArgs {
     #[command(flatten)]
     release: ReleaseArgs,
+    #[command(flatten)]
+    udf: super::udf::StepArgs,
     /// Address to listen on (workers and clients connect here).
     #[arg(long, value_name = "ADDRESS:PORT")]
     listen: Option<String>,
@@ -298,7 +301,9 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<ExitCode> {
         Ok(c) => c,
         Err(e) => return Ok(failed(e)),
     };
-    super::block_on(async move {
+    let udf = a.udf.plan(&cfg)?;
+    let output_dir = cfg.output_dir.clone();
+    let code = super::block_on(async move {
         let running = match iukfarm_coordinator::start(cfg, None).await {
             Ok(r) => r,
             Err(e) => return Ok(failed(e)),
@@ -309,7 +314,26 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<ExitCode> {
             Ok(o) => outcome(o),
             Err(e) => failed(e),
         })
-    })
+    })?;
+    after_release(code, udf, &output_dir)
+}
+
+/// The steps after a signed release: the UDFs, when asked for.
+fn after_release(
+    code: ExitCode,
+    udf: Option<super::udf::Step>,
+    output_dir: &std::path::Path,
+) -> Result<ExitCode> {
+    match udf {
+        Some(step) if code == ExitCode::SUCCESS => match step.run(output_dir) {
+            Ok(()) => Ok(code),
+            Err(e) => {
+                eprintln!("iukfarm: error: {e:#}");
+                Ok(ExitCode::from(exit::FAILURE))
+            }
+        },
+        _ => Ok(code),
+    }
 }
 
 #[derive(Parser)]
@@ -317,6 +341,8 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<ExitCode> {
 pub struct ReleaseCmdArgs {
     #[command(flatten)]
     release: ReleaseArgs,
+    #[command(flatten)]
+    udf: super::udf::StepArgs,
     /// In-process workers.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     workers: u32,
@@ -356,11 +382,13 @@ pub fn release(a: ReleaseCmdArgs) -> Result<ExitCode> {
             "--listen serves clients: pass --token-file too (they need the token)".into(),
         )));
     }
-    super::block_on(async move {
+    let udf = a.udf.plan(&cfg)?;
+    let output_dir = cfg.output_dir.clone();
+    let code = super::block_on(async move {
         let interrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let r = embedded(cfg, workers, threads, plain, None, block_cache, interrupted).await?;
-        Ok(r)
-    })
+        embedded(cfg, workers, threads, plain, None, block_cache, interrupted).await
+    })?;
+    after_release(code, udf, &output_dir)
 }
 
 /// Where in-process workers keep their shared block cache (`None`: in the

@@ -119,15 +119,7 @@ fn generate(a: GenerateArgs) -> Result<ExitCode> {
         build_target: a.build_target.clone(),
         product_name: a.product_name.clone(),
     };
-    if let Err(e) = release.check() {
-        usage!("{e}");
-    }
-    if !a.release_checkout.is_dir() {
-        usage!(
-            "--release-checkout {}: not a directory",
-            a.release_checkout.display()
-        );
-    }
+    precheck(&release, &a.release_checkout)?;
     let key = match (&a.signing_key, &a.gpg_key) {
         (Some(p), None) => Some(SigningKey::KeyFile(p.clone())),
         (None, Some(k)) => Some(SigningKey::Gpg(k.clone())),
@@ -141,12 +133,50 @@ fn generate(a: GenerateArgs) -> Result<ExitCode> {
                 .map_err(|e| anyhow!(super::Usage(e.to_string())))
         })
         .transpose()?;
-
     let (iso, iuks) = match &a.manifest {
-        Some(m) => from_manifest(&a, &release, m)?,
+        Some(m) => {
+            let cert_path = a.cert.as_ref().expect("clap requires --cert");
+            let manifest_cert = std::fs::read(cert_path)
+                .with_context(|| format!("reading {}", cert_path.display()))?;
+            from_manifest(&release, m, &manifest_cert, a.iso.as_deref())?
+        }
         None => from_files(&a, &release)?,
     };
-    let checkout = a.release_checkout.clone();
+    write(
+        &release,
+        &a.release_checkout,
+        &iso,
+        &iuks,
+        key.as_ref().zip(cert.as_deref()),
+    )?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What can be checked before any work: the options, the checkout, and
+/// that every existing UDF the generator would load is readable.
+fn precheck(release: &Release, checkout: &Path) -> Result<()> {
+    if let Err(e) = release.check() {
+        usage!("{e}");
+    }
+    if !checkout.is_dir() {
+        usage!(
+            "{}: not a directory (a Tails website checkout)",
+            checkout.display()
+        );
+    }
+    let placeholder = Target {
+        sha256: "0".repeat(64),
+        size: 0,
+    };
+    generate_in(release, checkout, &placeholder, &[]).map(|_| ())
+}
+
+fn generate_in(
+    release: &Release,
+    checkout: &Path,
+    iso: &Target,
+    iuks: &[(String, Target)],
+) -> Result<Vec<iukfarm_udf::Written>> {
     let existing = |p: &Path| -> Result<Option<Vec<u8>>, iukfarm_udf::Error> {
         match std::fs::read(checkout.join(p)) {
             Ok(b) => Ok(Some(b)),
@@ -158,19 +188,30 @@ fn generate(a: GenerateArgs) -> Result<ExitCode> {
         }
     };
     let iuk = |name: &str| iuks.iter().find(|(n, _)| n == name).map(|(_, t)| t.clone());
-    let written = match iukfarm_udf::generate(&release, &iso, &iuk, &existing) {
-        Ok(w) => w,
+    match iukfarm_udf::generate(release, iso, &iuk, &existing) {
+        Ok(w) => Ok(w),
         Err(iukfarm_udf::Error::Invalid { path, why }) => usage!(
             "{}: {why}; Tails' generator would refuse it too: fix or remove it, then run again \
              (nothing was written)",
             checkout.join(path).display()
         ),
         Err(e) => usage!("{e}"),
-    };
-    if a.previous_versions.is_empty() {
-        eprintln!("iukfarm: warning: no --previous-version: no UDF advertises this release");
     }
+}
 
+/// Writes the release's UDFs into the checkout and, with a key (and its
+/// certificate), signs each changed one and checks every signature.
+fn write(
+    release: &Release,
+    checkout: &Path,
+    iso: &Target,
+    iuks: &[(String, Target)],
+    key: Option<(&SigningKey, &[u8])>,
+) -> Result<()> {
+    let written = generate_in(release, checkout, iso, iuks)?;
+    if release.previous_versions.is_empty() {
+        eprintln!("iukfarm: warning: no previous version: no UDF advertises this release");
+    }
     let mut signed = 0;
     for w in &written {
         let dest = checkout.join(&w.path);
@@ -191,7 +232,7 @@ fn generate(a: GenerateArgs) -> Result<ExitCode> {
             (true, true, false) => "reset",
         };
         println!("{what:9} {}", w.path.display());
-        let (Some(key), Some(cert)) = (&key, &cert) else {
+        let Some((key, cert)) = key else {
             continue;
         };
         let sig = sig_path(&dest);
@@ -206,8 +247,8 @@ fn generate(a: GenerateArgs) -> Result<ExitCode> {
             signed += 1;
         }
     }
-    match &cert {
-        Some(cert) => {
+    match key {
+        Some((_, cert)) => {
             for w in &written {
                 let dest = checkout.join(&w.path);
                 check_one(&dest, cert).with_context(|| "checking what was just signed")?;
@@ -222,7 +263,7 @@ fn generate(a: GenerateArgs) -> Result<ExitCode> {
             written.len()
         ),
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 fn sig_path(udf: &Path) -> PathBuf {
@@ -234,17 +275,15 @@ fn sig_path(udf: &Path) -> PathBuf {
 /// The ISO's and IUKs' sizes and digests from the farm's manifest, after
 /// checking its signature and that it is this release's.
 fn from_manifest(
-    a: &GenerateArgs,
     r: &Release,
     path: &Path,
+    cert: &[u8],
+    iso_file: Option<&Path>,
 ) -> Result<(Target, Vec<(String, Target)>)> {
     let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let cert_path = a.cert.as_ref().expect("clap requires --cert");
-    let cert =
-        std::fs::read(cert_path).with_context(|| format!("reading {}", cert_path.display()))?;
     let sig = sig_of_manifest(path);
     let sig_bytes = std::fs::read(&sig).with_context(|| format!("reading {}", sig.display()))?;
-    if let Err(e) = signing::verify(&cert, &data, &sig_bytes) {
+    if let Err(e) = signing::verify(cert, &data, &sig_bytes) {
         usage!("{}: {e}", sig.display());
     }
     let m: Manifest = match serde_json::from_slice(&data) {
@@ -271,7 +310,7 @@ fn from_manifest(
         sha256: input.sha256.clone(),
         size: input.size,
     };
-    if let Some(p) = &a.iso {
+    if let Some(p) = iso_file {
         let meta = std::fs::metadata(p).with_context(|| format!("reading {}", p.display()))?;
         if meta.len() != iso.size {
             usage!(
@@ -371,4 +410,114 @@ fn check(a: CheckArgs) -> Result<ExitCode> {
     }
     println!("All input files are well-formed, signed upgrade-description files.");
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--udf-dir` and its options on `coordinator` and `release`: the UDFs
+/// written and signed once the release's manifest is, from that manifest.
+#[derive(Parser, Clone)]
+pub struct StepArgs {
+    /// Once the release is signed, write its upgrade-description files into this Tails
+    /// website checkout from the manifest (as `iukfarm udf generate --manifest` would),
+    /// signed with the manifest's key, every signature checked.
+    #[arg(long, value_name = "DIR", help_heading = "Upgrade-description files")]
+    udf_dir: Option<PathBuf>,
+    /// A version planned after this one (repeat; at least one with --udf-dir).
+    #[arg(
+        long = "udf-next-version",
+        value_name = "VERSION",
+        requires = "udf_dir",
+        help_heading = "Upgrade-description files"
+    )]
+    udf_next_versions: Vec<String>,
+    /// A version whose UDF gets this release as its upgrade (repeat)
+    /// [default: the release's source versions].
+    #[arg(
+        long = "udf-previous-version",
+        value_name = "VERSION",
+        requires = "udf_dir",
+        help_heading = "Upgrade-description files"
+    )]
+    udf_previous_versions: Vec<String>,
+    /// Upgrades of type major (Tails' release process always passes it).
+    #[arg(long, requires = "udf_dir", help_heading = "Upgrade-description files")]
+    udf_major_release: bool,
+    /// The channel of this release.
+    #[arg(
+        long,
+        default_value = "stable",
+        value_parser = ["stable", "alpha"],
+        help_heading = "Upgrade-description files"
+    )]
+    udf_channel: String,
+}
+
+/// The UDF step of a release, checked before the release starts.
+pub struct Step {
+    release: Release,
+    checkout: PathBuf,
+    key: SigningKey,
+}
+
+impl StepArgs {
+    /// Checks the options and the checkout's existing UDFs, so that a
+    /// release is not built only to find them unusable at its end.
+    pub fn plan(self, cfg: &iukfarm_coordinator::config::Config) -> Result<Option<Step>> {
+        let Some(checkout) = self.udf_dir else {
+            return Ok(None);
+        };
+        if self.udf_next_versions.is_empty() {
+            usage!("--udf-dir needs at least one --udf-next-version (as Tails' generator does)");
+        }
+        let release = Release {
+            version: cfg.new_version.clone(),
+            next_versions: self.udf_next_versions,
+            previous_versions: if self.udf_previous_versions.is_empty() {
+                cfg.source_versions.clone()
+            } else {
+                self.udf_previous_versions
+            },
+            major: self.udf_major_release,
+            channel: Channel::parse(&self.udf_channel)
+                .map_err(|e| anyhow!(super::Usage(e.to_string())))?,
+            build_target: cfg.build_target.clone(),
+            product_name: cfg.product.clone(),
+        };
+        precheck(&release, &checkout).context("--udf-dir")?;
+        Ok(Some(Step {
+            release,
+            checkout,
+            key: cfg.signing.clone(),
+        }))
+    }
+}
+
+impl Step {
+    /// Writes and signs the UDFs of the release signed in `output_dir`,
+    /// from its manifest: no kit is hashed again.
+    pub fn run(&self, output_dir: &Path) -> Result<()> {
+        let cert = self
+            .key
+            .certificate()
+            .context("the signing key's certificate")?;
+        let (iso, iuks) = from_manifest(
+            &self.release,
+            &output_dir.join(iukfarm_coordinator::manifest::MANIFEST),
+            &cert,
+            None,
+        )?;
+        write(
+            &self.release,
+            &self.checkout,
+            &iso,
+            &iuks,
+            Some((&self.key, &cert)),
+        )
+        .with_context(|| {
+            format!(
+                "the IUKs are built and signed, but the UDFs in {} are not all written: run the \
+                 same command again (it resumes from the journal)",
+                self.checkout.display()
+            )
+        })
+    }
 }
