@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use iukfarm_tests::farm::{Archive, Proc, builds_of, gpg, signed_release, wait_until};
+use iukfarm_tests::farm::{
+    Archive, Proc, builds_of, coordinator, gpg, signed_release, status, wait_until,
+};
 use iukfarm_tests::{iukfarm, require_root, require_tool, run, sha256_file};
 
 const LONG: Duration = Duration::from_secs(600);
@@ -251,6 +253,48 @@ fn publish_checks_on_the_server_resumes_a_cut_copy_and_promotes() {
         trace
     );
 
+    // Straight from the running coordinator, lingering once the release is
+    // signed (here: restarted on the same directory, it resumes every kit
+    // from its journal): fetched, checked, already published.
+    let key = gpg().secret_key.to_str().unwrap().to_string();
+    let (mut c, url) = coordinator(&a, &release, &["--signing-key", &key, "--linger", "300s"]);
+    let url = format!("http://{url}");
+    wait_until("the release is signed again", LONG, || {
+        assert_eq!(c.poll(), None, "{}", c.log());
+        status(&url, &[]).is_some_and(|s| s["state"] == "succeeded")
+    });
+    let fetched = d.path().join("fetched");
+    let mut from_coordinator = promote.to_vec();
+    from_coordinator.extend(["--fetch", "--coordinator", &url]);
+    let (code, out) = output(publish(
+        &fetched,
+        &sshd,
+        &rm_sums,
+        &server,
+        &from_coordinator,
+    ));
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("already published"), "{out}");
+    for (n, h) in &rm {
+        assert_eq!(&sha256_file(&fetched.join(n)), h);
+    }
+    let (code, out) = output(publish(
+        &fetched,
+        &sshd,
+        &rm_sums,
+        &server,
+        &from_coordinator,
+    ));
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&format!(
+            "already fetched {}",
+            fetched.join(&rm[0].0).display()
+        )),
+        "{out}"
+    );
+    c.kill9();
+
     // A release directory that no longer matches its signed manifest is
     // not published.
     fs::write(&first, b"not the kit").unwrap();
@@ -262,4 +306,86 @@ fn publish_checks_on_the_server_resumes_a_cut_copy_and_promotes() {
         &rm[0].1,
         "published kit untouched"
     );
+}
+
+/// `iukfarm demo --end-of-release`: the RM's own build, signed UDFs and a
+/// publication on a "server" directory, each checked here with tools
+/// iukfarm did not write (sha256sum's format, sqv).
+#[test]
+fn the_demo_ends_the_release_on_this_machine() {
+    require_tool("rsync");
+    require_tool("sqv");
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("demo");
+    let r = run(Command::new(iukfarm())
+        .args([
+            "demo",
+            "--releases",
+            "3",
+            "--scale",
+            "2",
+            "--plain",
+            "--end-of-release",
+        ])
+        .arg("--output-dir")
+        .arg(&out));
+    let said = String::from_utf8_lossy(&r.stdout);
+    assert!(said.contains("published 2 IUKs"), "{said}");
+    let sums = |p: &Path| -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = fs::read_to_string(p)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let (h, n) = l.split_once("  ").unwrap();
+                (n.to_string(), h.to_string())
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let release = sums(&out.join("release/SHA256SUMS"));
+    assert_eq!(release.len(), 2);
+    assert_eq!(sums(&out.join("rm-build/SHA256SUMS")), release);
+    let fin = out.join("server/srv/rsync/tails/tails/stable/iuk/v2");
+    for (n, h) in &release {
+        assert_eq!(&sha256_file(&fin.join(n)), h, "{n} published");
+    }
+    assert!(
+        out.join("server/srv/rsync/tails/tails/project/trace")
+            .is_file()
+    );
+    let udfs: Vec<PathBuf> = walk(&out.join("website"))
+        .into_iter()
+        .filter(|p| p.file_name().is_some_and(|n| n == "upgrades.yml"))
+        .collect();
+    // 6.2's and 6.3's (alpha, stable), 6.0's and 6.1's stable ones.
+    assert_eq!(udfs.len(), 6, "{udfs:?}");
+    let cert = out.join("demo-signing-key.asc");
+    for u in &udfs {
+        let mut sig = u.clone().into_os_string();
+        sig.push(".pgp");
+        run(Command::new("sqv")
+            .arg("--keyring")
+            .arg(&cert)
+            .arg(&sig)
+            .arg(u));
+    }
+    let one = fs::read_to_string(
+        out.join("website/wiki/src/upgrade/v2/Tails/6.0/amd64/stable/upgrades.yml"),
+    )
+    .unwrap();
+    assert!(one.contains(&release[0].1), "{one}");
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }

@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 use crate::exit;
 
 /// Where the coordinator is and how to talk to it.
-#[derive(Parser, Clone)]
+#[derive(Parser, Clone, Default)]
 pub struct Conn {
     /// Coordinator address (http://HOST:PORT, or https:// with --tls-ca).
     #[arg(
@@ -538,43 +538,7 @@ pub struct FetchArgs {
 
 pub fn fetch(a: FetchArgs) -> Result<ExitCode> {
     super::block_on(async {
-        let mut c = a.conn.connect().await?;
-        let url = a.conn.coordinator.clone();
-        if a.wait {
-            follow(&mut c, &url, true).await?;
-        }
-        let s = c
-            .status(v1::StatusRequest {})
-            .await
-            .map_err(|e| call_err(&url, e))?
-            .into_inner();
-        if s.state != "succeeded" {
-            bail!(
-                "the release is {} (not succeeded): nothing signed to fetch yet; use --wait",
-                s.state
-            );
-        }
-        std::fs::create_dir_all(&a.output_dir)
-            .with_context(|| format!("creating {}", a.output_dir.display()))?;
-        for name in &s.files {
-            if name.contains('/') || name.starts_with('.') {
-                bail!("the coordinator offered a strange file name {name:?}");
-            }
-            let dst = a.output_dir.join(name);
-            let expected = s
-                .jobs
-                .iter()
-                .find(|j| &j.output_name == name && !j.reproduction);
-            download(
-                &mut c,
-                &url,
-                name,
-                &dst,
-                expected.map(|j| (j.size, j.sha256.as_str())),
-            )
-            .await?;
-            eprintln!("fetched {}", dst.display());
-        }
+        fetch_into(&a.conn, &a.output_dir, a.wait).await?;
         let certs = a
             .cert
             .as_ref()
@@ -584,6 +548,51 @@ pub fn fetch(a: FetchArgs) -> Result<ExitCode> {
         let check = manifest::check_dir(&a.output_dir, &a.output_dir, certs.as_deref(), false)?;
         report_check(&check, certs.is_some())
     })
+}
+
+/// Downloads a succeeded release's files into `dir`, each checked against
+/// the size and digest the coordinator gives; a kit already there with
+/// them (an earlier, cut fetch) is not downloaded again. The caller checks
+/// the result against the signed manifest.
+pub async fn fetch_into(conn: &Conn, dir: &Path, wait: bool) -> Result<()> {
+    let mut c = conn.connect().await?;
+    let url = conn.coordinator.clone();
+    if wait {
+        follow(&mut c, &url, true).await?;
+    }
+    let s = c
+        .status(v1::StatusRequest {})
+        .await
+        .map_err(|e| call_err(&url, e))?
+        .into_inner();
+    if s.state != "succeeded" {
+        bail!(
+            "the release is {} (not succeeded): nothing signed to fetch yet; use --wait",
+            s.state
+        );
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    for name in &s.files {
+        if name.contains('/') || name.starts_with('.') {
+            bail!("the coordinator offered a strange file name {name:?}");
+        }
+        let dst = dir.join(name);
+        let expected = s
+            .jobs
+            .iter()
+            .find(|j| &j.output_name == name && !j.reproduction)
+            .map(|j| (j.size, j.sha256.as_str()));
+        if let Some((size, sha)) = expected
+            && std::fs::metadata(&dst).is_ok_and(|m| m.len() == size)
+            && iukfarm_coordinator::inputs::sha256_file(&dst).is_ok_and(|h| h == sha)
+        {
+            eprintln!("already fetched {}", dst.display());
+            continue;
+        }
+        download(&mut c, &url, name, &dst, expected).await?;
+        eprintln!("fetched {}", dst.display());
+    }
+    Ok(())
 }
 
 async fn download(

@@ -43,6 +43,12 @@ pub struct Args {
     /// One line per change instead of progress bars.
     #[arg(long)]
     plain: bool,
+    /// Then the end of the release as the RM does it, on this machine: their own local
+    /// build, the upgrade-description files written and signed, the IUKs published to a
+    /// local "server" directory (rsync, the same checks and promotion as `iukfarm
+    /// publish` over ssh) and checked there against the RM's build. Needs rsync.
+    #[arg(long)]
+    end_of_release: bool,
 }
 
 #[derive(Parser)]
@@ -105,6 +111,18 @@ pub fn run(a: Args) -> Result<ExitCode> {
         fs::remove_dir_all(&a.output_dir)
             .with_context(|| format!("clearing {}", a.output_dir.display()))?;
     }
+    if a.end_of_release {
+        let rsync = std::process::Command::new("rsync")
+            .arg("--version")
+            .stdout(std::process::Stdio::null())
+            .status();
+        if !rsync.is_ok_and(|s| s.success()) {
+            bail!(
+                "--end-of-release publishes with rsync, which is not installed: \
+                 apt-get install rsync"
+            );
+        }
+    }
     let isos_dir = a.output_dir.join("isos");
     let release_dir = a.output_dir.join("release");
     fs::create_dir_all(&isos_dir)?;
@@ -166,6 +184,20 @@ pub fn run(a: Args) -> Result<ExitCode> {
         max_attempts: 3,
         linger: Duration::ZERO,
         verify_jobs: 1,
+    };
+    let website = a.output_dir.join("website");
+    let udf = if a.end_of_release {
+        fs::create_dir_all(&website)?;
+        super::udf::StepArgs {
+            udf_dir: Some(website.clone()),
+            udf_next_versions: vec![next_version(&cfg.new_version)],
+            udf_previous_versions: Vec::new(),
+            udf_major_release: true,
+            udf_channel: "stable".into(),
+        }
+        .plan(&cfg)?
+    } else {
+        None
     };
     let interrupted = Arc::new(AtomicBool::new(false));
     let flag = interrupted.clone();
@@ -230,6 +262,136 @@ second worker with identical bytes; manifest signed by {}.",
         release_dir.display(),
         release_dir.display(),
         cert_path.display()
+    );
+    match udf {
+        Some(step) => end_of_release(&a, &release_dir, &cert_path, step, &isos),
+        None => {
+            println!(
+                "the end of the release too (the RM's own build, UDFs, publishing): \
+                 iukfarm demo --end-of-release"
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// `6.3` → `6.4`: the next version the UDFs announce.
+fn next_version(v: &str) -> String {
+    match v.rsplit_once('.') {
+        Some((head, n)) if n.parse::<u64>().is_ok() => {
+            format!("{head}.{}", n.parse::<u64>().unwrap_or(0) + 1)
+        }
+        _ => format!("{v}.1"),
+    }
+}
+
+/// What the RM does once the farm's release is signed (tails-iuk.md
+/// §4.5, §4.6, §5), each step with the command they would run.
+fn end_of_release(
+    a: &Args,
+    release_dir: &std::path::Path,
+    cert_path: &std::path::Path,
+    udf: super::udf::Step,
+    isos: &[(String, PathBuf)],
+) -> Result<ExitCode> {
+    let started = Instant::now();
+    println!();
+    println!("the end of the release, as the RM does it:");
+
+    // 1. The RM's own build, on their machine: nothing shared with the farm.
+    let rm_dir = a.output_dir.join("rm-build");
+    fs::create_dir_all(&rm_dir)?;
+    let (new_v, new_iso) = isos.last().expect("at least two releases");
+    let mut sums = String::new();
+    for (old_v, old_iso) in &isos[..isos.len() - 1] {
+        let name = format!("Tails_amd64_{old_v}_to_{new_v}.iuk");
+        let out = rm_dir.join(&name);
+        let opts = iukfarm_engine::kit::BuildOptions {
+            diff_name: format!("{new_v}.squashfs"),
+            sde: samples::SAMPLE_SDE,
+            threads: 0,
+            diff: Default::default(),
+            profile: iukfarm_engine::kit::Profile::Tails,
+            cache: None,
+        };
+        let kit = crate::output::temp_next_to(&out)?;
+        let scratch = crate::output::temp_next_to(&out)?;
+        iukfarm_engine::kit::build_iuk(
+            old_iso,
+            new_iso,
+            &opts,
+            scratch.as_file(),
+            kit.as_file(),
+            &iukfarm_engine::NoProgress,
+        )
+        .with_context(|| format!("building {}", out.display()))?;
+        drop(scratch);
+        crate::output::persist(kit, &out, true)?;
+        let sha = iukfarm_coordinator::inputs::sha256_file(&out)?;
+        sums.push_str(&format!("{sha}  {name}\n"));
+    }
+    let rm_sums = rm_dir.join("SHA256SUMS");
+    fs::write(&rm_sums, &sums)?;
+    println!(
+        "1. the RM's own build, on their machine (iukfarm build): {} IUKs in {}",
+        isos.len() - 1,
+        rm_dir.display()
+    );
+
+    // 2. The upgrade-description files, from the signed manifest.
+    println!(
+        "2. the upgrade-description files, from the signed manifest, signed and checked \
+         (iukfarm release --udf-dir, or iukfarm udf generate):"
+    );
+    udf.run(release_dir)?;
+
+    // 3. and 4. Published on a "server" that is a directory here, checked
+    // there against the RM's build, promoted.
+    let server = fs::canonicalize(&a.output_dir)?.join("server");
+    let staging = server.join("srv/tmp");
+    let fin = server.join("srv/rsync/tails/tails/stable/iuk/v2");
+    let trace = server.join("srv/rsync/tails/tails/project/trace");
+    fs::create_dir_all(trace.parent().expect("a parent"))?;
+    let s = |p: &std::path::Path| p.to_string_lossy().into_owned();
+    println!(
+        "3. the IUKs copied to the rsync server, checked there against the RM's build and \
+         promoted (iukfarm publish --promote; here the server is a directory):"
+    );
+    let args = super::publish::Args {
+        release_dir: release_dir.to_path_buf(),
+        cert: cert_path.to_path_buf(),
+        rm_sums: rm_sums.clone(),
+        host: "localhost".into(),
+        ssh: String::new(),
+        staging_dir: s(&staging),
+        promote: true,
+        final_dir: Some(s(&fin)),
+        owner: None,
+        trace_file: Some(s(&trace)),
+        sudo: false,
+        bwlimit: None,
+        fetch: false,
+        conn: Default::default(),
+    };
+    let code = super::publish::report(super::publish::publish_release(
+        &args,
+        &iukfarm_publish::Remote::local(),
+    ));
+    if code != ExitCode::SUCCESS {
+        return Ok(code);
+    }
+    println!(
+        "end of the release done in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    println!("  RM build: {}", rm_dir.display());
+    println!(
+        "  website:  {} (upgrades.yml and .pgp)",
+        a.output_dir.join("website").display()
+    );
+    println!(
+        "  server:   {} (published IUKs, trace file)",
+        server.display()
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -18,6 +18,8 @@ pub const MISMATCH: u8 = 3;
 #[command(
     after_help = "Steps, each idempotent (run the same command again after any \
 failure: it resumes):
+  0. with --fetch, the release is downloaded from the running coordinator into \
+RELEASE_DIR, each kit checked against the coordinator's digest (kits already there are kept);
   1. the release directory is checked against its signed manifest (--cert), and the \
 manifest's kits against the RM's own build (--rm-sums: the sha256sum of their `iukfarm \
 build` or `iukfarm release`): the same names, the same digests;
@@ -35,47 +37,78 @@ again (each is named; nothing is promoted)."
 )]
 pub struct Args {
     /// The release: its IUKs, manifest.json, manifest.json.asc and SHA256SUMS (the
-    /// coordinator's output directory, or what `iukfarm fetch` downloaded).
-    release_dir: PathBuf,
+    /// coordinator's output directory, what `iukfarm fetch` downloaded, or where --fetch
+    /// downloads it).
+    pub(crate) release_dir: PathBuf,
     /// OpenPGP certificate that signed the manifest.
     #[arg(long, value_name = "FILE")]
-    cert: PathBuf,
+    pub(crate) cert: PathBuf,
     /// The RM's own build: `sha256sum` of the IUKs they built locally.
     #[arg(long, value_name = "FILE")]
-    rm_sums: PathBuf,
+    pub(crate) rm_sums: PathBuf,
     /// The rsync server.
     #[arg(long, value_name = "USER@HOST")]
-    host: String,
+    pub(crate) host: String,
     /// The ssh command and its options, split on spaces (also used by rsync).
     #[arg(long, value_name = "COMMAND", default_value = "ssh")]
-    ssh: String,
+    pub(crate) ssh: String,
     /// Where the kits are copied and checked on the server (Tails: /srv/tmp).
     #[arg(long, value_name = "DIR")]
-    staging_dir: String,
+    pub(crate) staging_dir: String,
     /// Move the checked kits into --final-dir.
     #[arg(long, requires = "final_dir")]
-    promote: bool,
+    pub(crate) promote: bool,
     /// Where published kits live (Tails: /srv/rsync/tails/tails/<dist>/iuk/v2).
     #[arg(long, value_name = "DIR")]
-    final_dir: Option<String>,
+    pub(crate) final_dir: Option<String>,
     /// Owner of promoted kits (Tails: root:rsync_tails).
     #[arg(long, value_name = "USER:GROUP")]
-    owner: Option<String>,
+    pub(crate) owner: Option<String>,
     /// The mirrors' trace file, given the time when kits were promoted
     /// (Tails: /srv/rsync/tails/tails/project/trace).
     #[arg(long, value_name = "FILE")]
-    trace_file: Option<String>,
+    pub(crate) trace_file: Option<String>,
     /// Run chown, chmod, mv and the trace update through sudo on the server.
     #[arg(long)]
-    sudo: bool,
+    pub(crate) sudo: bool,
     /// Cap the copy's bandwidth (KiB/s).
     #[arg(long, value_name = "KIB")]
-    bwlimit: Option<u32>,
+    pub(crate) bwlimit: Option<u32>,
+    /// First download the release from the running coordinator (--coordinator and its
+    /// credentials) into RELEASE_DIR, as `iukfarm fetch` does; kits already there are kept.
+    #[arg(long)]
+    pub(crate) fetch: bool,
+    #[command(flatten)]
+    pub(crate) conn: super::client::Conn,
 }
 
 pub fn run(a: Args) -> Result<ExitCode> {
-    match publish_release(&a) {
-        Ok(()) => Ok(ExitCode::SUCCESS),
+    let ssh: Vec<String> = a.ssh.split_whitespace().map(String::from).collect();
+    if ssh.is_empty() {
+        usage!("--ssh is empty");
+    }
+    let remote = Remote {
+        ssh,
+        host: a.host.clone(),
+        sudo: a.sudo,
+    };
+    if a.fetch {
+        let fetched = super::block_on(super::client::fetch_into(&a.conn, &a.release_dir, false));
+        if let Err(e) = fetched {
+            eprintln!(
+                "iukfarm: error: fetching the release from {}: {e:#}",
+                a.conn.coordinator
+            );
+            return Ok(ExitCode::from(crate::exit::FAILURE));
+        }
+    }
+    Ok(report(publish_release(&a, &remote)))
+}
+
+/// Exit status and messages of a publication.
+pub fn report(r: Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let code = match e.downcast_ref::<Error>() {
                 Some(Error::Mismatch(bad)) => {
@@ -86,18 +119,19 @@ pub fn run(a: Args) -> Result<ExitCode> {
                         "iukfarm: {} IUKs do not match yours: nothing was promoted",
                         bad.len()
                     );
-                    return Ok(ExitCode::from(MISMATCH));
+                    return ExitCode::from(MISMATCH);
                 }
                 Some(Error::Usage(_)) => crate::exit::USAGE,
                 _ => crate::exit::FAILURE,
             };
             eprintln!("iukfarm: error: {e:#}");
-            Ok(ExitCode::from(code))
+            ExitCode::from(code)
         }
     }
 }
 
-fn publish_release(a: &Args) -> Result<()> {
+/// The steps of `iukfarm publish` (its help lists them) on `remote`.
+pub fn publish_release(a: &Args, remote: &Remote) -> Result<()> {
     publish::check_remote_dir("--staging-dir", &a.staging_dir)?;
     if let Some(f) = &a.final_dir {
         publish::check_remote_dir("--final-dir", f)?;
@@ -110,15 +144,6 @@ fn publish_release(a: &Args) -> Result<()> {
         publish::check_name("--owner user", u)?;
         publish::check_name("--owner group", g)?;
     }
-    let ssh: Vec<String> = a.ssh.split_whitespace().map(String::from).collect();
-    if ssh.is_empty() {
-        usage!("--ssh is empty");
-    }
-    let remote = Remote {
-        ssh,
-        host: a.host.clone(),
-        sudo: a.sudo,
-    };
 
     // 1. What the RM signed, on disk, and the RM's own build.
     let cert = std::fs::read(&a.cert).with_context(|| format!("reading {}", a.cert.display()))?;
@@ -167,15 +192,15 @@ fn publish_release(a: &Args) -> Result<()> {
     if let Some(f) = &a.final_dir {
         dirs.push(f);
     }
-    publish::mkdir(&remote, staging)?;
-    let before = publish::check(&remote, &kits, &dirs)?;
+    publish::mkdir(remote, staging)?;
+    let before = publish::check(remote, &kits, &dirs)?;
     let mut send = before.missing.clone();
     send.extend(before.bad.iter().cloned());
     if !send.is_empty() {
         println!("copying {} IUKs to {}:{staging}", send.len(), a.host);
     }
     publish::upload(
-        &remote,
+        remote,
         &a.release_dir,
         &before.missing,
         staging,
@@ -183,7 +208,7 @@ fn publish_release(a: &Args) -> Result<()> {
         false,
     )?;
     publish::upload(
-        &remote,
+        remote,
         &a.release_dir,
         &before.bad,
         staging,
@@ -195,7 +220,7 @@ fn publish_release(a: &Args) -> Result<()> {
     // else by a check. A damaged or missing copy is sent again once.
     let promotion = match (a.promote, &a.final_dir) {
         (true, Some(f)) => {
-            publish::mkdir(&remote, f)?;
+            publish::mkdir(remote, f)?;
             Some(Promotion {
                 final_dir: f.clone(),
                 owner: a.owner.clone(),
@@ -206,9 +231,9 @@ fn publish_release(a: &Args) -> Result<()> {
     };
     let hash_on_server = || -> Result<Result<usize, publish::Check>, Error> {
         match &promotion {
-            Some(p) => publish::promote(&remote, &kits, staging, p),
+            Some(p) => publish::promote(remote, &kits, staging, p),
             None => {
-                let c = publish::check(&remote, &kits, &dirs)?;
+                let c = publish::check(remote, &kits, &dirs)?;
                 Ok(if c.bad.is_empty() && c.missing.is_empty() {
                     Ok(0)
                 } else {
@@ -225,7 +250,7 @@ fn publish_release(a: &Args) -> Result<()> {
             again.len(),
             again.join(", ")
         );
-        publish::upload(&remote, &a.release_dir, &again, staging, a.bwlimit, true)?;
+        publish::upload(remote, &a.release_dir, &again, staging, a.bwlimit, true)?;
         verdict = hash_on_server()?;
     }
     let moved = match verdict {

@@ -420,7 +420,7 @@ pub struct StepArgs {
     /// website checkout from the manifest (as `iukfarm udf generate --manifest` would),
     /// signed with the manifest's key, every signature checked.
     #[arg(long, value_name = "DIR", help_heading = "Upgrade-description files")]
-    udf_dir: Option<PathBuf>,
+    pub(crate) udf_dir: Option<PathBuf>,
     /// A version planned after this one (repeat; at least one with --udf-dir).
     #[arg(
         long = "udf-next-version",
@@ -428,7 +428,7 @@ pub struct StepArgs {
         requires = "udf_dir",
         help_heading = "Upgrade-description files"
     )]
-    udf_next_versions: Vec<String>,
+    pub(crate) udf_next_versions: Vec<String>,
     /// A version whose UDF gets this release as its upgrade (repeat)
     /// [default: the release's source versions].
     #[arg(
@@ -437,10 +437,10 @@ pub struct StepArgs {
         requires = "udf_dir",
         help_heading = "Upgrade-description files"
     )]
-    udf_previous_versions: Vec<String>,
+    pub(crate) udf_previous_versions: Vec<String>,
     /// Upgrades of type major (Tails' release process always passes it).
     #[arg(long, requires = "udf_dir", help_heading = "Upgrade-description files")]
-    udf_major_release: bool,
+    pub(crate) udf_major_release: bool,
     /// The channel of this release.
     #[arg(
         long,
@@ -448,7 +448,7 @@ pub struct StepArgs {
         value_parser = ["stable", "alpha"],
         help_heading = "Upgrade-description files"
     )]
-    udf_channel: String,
+    pub(crate) udf_channel: String,
 }
 
 /// The UDF step of a release, checked before the release starts.
