@@ -240,6 +240,23 @@ pub fn run(a: Args) -> Result<ExitCode> {
             d.skipped_blocks + k.skipped_blocks
         );
         let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        let (t, s) = (&report.timings, &report.diff);
+        eprintln!(
+            "time: {:.1}s reading both images, {:.1}s comparing ({} same-size files, {} decided \
+             from stored blocks, {:.1} MiB decompressed and hashed; fragment blocks decompressed: \
+             {} of {} old, {} of {} new), {:.1}s writing the diff, {:.1}s writing the kit",
+            t.read.as_secs_f64(),
+            t.compare.as_secs_f64(),
+            s.compared,
+            s.decided_from_blocks,
+            mib(s.hashed_bytes),
+            t.compare_fragments[0].0,
+            t.compare_fragments[0].1,
+            t.compare_fragments[1].0,
+            t.compare_fragments[1].1,
+            t.diff_image.as_secs_f64(),
+            t.kit.as_secs_f64()
+        );
         eprintln!(
             "diff: {:.1} MiB compressed ({:.1} MiB of it in fragment blocks), {:.1} MiB from the \
              block cache, {:.1} MiB copied; kit: {:.1} MiB compressed, {:.1} MiB from the block \

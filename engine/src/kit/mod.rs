@@ -22,6 +22,7 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::blockcache::BlockCache;
 use crate::diff::{DiffOptions, DiffStats, overlay_diff};
@@ -413,6 +414,23 @@ pub struct BuildReport {
     pub kit_data: DataStats,
     pub delete_files: Vec<Vec<u8>>,
     pub kernels: Vec<Vec<u8>>,
+    /// Where the build's time went (reported, never written).
+    pub timings: Timings,
+}
+
+/// Wall time of each step of a build.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timings {
+    /// Opening both ISOs and reading both system images' metadata.
+    pub read: Duration,
+    /// Comparing the images (contents of same-size files).
+    pub compare: Duration,
+    /// Writing the diff image (compressing its data).
+    pub diff_image: Duration,
+    /// Writing the outer kit.
+    pub kit: Duration,
+    /// Fragment blocks decompressed while comparing, and in the image: old, new.
+    pub compare_fragments: [(u64, u64); 2],
 }
 
 fn open_iso(path: &Path) -> Result<Iso> {
@@ -482,6 +500,8 @@ pub fn build_iuk(
             opts.diff_name
         )));
     }
+    let started = Instant::now();
+    let mut timings = Timings::default();
     let old = open_iso(old_iso)?;
     let new = open_iso(new_iso)?;
     // Fail early, before the long work, on what the kit needs from the new ISO.
@@ -492,9 +512,15 @@ pub fn build_iuk(
     let kernels = changed_kernels(&old, &new)?;
 
     progress.phase("read", 0);
-    let old_tree = open_system(&old, old_iso)?.to_tree()?;
-    let new_tree = open_system(&new, new_iso)?.to_tree()?;
+    let (old_system, new_system) = (open_system(&old, old_iso)?, open_system(&new, new_iso)?);
+    let old_tree = old_system.to_tree()?;
+    let new_tree = new_system.to_tree()?;
+    timings.read = started.elapsed();
+    let step = Instant::now();
     let (diff, stats) = overlay_diff(&old_tree, &new_tree, opts.sde, &opts.diff, progress)?;
+    timings.compare = step.elapsed();
+    timings.compare_fragments = [old_system.fragment_reads(), new_system.fragment_reads()];
+    let step = Instant::now();
     let diff_written = write_image(
         &diff,
         &writer_options(diff_writer_options(opts.sde, opts.threads), opts),
@@ -502,6 +528,8 @@ pub fn build_iuk(
         progress,
     )?;
     let diff_size = diff_scratch.metadata()?.len();
+    timings.diff_image = step.elapsed();
+    let step = Instant::now();
     let diff_file: Arc<dyn ReadAt> = Arc::new(diff_scratch.try_clone()?);
 
     let mut live = vec![Node {
@@ -552,6 +580,7 @@ pub fn build_iuk(
         kit_out,
         progress,
     )?;
+    timings.kit = step.elapsed();
     Ok(BuildReport {
         diff: stats,
         diff_size,
@@ -560,6 +589,7 @@ pub fn build_iuk(
         kit_data: kit.data,
         delete_files: delete,
         kernels,
+        timings,
     })
 }
 

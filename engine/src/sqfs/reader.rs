@@ -116,6 +116,8 @@ pub struct Archive {
     /// Recently decoded fragment blocks, most recent first: small files
     /// share them, and files are mostly read in image order.
     frag_cache: Mutex<Vec<(u32, Arc<Vec<u8>>)>>,
+    /// Fragment blocks decompressed so far (a measure, reported by builds).
+    frag_decoded: std::sync::atomic::AtomicU64,
     /// Per fragment block, the bytes of distinct tails kept in it.
     frag_usage: std::sync::OnceLock<Vec<u64>>,
 }
@@ -151,6 +153,7 @@ impl Archive {
             export: None,
             meta_cache: Mutex::new(HashMap::new()),
             frag_cache: Mutex::new(Vec::new()),
+            frag_decoded: Default::default(),
             frag_usage: std::sync::OnceLock::new(),
             sb,
         };
@@ -696,6 +699,14 @@ impl Archive {
         Ok((size, self.stored(start, size, "fragment block")?))
     }
 
+    /// (fragment blocks decompressed so far, fragment blocks in the image).
+    pub fn fragment_reads(&self) -> (u64, u64) {
+        (
+            self.frag_decoded.load(std::sync::atomic::Ordering::Relaxed),
+            self.fragments.len() as u64,
+        )
+    }
+
     /// Reads a fragment block (decompressed).
     fn fragment_block(&self, index: u32) -> Result<Arc<Vec<u8>>> {
         const KEEP: usize = 16;
@@ -713,6 +724,8 @@ impl Archive {
             .get(index as usize)
             .ok_or_else(|| Error::corrupt(format!("fragment {index} does not exist")))?;
         let block = Arc::new(self.data_block(start, size, self.sb.block_size as usize)?);
+        self.frag_decoded
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut cache = self.frag_cache.lock().expect("cache lock");
         cache.insert(0, (index, block.clone()));
         cache.truncate(KEEP);
