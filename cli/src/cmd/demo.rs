@@ -277,10 +277,8 @@ second worker with identical bytes; manifest signed by {}.",
 
 /// `6.3` → `6.4`: the next version the UDFs announce.
 fn next_version(v: &str) -> String {
-    match v.rsplit_once('.') {
-        Some((head, n)) if n.parse::<u64>().is_ok() => {
-            format!("{head}.{}", n.parse::<u64>().unwrap_or(0) + 1)
-        }
+    match v.rsplit_once('.').map(|(head, n)| (head, n.parse::<u64>())) {
+        Some((head, Ok(n))) => format!("{head}.{}", n + 1),
         _ => format!("{v}.1"),
     }
 }
@@ -345,8 +343,8 @@ fn end_of_release(
     );
     udf.run(release_dir)?;
 
-    // 3. and 4. Published on a "server" that is a directory here, checked
-    // there against the RM's build, promoted.
+    // 3. Published on a "server" that is a directory here, checked there
+    // against the RM's build, promoted.
     let server = fs::canonicalize(&a.output_dir)?.join("server");
     let staging = server.join("srv/tmp");
     let fin = server.join("srv/rsync/tails/tails/stable/iuk/v2");
