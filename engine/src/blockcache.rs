@@ -36,8 +36,10 @@ const HEADER: usize = 8 + 32 + 1 + 4 + 32;
 /// Bumped whenever the writer's compression could give other bytes for the
 /// same settings (a change of filter trial, say): old entries then miss.
 const COMPRESS_REVISION: u32 = 1;
-/// No block is larger than 1 MiB; an entry file larger than this is junk.
-const MAX_ENTRY: u64 = HEADER as u64 + (1 << 20) + 4096;
+/// No block is larger than 1 MiB (SquashFS's largest block size).
+pub const MAX_BLOCK: u64 = 1 << 20;
+/// An entry file larger than this is junk.
+const MAX_ENTRY: u64 = HEADER as u64 + MAX_BLOCK + 4096;
 
 /// Counters of one [`BlockCache`] since it was opened.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -54,15 +56,21 @@ pub struct CacheStats {
     pub store_errors: u64,
 }
 
-/// The cache key of one block: the uncompressed bytes and everything that
-/// decides their compressed form.
+/// What names a block without its bytes: a digest of every setting that
+/// decides its compressed form, its length and the digest of its bytes. A
+/// store that never sees the bytes (the farm's) can still check that a
+/// [`BlockKey`] is this block's, and that a stored form decompresses to it.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
-pub struct BlockKey([u8; 32]);
+pub struct BlockId {
+    pub settings: [u8; 32],
+    pub len: u64,
+    pub data: [u8; 32],
+}
 
-impl BlockKey {
-    pub fn new(cfg: &XzConfig, data: &[u8]) -> BlockKey {
+impl BlockId {
+    pub fn new(cfg: &XzConfig, data: &[u8]) -> BlockId {
         let mut h = Sha256::new();
-        h.update(b"iukfarm block cache\0");
+        h.update(b"iukfarm block settings\0");
         h.update(env!("CARGO_PKG_VERSION").as_bytes());
         h.update([0]);
         h.update(liblzma_version().as_bytes());
@@ -78,12 +86,64 @@ impl BlockKey {
         ] {
             h.update(v.to_le_bytes());
         }
-        h.update((data.len() as u64).to_le_bytes());
-        h.update(data);
+        BlockId {
+            settings: h.finalize().into(),
+            len: data.len() as u64,
+            data: Sha256::digest(data).into(),
+        }
+    }
+
+    pub fn key(&self) -> BlockKey {
+        let mut h = Sha256::new();
+        h.update(b"iukfarm block key\0");
+        h.update(self.settings);
+        h.update(self.len.to_le_bytes());
+        h.update(self.data);
         BlockKey(h.finalize().into())
     }
 
-    fn hex(&self) -> String {
+    /// Whether `value` is a sound stored form of this block as far as can be
+    /// told without compressing: a compressed form must be smaller than the
+    /// block and decompress to exactly its bytes. (Whether the block would
+    /// have compressed, and to these very bytes, only compressing tells;
+    /// reproduction builds, which use no shared store, check that.)
+    pub fn admits(&self, value: &Cached) -> bool {
+        if self.len > MAX_BLOCK {
+            return false;
+        }
+        match value {
+            Cached::Uncompressed => true,
+            Cached::Compressed(b) => {
+                !b.is_empty()
+                    && (b.len() as u64) < self.len
+                    && decompress(CompressorId::Xz, b, self.len as usize).is_ok_and(|d| {
+                        d.len() as u64 == self.len
+                            && <[u8; 32]>::from(Sha256::digest(&d)) == self.data
+                    })
+            }
+        }
+    }
+}
+
+/// The cache key of one block: the uncompressed bytes and everything that
+/// decides their compressed form.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct BlockKey([u8; 32]);
+
+impl BlockKey {
+    pub fn new(cfg: &XzConfig, data: &[u8]) -> BlockKey {
+        BlockId::new(cfg, data).key()
+    }
+
+    pub fn from_bytes(b: [u8; 32]) -> BlockKey {
+        BlockKey(b)
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    pub fn hex(&self) -> String {
         self.0.iter().map(|b| format!("{b:02x}")).collect()
     }
 }
@@ -94,6 +154,23 @@ impl BlockKey {
 pub enum Cached {
     Compressed(Vec<u8>),
     Uncompressed,
+}
+
+/// A store of compressed blocks shared beyond this process: the blocks
+/// every worker of a farm compressed for a release. Consulted when the local
+/// cache misses, before compressing; whatever it returns is checked with
+/// [`BlockId::admits`] before use, so a store can save work but never change
+/// a byte. Implementations decide how long to wait for a peer that is
+/// compressing the same block, and must give up (return `None`) rather than
+/// fail a build.
+pub trait SharedBlocks: Send + Sync + std::fmt::Debug {
+    /// The stored form of the block, or `None`: compress it here, then
+    /// [`put`](SharedBlocks::put) it.
+    fn get(&self, id: &BlockId, key: &BlockKey) -> Option<Cached>;
+    /// What this process stored for a block `get` did not give.
+    fn put(&self, id: &BlockId, key: &BlockKey, value: &Cached);
+    /// A form `get` returned failed its check and was not used.
+    fn rejected(&self, id: &BlockId, key: &BlockKey);
 }
 
 /// A block some job is compressing now; others wait for its result.
@@ -617,6 +694,125 @@ mod tests {
         let plain = write(None);
         assert_eq!(write(Some(cache.clone())), plain);
         assert_eq!(write(Some(cache)), plain);
+    }
+
+    /// A farm store for tests: honest, or giving a wrong form for every
+    /// block it holds.
+    #[derive(Debug, Default)]
+    struct Store {
+        blocks: Mutex<HashMap<BlockKey, Cached>>,
+        lie: bool,
+        rejected: AtomicU64,
+    }
+
+    impl SharedBlocks for Store {
+        fn get(&self, _: &BlockId, key: &BlockKey) -> Option<Cached> {
+            let v = self.blocks.lock().unwrap().get(key).cloned()?;
+            Some(match v {
+                Cached::Compressed(mut b) if self.lie => {
+                    let n = b.len() / 2;
+                    b[n] ^= 1;
+                    Cached::Compressed(b)
+                }
+                v => v,
+            })
+        }
+        fn put(&self, id: &BlockId, key: &BlockKey, value: &Cached) {
+            assert!(id.admits(value));
+            assert_eq!(id.key(), *key);
+            self.blocks.lock().unwrap().insert(*key, value.clone());
+        }
+        fn rejected(&self, _: &BlockId, _: &BlockKey) {
+            self.rejected.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn a_shared_store_saves_work_and_its_wrong_forms_are_not_used() {
+        use crate::sqfs::{WriterOptions, write_image};
+        use crate::tree::{FileContent, Kind, Meta, Node};
+        let meta = Meta {
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            xattrs: Vec::new(),
+        };
+        let files = (0..6u8)
+            .map(|i| Node {
+                name: format!("f{i}").into_bytes(),
+                meta: meta.clone(),
+                kind: Kind::File(FileContent::from_bytes(
+                    [sample(i), sample(i + 10)[..5000].to_vec()].concat(),
+                )),
+            })
+            .collect();
+        let root = Node::dir("", meta, files);
+        let write = |shared: Option<Arc<dyn SharedBlocks>>, cache: Option<Arc<BlockCache>>| {
+            let mut o = WriterOptions::with_block_size(131072);
+            o.threads = 2;
+            o.shared = shared;
+            o.cache = cache;
+            let out = tempfile::tempfile().unwrap();
+            let r = write_image(&root, &o, &out, &crate::NoProgress).unwrap();
+            let mut v = Vec::new();
+            (&out).read_to_end(&mut v).unwrap();
+            (v, r.data)
+        };
+        let (plain, _) = write(None, None);
+        let store = Arc::new(Store::default());
+        let (first, s1) = write(Some(store.clone()), None);
+        assert_eq!(first, plain);
+        let n = s1.compressed_blocks;
+        assert!(n > 6 && s1.shared_hits == 0, "{s1:?}");
+        let (second, s2) = write(Some(store.clone()), None);
+        assert_eq!(second, plain);
+        assert_eq!((s2.shared_hits, s2.compressed_blocks), (n, 0));
+
+        // Behind a local cache: asked only on a local miss; what it gives
+        // lands in the cache.
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(BlockCache::open(dir.path(), 1 << 30).unwrap());
+        let (third, s3) = write(Some(store.clone()), Some(cache.clone()));
+        assert_eq!(
+            (third, s3.shared_hits, s3.cache_hits),
+            (plain.clone(), n, 0)
+        );
+        let (_, s4) = write(Some(store.clone()), Some(cache));
+        assert_eq!((s4.shared_hits, s4.cache_hits), (0, n));
+
+        let liar = Arc::new(Store {
+            blocks: Mutex::new(store.blocks.lock().unwrap().clone()),
+            lie: true,
+            ..Default::default()
+        });
+        let (honest, s5) = write(Some(liar.clone()), None);
+        assert_eq!(honest, plain);
+        assert_eq!((s5.shared_hits, s5.shared_rejected), (0, n));
+        assert_eq!(liar.rejected.load(Ordering::Relaxed), n);
+    }
+
+    #[test]
+    fn a_block_id_admits_only_a_sound_form() {
+        let cfg = XzConfig::for_block_size(131072);
+        let data = sample(3);
+        let id = BlockId::new(&cfg, &data);
+        assert_eq!(id.key(), BlockKey::new(&cfg, &data));
+        let good = cfg.compress(&data).unwrap().unwrap();
+        assert!(id.admits(&Cached::Compressed(good.clone())));
+        assert!(id.admits(&Cached::Uncompressed));
+        let mut bad = good.clone();
+        let n = bad.len() / 2;
+        bad[n] ^= 4;
+        assert!(!id.admits(&Cached::Compressed(bad)));
+        assert!(!id.admits(&Cached::Compressed(Vec::new())));
+        let other = BlockId::new(&cfg, &sample(4));
+        assert!(!other.admits(&Cached::Compressed(good)));
+        let huge = BlockId {
+            len: MAX_BLOCK + 1,
+            ..id
+        };
+        assert!(!huge.admits(&Cached::Uncompressed));
     }
 
     #[test]

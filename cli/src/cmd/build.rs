@@ -201,6 +201,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
             Some(dir) => super::open_block_cache(dir, a.block_cache_size)?,
             None => None,
         },
+        shared: None,
     };
     let started = Instant::now();
     let reporter = Reporter::new(a.quiet);

@@ -311,6 +311,7 @@ fn end_of_release(
             diff: Default::default(),
             profile: iukfarm_engine::kit::Profile::Tails,
             cache: None,
+            shared: None,
         };
         let kit = crate::output::temp_next_to(&out)?;
         let scratch = crate::output::temp_next_to(&out)?;

@@ -24,7 +24,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::blockcache::BlockCache;
+use crate::blockcache::{BlockCache, SharedBlocks};
 use crate::diff::{DiffOptions, DiffStats, overlay_diff};
 use crate::error::{Error, Result};
 use crate::io::{ReadAt, SeqReader};
@@ -148,6 +148,7 @@ pub fn kit_writer_options(sde: u32, threads: usize) -> WriterOptions {
 
 fn writer_options(mut o: WriterOptions, opts: &BuildOptions) -> WriterOptions {
     o.cache = opts.cache.clone();
+    o.shared = opts.shared.clone();
     if opts.profile == Profile::Fast {
         o.copy_image_blocks = true;
         o.skip_incompressible = true;
@@ -401,6 +402,8 @@ pub struct BuildOptions {
     pub profile: Profile,
     /// Compressed blocks shared with other builds; never changes a byte.
     pub cache: Option<Arc<BlockCache>>,
+    /// The farm's shared store, behind `cache`; never changes a byte either.
+    pub shared: Option<Arc<dyn SharedBlocks>>,
 }
 
 /// What a build did.

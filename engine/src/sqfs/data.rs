@@ -29,7 +29,7 @@ use sha2::{Digest, Sha256};
 use super::compress::XzConfig;
 use super::format::{BLOCK_UNCOMPRESSED, NO_FRAGMENT};
 use super::reader::ImageFile;
-use crate::blockcache::{BlockCache, BlockKey, Cached};
+use crate::blockcache::{BlockCache, BlockId, Cached, SharedBlocks};
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::tree::{FileContent, Source};
@@ -83,6 +83,12 @@ pub struct DataStats {
     /// Blocks whose stored form came from the block cache.
     pub cache_hits: u64,
     pub cache_hit_bytes: u64,
+    /// Blocks whose stored form came from the farm's shared store.
+    pub shared_hits: u64,
+    pub shared_hit_bytes: u64,
+    /// Forms the shared store offered that failed their check (compressed
+    /// here instead).
+    pub shared_rejected: u64,
     /// Blocks copied as stored from a source image (fast profile).
     pub copied_blocks: u64,
     pub copied_bytes: u64,
@@ -102,6 +108,10 @@ pub struct DataStats {
 enum Origin {
     Compressed,
     Cache,
+    Shared,
+    /// Compressed here after the shared store offered a form that failed
+    /// its check.
+    CompressedRejected,
     Copied,
     Skipped,
 }
@@ -130,6 +140,7 @@ impl Stored {
 struct Compressor {
     cfg: XzConfig,
     cache: Option<Arc<BlockCache>>,
+    shared: Option<Arc<dyn SharedBlocks>>,
     skip_incompressible: bool,
 }
 
@@ -138,25 +149,48 @@ impl Compressor {
         if self.skip_incompressible && looks_incompressible(&data) {
             return Ok(Stored::new(data, false, Origin::Skipped));
         }
-        let Some(cache) = &self.cache else {
+        if self.cache.is_none() && self.shared.is_none() {
             return Ok(match self.cfg.compress(&data)? {
                 Some(c) => Stored::new(c, true, Origin::Compressed),
                 None => Stored::new(data, false, Origin::Compressed),
             });
-        };
-        let key = BlockKey::new(&self.cfg, &data);
-        // Sequential trials: other jobs may be waiting for this block (see
-        // `XzConfig::compress_with`).
-        let (value, spared) = cache.get_or_insert_with(&key, &data, || {
-            Ok(match self.cfg.compress_with(&data, false)? {
+        }
+        let id = BlockId::new(&self.cfg, &data);
+        let key = id.key();
+        let obtain = || -> Result<(Cached, Origin)> {
+            let mut origin = Origin::Compressed;
+            if let Some(shared) = &self.shared
+                && let Some(v) = shared.get(&id, &key)
+            {
+                if id.admits(&v) {
+                    return Ok((v, Origin::Shared));
+                }
+                shared.rejected(&id, &key);
+                origin = Origin::CompressedRejected;
+            }
+            // Sequential trials: other jobs, here or on other workers, may
+            // be waiting for this block (see `XzConfig::compress_with`).
+            let c = match self.cfg.compress_with(&data, false)? {
                 Some(c) => Cached::Compressed(c),
                 None => Cached::Uncompressed,
-            })
-        })?;
-        let origin = if spared {
-            Origin::Cache
-        } else {
-            Origin::Compressed
+            };
+            if let Some(shared) = &self.shared {
+                shared.put(&id, &key, &c);
+            }
+            Ok((c, origin))
+        };
+        let (value, origin) = match &self.cache {
+            None => obtain()?,
+            Some(cache) => {
+                let mut origin = Origin::Cache;
+                let (value, spared) = cache.get_or_insert_with(&key, &data, || {
+                    let (v, o) = obtain()?;
+                    origin = o;
+                    Ok(v)
+                })?;
+                // A job that waited for another's compression was spared it.
+                (value, if spared { Origin::Cache } else { origin })
+            }
         };
         Ok(match value {
             Cached::Compressed(c) => Stored::new(c, true, origin),
@@ -261,6 +295,7 @@ pub struct DataWriter<'a> {
     pub block_size: u32,
     pub cfg: XzConfig,
     pub cache: Option<Arc<BlockCache>>,
+    pub shared: Option<Arc<dyn SharedBlocks>>,
     /// Copy the stored blocks of files read from a compatible image.
     pub copy_image_blocks: bool,
     pub skip_incompressible: bool,
@@ -297,6 +332,7 @@ impl DataWriter<'_> {
         let c = Compressor {
             cfg: self.cfg,
             cache: self.cache.clone(),
+            shared: self.shared.clone(),
             skip_incompressible: self.skip_incompressible,
         };
         self.pool.spawn(move || {
@@ -695,7 +731,10 @@ impl DataWriter<'_> {
                     let stored = recv(result)?;
                     count_origin(&mut stats, &stored, raw_len);
                     stats.fragment_bytes += raw_len;
-                    if stored.origin == Origin::Compressed {
+                    if matches!(
+                        stored.origin,
+                        Origin::Compressed | Origin::CompressedRejected
+                    ) {
                         stats.fragment_compressed_bytes += raw_len;
                     }
                     let size = stored.size_field();
@@ -724,7 +763,12 @@ impl DataWriter<'_> {
 fn count_origin(stats: &mut DataStats, stored: &Stored, raw_len: u64) {
     let (n, bytes) = match stored.origin {
         Origin::Compressed => (&mut stats.compressed_blocks, &mut stats.compressed_bytes),
+        Origin::CompressedRejected => {
+            stats.shared_rejected += 1;
+            (&mut stats.compressed_blocks, &mut stats.compressed_bytes)
+        }
         Origin::Cache => (&mut stats.cache_hits, &mut stats.cache_hit_bytes),
+        Origin::Shared => (&mut stats.shared_hits, &mut stats.shared_hit_bytes),
         Origin::Copied => (&mut stats.copied_blocks, &mut stats.copied_bytes),
         Origin::Skipped => {
             stats.skipped_blocks += 1;

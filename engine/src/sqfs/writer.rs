@@ -29,7 +29,7 @@ use super::format::{
 };
 use super::meta::{MetaWriter, encode_table};
 use super::xattr_table::XattrTable;
-use crate::blockcache::BlockCache;
+use crate::blockcache::{BlockCache, SharedBlocks};
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::tree::{FileContent, Kind, Node};
@@ -49,6 +49,9 @@ pub struct WriterOptions {
     /// Where compressed blocks are looked up before compressing; a hit gives
     /// exactly the bytes compressing would.
     pub cache: Option<Arc<BlockCache>>,
+    /// Consulted when `cache` misses: blocks other workers of a farm
+    /// compressed. Whatever it gives is checked before use.
+    pub shared: Option<Arc<dyn SharedBlocks>>,
     /// Fast profile: files read from an image with compatible compressor
     /// settings keep their stored blocks (not gensquashfs's bytes).
     pub copy_image_blocks: bool,
@@ -66,6 +69,7 @@ impl Default for WriterOptions {
             dev_block_size: 4096,
             threads: 0,
             cache: None,
+            shared: None,
             copy_image_blocks: false,
             skip_incompressible: false,
         }
@@ -209,6 +213,7 @@ pub fn write_image(
         block_size: opts.block_size,
         cfg: opts.xz,
         cache: opts.cache.clone(),
+        shared: opts.shared.clone(),
         copy_image_blocks: opts.copy_image_blocks,
         skip_incompressible: opts.skip_incompressible,
         pool: &pool,
