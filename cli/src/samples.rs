@@ -124,8 +124,10 @@ fn package_version(p: u64, rel: u64) -> u64 {
 }
 
 /// The system tree of sample release `rel` (0-based) of a series; `scale`
-/// is roughly the size in MiB.
-pub fn system_tree(rel: u64, scale: u64) -> Node {
+/// is roughly the size in MiB. With `big_mib`, a library of that many MiB
+/// that changes in every release (like Tor Browser's libxul.so): blocks that
+/// every IUK of a release carries.
+pub fn system_tree(rel: u64, scale: u64, big_mib: u64) -> Node {
     let packages = 12 * scale.max(1);
     let mut bin = Vec::new();
     let mut lib = Vec::new();
@@ -172,6 +174,13 @@ pub fn system_tree(rel: u64, scale: u64) -> Node {
         kind: Kind::Symlink(b"libc-2.36.so".to_vec()),
     });
     lib.push(file("libc-2.36.so", 0o755, binary(44, 1_900_000)));
+    if big_mib > 0 {
+        let len = (big_mib << 20) as usize + 12_345;
+        lib.push(dir(
+            "tor-browser",
+            vec![file("libxul.so", 0o755, binary(1_000_000 + rel, len))],
+        ));
+    }
     let kernel = 1 + rel / 2;
     let os_release = format!(
         "NAME=\"Tails\"\nID=\"tails\"\nVERSION=\"6.{rel}\"\nTAILS_PRODUCT_NAME=\"Tails\"\nTAILS_VERSION_ID=\"6.{rel}\"\n"
@@ -316,6 +325,7 @@ pub fn write_releases(
     root: &Path,
     releases: u64,
     scale: u64,
+    big_mib: u64,
     threads: usize,
     progress: &dyn Progress,
     mut said: impl FnMut(String),
@@ -326,7 +336,7 @@ pub fn write_releases(
         let t = Instant::now();
         let dir = root.join(format!("tails-amd64-{version}"));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let mut system = system_tree(rel, scale);
+        let mut system = system_tree(rel, scale, big_mib);
         set_mtime(&mut system, SAMPLE_SDE);
         let image = tempfile::NamedTempFile::new_in(&dir)?;
         let stats = write_image(
@@ -364,9 +374,9 @@ mod tests {
 
     #[test]
     fn releases_differ_but_are_deterministic() {
-        let a = system_tree(1, 2);
-        let b = system_tree(1, 2);
-        let c = system_tree(2, 2);
+        let a = system_tree(1, 2, 1);
+        let b = system_tree(1, 2, 1);
+        let c = system_tree(2, 2, 1);
         use iukfarm_engine::compare::{CompareOptions, compare_trees};
         assert!(
             compare_trees(&a, &b, CompareOptions::default())
@@ -375,6 +385,10 @@ mod tests {
         );
         let d = compare_trees(&a, &c, CompareOptions::default()).unwrap();
         assert!(d.iter().any(|x| x.path == "etc/os-release"), "{d:?}");
+        assert!(
+            d.iter().any(|x| x.path == "usr/lib/tor-browser/libxul.so"),
+            "{d:?}"
+        );
         a.validate().unwrap();
         c.validate().unwrap();
     }

@@ -124,6 +124,8 @@ pub struct Config {
     pub linger: Duration,
     /// Concurrent verifications by applying (each reads both systems).
     pub verify_jobs: usize,
+    /// Size cap of the farm's block store (0: workers share no blocks).
+    pub block_store: u64,
 }
 
 pub const DEFAULT_ISO_PATTERN: &str = "tails-amd64-{version}/tails-amd64-{version}.iso";

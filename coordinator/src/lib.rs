@@ -11,6 +11,7 @@
 //! * [`release`]: the running coordinator (gRPC service and main loop).
 
 mod auth;
+pub mod blocks;
 pub mod config;
 pub mod inputs;
 pub mod jobs;

@@ -161,6 +161,7 @@ pub async fn start(cfg: Config, listener: Option<TcpListener>) -> Result<Running
     };
 
     let (changed, _) = watch::channel(0u64);
+    let state_dir_blocks = state_dir.join("blocks");
     let shared = Arc::new(Shared {
         verify_slots: Semaphore::new(cfg.verify_jobs),
         fingerprint: own,
@@ -184,6 +185,8 @@ pub async fn start(cfg: Config, listener: Option<TcpListener>) -> Result<Running
         authority,
         auth,
         watchers: Arc::new(Semaphore::new(crate::state::MAX_WATCHERS)),
+        blocks: (cfg.block_store > 0)
+            .then(|| crate::blocks::Store::new(state_dir_blocks, cfg.block_store)),
         cfg,
     });
 
@@ -332,6 +335,14 @@ impl Running {
     /// Runs the release to its end, then keeps serving for the linger time.
     pub async fn wait(self) -> Result<Outcome, Error> {
         let result = self.run().await;
+        if let Some(b) = &self.shared.blocks {
+            let s = b.stats();
+            info!(
+                "block store: {} blocks given to workers, {} stored, {} compressed twice, {} refused",
+                s.served, s.stored, s.duplicates, s.refused
+            );
+            b.close();
+        }
         if let Err(e) = &result {
             let mut st = self.shared.lock();
             st.phase = Phase::Failed;
@@ -388,6 +399,14 @@ impl Running {
                 _ = changed.changed() => {}
             }
             let mut st = sh.lock();
+            if let Some(b) = &sh.blocks {
+                // Nobody waits for blocks a silent worker claimed.
+                for w in st.workers.values() {
+                    if w.last_seen.elapsed() > sh.cfg.lease_timeout {
+                        b.forget(&w.name);
+                    }
+                }
+            }
             let expired = st.table.expire(Instant::now(), sh.cfg.max_attempts);
             for i in &expired {
                 warn!(
@@ -614,10 +633,20 @@ impl Running {
                 );
             }
         }
-        // The rest of a killed run's uploads are worthless.
+        // The rest of a killed run's uploads are worthless, and so are its
+        // stored blocks (their senders are gone).
         for e in std::fs::read_dir(&sh.incoming).map_err(|e| Error::io(&sh.incoming, e))? {
             let p = e.map_err(|e| Error::io(&sh.incoming, e))?.path();
             std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
+        }
+        match &sh.blocks {
+            Some(b) => b.reset().map_err(|e| Error::io(b.dir(), e))?,
+            None => match std::fs::remove_dir_all(sh.state_dir.join("blocks")) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(Error::io(&sh.state_dir.join("blocks"), e));
+                }
+                _ => {}
+            },
         }
         let aside = sh.state_dir.join("set-aside");
         for name in &unvouched {

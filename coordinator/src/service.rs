@@ -5,6 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use iukfarm_engine::blockcache::{BlockId, Cached};
 use iukfarm_proto::v1::{self, farm_server::Farm};
 use iukfarm_proto::{CHUNK_SIZE, PROTOCOL_VERSION, Peer, Role};
 use sha2::{Digest, Sha256};
@@ -15,6 +16,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
+use crate::blocks::Answer;
 use crate::inputs::hex;
 use crate::jobs::{Built, JobState, Lease};
 use crate::journal::Entry;
@@ -31,6 +33,24 @@ impl FarmService {
     pub fn new(sh: Arc<Shared>) -> Self {
         FarmService { sh }
     }
+}
+
+fn no_store() -> Status {
+    Status::failed_precondition("this coordinator runs without a block store")
+}
+
+/// A block id as the wire gives it, its digests checked for length.
+fn block_id(b: Option<v1::BlockRef>) -> Result<BlockId, Status> {
+    let b = b.ok_or_else(|| Status::invalid_argument("no block"))?;
+    let digest = |v: Vec<u8>, what: &str| {
+        <[u8; 32]>::try_from(v)
+            .map_err(|_| Status::invalid_argument(format!("{what}: not 32 bytes")))
+    };
+    Ok(BlockId {
+        settings: digest(b.settings, "settings")?,
+        len: b.len,
+        data: digest(b.data_sha256, "data_sha256")?,
+    })
 }
 
 fn unknown_worker() -> Status {
@@ -137,6 +157,7 @@ pub(crate) fn status(sh: &Shared) -> v1::ReleaseStatus {
                 last_seen_seconds: ago.as_secs_f64(),
                 jobs_done: w.jobs_done,
                 memory_bytes: w.memory,
+                bad_blocks: sh.blocks.as_ref().map_or(0, |b| b.bad_blocks(&w.name)),
             }
         })
         .collect();
@@ -156,6 +177,21 @@ pub(crate) fn status(sh: &Shared) -> v1::ReleaseStatus {
             iuk_format: fp.iuk_format,
         }),
         output_dir: sh.cfg.output_dir.display().to_string(),
+        block_store: sh.blocks.as_ref().map(|b| {
+            let s = b.stats();
+            v1::BlockStoreStatus {
+                entries: s.entries,
+                bytes: s.bytes,
+                cap: s.cap,
+                served: s.served,
+                served_bytes: s.served_bytes,
+                stored: s.stored,
+                duplicates: s.duplicates,
+                refused: s.refused,
+                evicted: s.evicted,
+                expired_claims: s.expired_claims,
+            }
+        }),
     }
 }
 
@@ -628,6 +664,7 @@ impl Farm for FarmService {
             output_name: j.output_name.clone(),
             lease_ms: sh.cfg.lease_timeout.as_millis() as u64,
             reproduction: j.reproduction_of.is_some(),
+            block_store: sh.blocks.is_some() && j.reproduction_of.is_none(),
         };
         info!(
             "{}{}: attempt {} on {name}",
@@ -861,6 +898,66 @@ impl Farm for FarmService {
         drop(st);
         sh.bump();
         Ok(Response::new(v1::FailReply {}))
+    }
+
+    async fn get_block(
+        &self,
+        req: Request<v1::GetBlockRequest>,
+    ) -> Result<Response<v1::GetBlockReply>, Status> {
+        let caller = self.sh.auth.check(&req, &[Role::Worker], "get blocks")?;
+        let r = req.into_inner();
+        let name = seen(&mut self.sh.lock(), &r.worker_id, &caller)?;
+        let store = self.sh.blocks.as_ref().ok_or_else(no_store)?;
+        let id = block_id(r.block)?;
+        let asked = Instant::now();
+        let answer = store.get(&name, &id).await;
+        let waited_ms = asked.elapsed().as_millis().min(u32::MAX as u128) as u32;
+        let reply = match answer {
+            Answer::Compress => v1::GetBlockReply::default(),
+            Answer::Found(Cached::Uncompressed) => v1::GetBlockReply {
+                found: true,
+                uncompressed: true,
+                compressed: Vec::new(),
+                waited_ms,
+            },
+            Answer::Found(Cached::Compressed(b)) => v1::GetBlockReply {
+                found: true,
+                uncompressed: false,
+                compressed: b,
+                waited_ms,
+            },
+        };
+        Ok(Response::new(reply))
+    }
+
+    async fn put_block(
+        &self,
+        req: Request<v1::PutBlockRequest>,
+    ) -> Result<Response<v1::PutBlockReply>, Status> {
+        let caller = self.sh.auth.check(&req, &[Role::Worker], "put blocks")?;
+        let r = req.into_inner();
+        let name = seen(&mut self.sh.lock(), &r.worker_id, &caller)?;
+        if self.sh.blocks.is_none() {
+            return Err(no_store());
+        }
+        let id = block_id(r.block)?;
+        let form = match (r.uncompressed, r.compressed.is_empty()) {
+            (true, true) => Cached::Uncompressed,
+            (false, false) => Cached::Compressed(r.compressed),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "a block is either compressed or not",
+                ));
+            }
+        };
+        let sh = self.sh.clone();
+        // Checking a form decompresses it: off the async threads.
+        let accepted = tokio::task::spawn_blocking(move || {
+            sh.blocks.as_ref().is_some_and(|b| b.put(&name, &id, &form))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(v1::PutBlockReply { accepted }))
     }
 
     async fn status(

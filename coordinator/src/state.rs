@@ -106,6 +106,8 @@ pub(crate) struct Shared {
     pub watchers: Arc<Semaphore>,
     /// A signal after the release ended: stop serving at once.
     pub stop_lingering: Notify,
+    /// The farm's block store, unless the RM turned it off.
+    pub blocks: Option<crate::blocks::Store>,
 }
 
 impl Shared {

@@ -22,6 +22,11 @@ pub struct Archive {
 
 impl Archive {
     pub fn make(releases: u32) -> Archive {
+        Archive::make_with(releases, &[])
+    }
+
+    /// [`Archive::make`] with more `iukfarm samples` options.
+    pub fn make_with(releases: u32, extra: &[&str]) -> Archive {
         let dir = tempfile::tempdir().unwrap();
         run(Command::new(iukfarm())
             .args([
@@ -32,7 +37,8 @@ impl Archive {
                 "1",
                 "--output-dir",
             ])
-            .arg(dir.path()));
+            .arg(dir.path())
+            .args(extra));
         Archive {
             dir,
             versions: (0..releases).map(|r| format!("6.{r}")).collect(),

@@ -336,6 +336,106 @@ fn a_corrupted_upload_is_detected_and_the_kit_built_again() {
     assert!(incoming.is_empty());
 }
 
+/// Sample releases whose IUKs share full blocks (a 2 MiB library changed
+/// in every release), with the local builds of their IUKs.
+fn shared_blocks_archive() -> &'static (Archive, Vec<(String, String)>) {
+    static A: OnceLock<(Archive, Vec<(String, String)>)> = OnceLock::new();
+    A.get_or_init(|| {
+        let a = Archive::make_with(4, &["--big-file-mib", "2"]);
+        iukfarm_tests::remove_at_exit(a.dir.path(), false);
+        let b = builds_of(&a, a.new_version(), a.sources());
+        (a, b)
+    })
+}
+
+/// Runs a lingering coordinator on [`shared_blocks_archive`] with
+/// `workers` (name, extra flags), each started once `ready` holds for the
+/// status so far; returns the final status. The kits must be the local
+/// builds' and no store may be left behind.
+fn release_with(
+    workers: &[(&str, &[&str])],
+    mut ready: impl FnMut(usize, &serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let (a, builds) = shared_blocks_archive();
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("release");
+    let key = gpg().secret_key.to_str().unwrap().to_string();
+    let (mut c, url) = coordinator(a, &out, &["--signing-key", &key, "--linger", "60s"]);
+    let url = format!("http://{url}");
+    let cache = d.path().join("cache");
+    let root = a.root().to_str().unwrap();
+    let mut ws = Vec::new();
+    for (i, (name, extra)) in workers.iter().enumerate() {
+        wait_until("the farm is ready for the next worker", LONG, || {
+            status(&url, &[]).is_some_and(|s| ready(i, &s))
+        });
+        let args = [&["--once", "--iso-root", root][..], extra].concat();
+        ws.push(worker(name, &url, &cache, &args));
+    }
+    wait_until("the release is over", LONG, || {
+        status(&url, &[]).is_some_and(|s| s["state"] == "succeeded")
+    });
+    let s = status(&url, &[]).unwrap();
+    run(Command::new(iukfarm()).args(["cancel", "--coordinator", &url]));
+    assert_eq!(code(&mut c), 0, "{}", c.log());
+    for w in &mut ws {
+        assert_eq!(code(w), 0, "{}", w.log());
+    }
+    assert_eq!(&iuks_in(&out), builds);
+    assert!(
+        !out.join(".iukfarm/blocks").exists(),
+        "the store is removed"
+    );
+    s
+}
+
+fn job_blocks(s: &serde_json::Value, field: &str) -> u64 {
+    (s["jobs"].as_array().unwrap().iter())
+        .map(|j| j["blocks"][field].as_u64().unwrap())
+        .sum()
+}
+
+#[test]
+fn the_farm_compresses_each_block_once_and_takes_no_wrong_block() {
+    let any = |_: usize, _: &serde_json::Value| true;
+    // One worker: every distinct block of the release compressed once.
+    let one = release_with(&[("solo", &[])], any);
+    let distinct = job_blocks(&one, "compressed");
+    assert!(job_blocks(&one, "from_cache") >= 4, "{one}");
+    assert_eq!(job_blocks(&one, "from_farm"), 0);
+
+    // Two workers with caches of their own, each holding a job before
+    // either builds: still once in the farm, the rest from the store.
+    let slow = ["--test-job-delay", "2s"];
+    let two = release_with(&[("w1", &slow), ("w2", &slow)], any);
+    let store = &two["block_store"];
+    assert_eq!(store["duplicates"], 0, "{store}");
+    assert_eq!(job_blocks(&two, "compressed"), distinct, "{two}");
+    assert!(job_blocks(&two, "from_farm") >= 2, "{two}");
+    assert_eq!(
+        store["served"].as_u64(),
+        Some(job_blocks(&two, "from_farm"))
+    );
+
+    // A lying worker: its first wrong block is refused, then nothing more is
+    // taken from it, and the kits are still the local builds' (checked in
+    // `release_with`).
+    let lied = release_with(
+        &[("liar", &["--test-lie-blocks"]), ("honest", &[])],
+        |i, s| {
+            i == 0
+                || (s["workers"].as_array().unwrap().iter())
+                    .any(|w| w["name"] == "liar" && w["bad_blocks"] == 1)
+        },
+    );
+    let store = &lied["block_store"];
+    assert!(store["refused"].as_u64().unwrap() >= 1, "{store}");
+    let liar = (lied["workers"].as_array().unwrap().iter())
+        .find(|w| w["name"] == "liar")
+        .unwrap();
+    assert_eq!(liar["bad_blocks"], 1, "{lied}");
+}
+
 #[test]
 fn reproduce_catches_a_non_deterministic_worker() {
     let a = archive();

@@ -160,6 +160,15 @@ async fn build_and_upload(
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         (cores / ctx.cfg.slots as usize).max(1)
     };
+    let shared = (job.block_store && !job.reproduction).then(|| {
+        Arc::new(crate::farm_blocks::FarmBlocks::new(
+            tokio::runtime::Handle::current(),
+            client.clone(),
+            worker_id,
+            &job.output_name,
+            ctx.cfg.test.lie_blocks,
+        ))
+    });
     let opts = BuildOptions {
         diff_name: job.diff_name.clone(),
         sde: job.source_date_epoch + u32::from(ctx.cfg.test.perturb),
@@ -171,6 +180,9 @@ async fn build_and_upload(
         } else {
             ctx.blocks.clone()
         },
+        shared: shared
+            .clone()
+            .map(|s| s as Arc<dyn iukfarm_engine::blockcache::SharedBlocks>),
     };
     let kit_path = dir.0.join("kit.iuk");
     let scratch_path = dir.0.join("diff.squashfs");
@@ -203,6 +215,16 @@ async fn build_and_upload(
     .map_err(|e| JobError::Transient(format!("the build crashed: {e}")))??;
     let build_seconds = built.elapsed().as_secs_f64();
     let (r, sha) = report;
+    if let Some(s) = &shared {
+        info!("{}: {}", job.output_name, s.summary());
+        if s.refused() > 0 {
+            warn!(
+                "{}: the block store refused {} of this worker's blocks",
+                job.output_name,
+                s.refused()
+            );
+        }
+    }
     upload(
         ctx,
         client,
@@ -233,6 +255,8 @@ fn block_counts(diff: &DataStats, kit: &DataStats) -> v1::BlockCounts {
         compressed_bytes: diff.compressed_bytes + kit.compressed_bytes,
         from_cache_bytes: diff.cache_hit_bytes + kit.cache_hit_bytes,
         copied_bytes: diff.copied_bytes + kit.copied_bytes,
+        from_farm: diff.shared_hits + kit.shared_hits,
+        from_farm_bytes: diff.shared_hit_bytes + kit.shared_hit_bytes,
     }
 }
 

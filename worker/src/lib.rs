@@ -4,6 +4,7 @@
 //! directory of the job's own, and streams the kit back.
 
 mod error;
+mod farm_blocks;
 mod isos;
 mod job;
 
@@ -35,6 +36,8 @@ pub struct TestHooks {
     pub job_delay: Duration,
     /// Stall the first upload this long after its first chunk.
     pub upload_pause: Duration,
+    /// Send the block store compressed blocks with a bit flipped.
+    pub lie_blocks: bool,
 }
 
 #[derive(Debug, Clone)]

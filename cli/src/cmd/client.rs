@@ -169,18 +169,42 @@ pub fn table(s: &v1::ReleaseStatus) -> String {
     }
     let counts: Vec<v1::BlockCounts> = s.jobs.iter().filter_map(|j| j.blocks).collect();
     if let Some((hits, all)) = hit_rate(&counts) {
+        let farm: u64 = counts.iter().map(|b| b.from_farm).sum();
         out.push_str(&format!(
-            "block cache: {hits} of {all} blocks ({}) taken from the workers' caches\n",
-            percent(Some((hits, all)))
+            "block cache: {hits} of {all} blocks ({}) taken from the workers' caches{}\n",
+            percent(Some((hits, all))),
+            if farm > 0 {
+                format!(" ({farm} of them from the farm's store)")
+            } else {
+                String::new()
+            }
+        ));
+    }
+    if let Some(b) = &s.block_store {
+        out.push_str(&format!(
+            "block store: {} blocks given to workers, {} stored ({} of {}), {} compressed twice, {} refused\n",
+            b.served,
+            b.stored,
+            human(b.bytes),
+            human(b.cap),
+            b.duplicates,
+            b.refused
+        ));
+    }
+    for w in s.workers.iter().filter(|w| w.bad_blocks > 0) {
+        out.push_str(&format!(
+            "worker {} sent {} wrong block(s): none was used, and no more are taken from it\n",
+            w.name, w.bad_blocks
         ));
     }
     out
 }
 
-/// (blocks from the cache, blocks compressed or from the cache); `None`
-/// when nothing was counted. Blocks copied by the fast profile are neither.
+/// (blocks not compressed again: from a worker's cache or the farm's store,
+/// all of those plus the blocks compressed); `None` when nothing was
+/// counted. Blocks copied by the fast profile are neither.
 fn hit_rate(counts: &[v1::BlockCounts]) -> Option<(u64, u64)> {
-    let hits: u64 = counts.iter().map(|b| b.from_cache).sum();
+    let hits: u64 = counts.iter().map(|b| b.from_cache + b.from_farm).sum();
     let all: u64 = hits + counts.iter().map(|b| b.compressed).sum::<u64>();
     (all > 0).then_some((hits, all))
 }
@@ -198,7 +222,8 @@ fn blocks_json(b: &Option<v1::BlockCounts>) -> serde_json::Value {
         Some(b) => serde_json::json!({
             "compressed": b.compressed, "from_cache": b.from_cache, "copied": b.copied,
             "compressed_bytes": b.compressed_bytes, "from_cache_bytes": b.from_cache_bytes,
-            "copied_bytes": b.copied_bytes,
+            "copied_bytes": b.copied_bytes, "from_farm": b.from_farm,
+            "from_farm_bytes": b.from_farm_bytes,
         }),
     }
 }
@@ -217,7 +242,7 @@ fn worker_json(w: &v1::WorkerStatus) -> serde_json::Value {
     serde_json::json!({
         "id": w.id, "name": w.name, "slots": w.slots, "busy": w.busy,
         "connected": w.connected, "last_seen_seconds": w.last_seen_seconds,
-        "jobs_done": w.jobs_done, "memory_bytes": w.memory_bytes,
+        "jobs_done": w.jobs_done, "memory_bytes": w.memory_bytes, "bad_blocks": w.bad_blocks,
     })
 }
 
@@ -242,6 +267,12 @@ pub fn status(a: StatusArgs) -> Result<ExitCode> {
                 "message": s.message, "output_dir": s.output_dir, "files": s.files,
                 "jobs": s.jobs.iter().map(job_json).collect::<Vec<_>>(),
                 "workers": s.workers.iter().map(worker_json).collect::<Vec<_>>(),
+                "block_store": s.block_store.as_ref().map(|b| serde_json::json!({
+                    "entries": b.entries, "bytes": b.bytes, "cap": b.cap, "served": b.served,
+                    "served_bytes": b.served_bytes, "stored": b.stored,
+                    "duplicates": b.duplicates, "refused": b.refused, "evicted": b.evicted,
+                    "expired_claims": b.expired_claims,
+                })),
             });
             println!("{}", serde_json::to_string_pretty(&v)?);
         } else {

@@ -62,6 +62,10 @@ pub struct SamplesArgs {
     /// Approximate size of each sample system in MiB.
     #[arg(long, default_value_t = 16)]
     scale: u64,
+    /// Add a library of this many MiB that changes in every release (like Tor Browser's
+    /// libxul.so): full blocks that every IUK of a release shares.
+    #[arg(long, value_name = "MIB", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1024))]
+    big_file_mib: u64,
     /// Compression threads (default: one per core).
     #[arg(short = 'j', long)]
     threads: Option<usize>,
@@ -86,6 +90,7 @@ pub fn samples(a: SamplesArgs) -> Result<ExitCode> {
         &a.output_dir,
         a.releases,
         a.scale,
+        a.big_file_mib,
         a.threads.unwrap_or(0),
         &reporter,
         |line| eprintln!("  {line}"),
@@ -132,7 +137,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
         "iukfarm demo: {} sample releases of ~{} MiB; IUKs from each older release to the newest",
         a.releases, a.scale
     );
-    let isos = samples::write_releases(&isos_dir, a.releases, a.scale, 0, &reporter, |line| {
+    let isos = samples::write_releases(&isos_dir, a.releases, a.scale, 0, 0, &reporter, |line| {
         println!("  {line}")
     })?;
     reporter.finish();
@@ -183,6 +188,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
         lease_timeout: Duration::from_secs(30),
         max_attempts: 3,
         linger: Duration::ZERO,
+        block_store: 0,
         verify_jobs: 1,
     };
     let website = a.output_dir.join("website");

@@ -112,6 +112,11 @@ pub struct ReleaseArgs {
     /// IUKs verified by applying them at the same time.
     #[arg(long, default_value_t = 1)]
     verify_jobs: usize,
+    /// Size cap of the farm's block store in <output-dir>/.iukfarm/blocks, where each block
+    /// one worker compressed waits for the others, so that the farm compresses it once
+    /// (0: none) [default: 4G for `coordinator`; none for `release`, whose workers share a cache].
+    #[arg(long, value_name = "SIZE", value_parser = super::parse_bytes)]
+    block_store_size: Option<u64>,
 }
 
 fn need<T>(v: Option<T>, flag: &str) -> Result<T, iukfarm_coordinator::Error> {
@@ -126,6 +131,7 @@ impl ReleaseArgs {
         self,
         listen: Option<String>,
         default_listen: &str,
+        default_store: u64,
     ) -> Result<Config, iukfarm_coordinator::Error> {
         use iukfarm_coordinator::Error as E;
         let f = match &self.release_file {
@@ -232,6 +238,7 @@ impl ReleaseArgs {
             max_attempts: self.max_attempts,
             linger: self.linger,
             verify_jobs: self.verify_jobs,
+            block_store: self.block_store_size.unwrap_or(default_store),
         })
     }
 }
@@ -293,10 +300,15 @@ fn on_signal(cancel: impl Fn(&str) + Send + Sync + 'static) {
     });
 }
 
+/// The coordinator's block store by default: about the compressed new
+/// blocks of Tails' largest IUK, three times over.
+const DEFAULT_BLOCK_STORE: u64 = 4 << 30;
+
 pub fn coordinator(a: CoordinatorArgs) -> Result<ExitCode> {
     let cfg = match a.release.config(
         a.listen,
         &format!("127.0.0.1:{}", iukfarm_proto::DEFAULT_PORT),
+        DEFAULT_BLOCK_STORE,
     ) {
         Ok(c) => c,
         Err(e) => return Ok(failed(e)),
@@ -373,7 +385,7 @@ pub fn release(a: ReleaseCmdArgs) -> Result<ExitCode> {
     let threads = a.threads;
     let plain = a.plain;
     let serves_clients = a.listen.is_some();
-    let cfg = match a.release.config(a.listen, "127.0.0.1:0") {
+    let cfg = match a.release.config(a.listen, "127.0.0.1:0", 0) {
         Ok(c) => c,
         Err(e) => return Ok(failed(e)),
     };
@@ -564,6 +576,8 @@ pub struct WorkerArgs {
     test_job_delay: Duration,
     #[arg(long, hide = true, default_value = "0s", value_parser = config::parse_duration)]
     test_upload_pause: Duration,
+    #[arg(long, hide = true)]
+    test_lie_blocks: bool,
 }
 
 pub fn worker(a: WorkerArgs) -> Result<ExitCode> {
@@ -599,6 +613,7 @@ pub fn worker(a: WorkerArgs) -> Result<ExitCode> {
             perturb: a.test_perturb,
             job_delay: a.test_job_delay,
             upload_pause: a.test_upload_pause,
+            lie_blocks: a.test_lie_blocks,
         },
     };
     super::block_on(async move {

@@ -1,0 +1,466 @@
+//! The farm's block store: compressed blocks any worker of this release
+//! made, for every other worker, so that a block of the new release is
+//! compressed once in the whole farm rather than once per worker.
+//!
+//! A worker asks for a block (by [`BlockId`]) before compressing it. The
+//! store answers with the stored form, or hands out a *claim*: compress it
+//! and put it here. A worker asking for a claimed block waits for the
+//! claimant's put, up to [`CLAIM_TTL`] after the claim; then the block is
+//! claimed afresh (a vanished claimant costs at most the blocks it held).
+//!
+//! Nothing is taken on trust: the key is derived here from the id, and a
+//! compressed form must decompress to exactly the block the id names
+//! ([`BlockId::admits`]). A worker that sends a wrong form has it and all
+//! its earlier forms dropped, and is neither given claims nor heard again
+//! for the rest of the release. Workers check what they receive as well.
+//!
+//! Forms are files under `.iukfarm/blocks/` (the index is in memory, a few
+//! dozen bytes per block), bounded by a size cap past which the least
+//! recently used go. The store lives as long as the release: it is emptied
+//! when a run starts and removed when the release ends.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use iukfarm_engine::blockcache::{BlockId, BlockKey, Cached, MAX_BLOCK};
+use tokio::sync::Notify;
+use tracing::warn;
+
+/// How long a claim keeps other workers waiting for its put.
+pub const CLAIM_TTL: Duration = Duration::from_secs(20);
+/// The longest one `get` call waits before answering "compress it".
+pub const MAX_WAIT: Duration = Duration::from_secs(10);
+
+/// What the store answers a worker asking for a block.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Answer {
+    Found(Cached),
+    /// Compress it here (the caller holds the claim, if it may have one).
+    Compress,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    pub entries: u64,
+    /// What the entries take: their files and the index.
+    pub bytes: u64,
+    pub cap: u64,
+    /// Forms given to workers, and their uncompressed bytes.
+    pub served: u64,
+    pub served_bytes: u64,
+    /// Forms accepted.
+    pub stored: u64,
+    /// Puts of a block the store had already been given: compressed twice.
+    pub duplicates: u64,
+    /// Forms refused (wrong, or from a worker no longer heard).
+    pub refused: u64,
+    pub evicted: u64,
+    /// Claims that ran out before their put.
+    pub expired_claims: u64,
+}
+
+struct Entry {
+    /// 0 for the "stored uncompressed" marker, which has no file.
+    len: u64,
+    raw_len: u64,
+    from: String,
+    used: u64,
+}
+
+struct Claim {
+    worker: String,
+    at: Instant,
+}
+
+#[derive(Default)]
+struct Inner {
+    entries: HashMap<BlockKey, Entry>,
+    /// Entries by last use, oldest first.
+    lru: BTreeMap<u64, BlockKey>,
+    claims: HashMap<BlockKey, Claim>,
+    /// Every key ever accepted, to count blocks compressed twice even
+    /// after their form was evicted.
+    seen: HashSet<BlockKey>,
+    /// Workers that sent a wrong form, with the count.
+    bad: HashMap<String, u64>,
+    seq: u64,
+    stats: StoreStats,
+}
+
+pub struct Store {
+    dir: PathBuf,
+    inner: Mutex<Inner>,
+    put_done: Notify,
+}
+
+impl Store {
+    /// A store in `dir`, bounded to `cap` bytes of forms; nothing is
+    /// touched on disk before [`reset`](Store::reset).
+    pub fn new(dir: PathBuf, cap: u64) -> Store {
+        let inner = Inner {
+            stats: StoreStats {
+                cap,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        Store {
+            dir,
+            inner: Mutex::new(inner),
+            put_done: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Empties the store's directory (forms of an earlier run are not
+    /// trusted: the workers that made them are gone).
+    pub fn reset(&self) -> std::io::Result<()> {
+        match std::fs::remove_dir_all(&self.dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        std::fs::create_dir_all(&self.dir)
+    }
+
+    /// Removes the store's files; the counters stay.
+    pub fn close(&self) {
+        let mut g = self.lock();
+        g.entries.clear();
+        g.lru.clear();
+        g.claims.clear();
+        g.stats.entries = 0;
+        g.stats.bytes = 0;
+        drop(g);
+        if let Err(e) = std::fs::remove_dir_all(&self.dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            warn!("removing {}: {e}", self.dir.display());
+        }
+    }
+
+    pub fn stats(&self) -> StoreStats {
+        self.lock().stats
+    }
+
+    /// Wrong forms `worker` sent.
+    pub fn bad_blocks(&self, worker: &str) -> u64 {
+        self.lock().bad.get(worker).copied().unwrap_or(0)
+    }
+
+    fn path(&self, key: &BlockKey) -> PathBuf {
+        self.dir.join(key.hex())
+    }
+
+    /// The stored form of `id`, or a claim on it for `worker`.
+    pub async fn get(&self, worker: &str, id: &BlockId) -> Answer {
+        if id.len == 0 || id.len > MAX_BLOCK {
+            return Answer::Compress;
+        }
+        let key = id.key();
+        let asked = Instant::now();
+        loop {
+            let waiting = self.put_done.notified();
+            tokio::pin!(waiting);
+            // Registered before the state is looked at: no put is missed.
+            waiting.as_mut().enable();
+            let until = {
+                let mut g = self.lock();
+                if let Some(form) = self.take(&mut g, &key) {
+                    return Answer::Found(form);
+                }
+                let now = Instant::now();
+                let theirs = g.claims.get(&key).filter(|c| c.worker != worker);
+                match theirs {
+                    Some(c) if now < c.at + CLAIM_TTL && now < asked + MAX_WAIT => {
+                        (c.at + CLAIM_TTL).min(asked + MAX_WAIT)
+                    }
+                    _ => {
+                        if theirs.is_some() {
+                            g.stats.expired_claims += 1;
+                        }
+                        if g.bad.contains_key(worker) {
+                            g.claims.remove(&key);
+                        } else {
+                            g.claims.insert(
+                                key,
+                                Claim {
+                                    worker: worker.to_string(),
+                                    at: now,
+                                },
+                            );
+                        }
+                        return Answer::Compress;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout_at(until.into(), waiting).await;
+        }
+    }
+
+    /// The form of `key` if stored and readable (a file gone or damaged
+    /// is dropped, and the block compressed again).
+    fn take(&self, g: &mut Inner, key: &BlockKey) -> Option<Cached> {
+        let e = g.entries.get(key)?;
+        let (len, raw_len) = (e.len, e.raw_len);
+        let form = if len == 0 {
+            Some(Cached::Uncompressed)
+        } else {
+            std::fs::read(self.path(key))
+                .ok()
+                .filter(|b| b.len() as u64 == len)
+                .map(Cached::Compressed)
+        };
+        match form {
+            Some(f) => {
+                g.seq += 1;
+                let seq = g.seq;
+                if let Some(e) = g.entries.get_mut(key) {
+                    let old = std::mem::replace(&mut e.used, seq);
+                    g.lru.remove(&old);
+                    g.lru.insert(seq, *key);
+                }
+                g.stats.served += 1;
+                g.stats.served_bytes += raw_len;
+                Some(f)
+            }
+            None => {
+                self.remove(g, key);
+                None
+            }
+        }
+    }
+
+    /// Takes `worker`'s form of `id` if it is sound; `false` if refused.
+    /// Checking decompresses the form: call it off the async threads.
+    pub fn put(&self, worker: &str, id: &BlockId, form: &Cached) -> bool {
+        let key = id.key();
+        let banned = self.lock().bad.contains_key(worker);
+        let sound = !banned && id.admits(form);
+        let mut g = self.lock();
+        if g.claims.get(&key).is_some_and(|c| c.worker == worker) {
+            g.claims.remove(&key);
+        }
+        let accepted = if banned {
+            g.stats.refused += 1;
+            false
+        } else if !sound {
+            self.ban(&mut g, worker);
+            false
+        } else if !g.seen.insert(key) {
+            g.stats.duplicates += 1;
+            true
+        } else {
+            self.insert(&mut g, worker, key, id.len, form);
+            true
+        };
+        drop(g);
+        self.put_done.notify_waiters();
+        accepted
+    }
+
+    fn ban(&self, g: &mut Inner, worker: &str) {
+        g.stats.refused += 1;
+        let n = g.bad.entry(worker.to_string()).or_insert(0);
+        *n += 1;
+        if *n > 1 {
+            return;
+        }
+        warn!(
+            "worker {worker} sent a compressed block that is not the block it names: \
+             its blocks are dropped and no more are taken from it in this release"
+        );
+        let theirs: Vec<BlockKey> = (g.entries.iter())
+            .filter(|(_, e)| e.from == worker)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in theirs {
+            self.remove(g, &k);
+            // Someone else's put of it will be a first again.
+            g.seen.remove(&k);
+        }
+        g.claims.retain(|_, c| c.worker != worker);
+    }
+
+    fn insert(&self, g: &mut Inner, worker: &str, key: BlockKey, raw_len: u64, form: &Cached) {
+        let len = match form {
+            Cached::Uncompressed => 0,
+            Cached::Compressed(b) => {
+                let tmp = self.dir.join(format!("{}.tmp", key.hex()));
+                let written =
+                    std::fs::write(&tmp, b).and_then(|_| std::fs::rename(&tmp, self.path(&key)));
+                if let Err(e) = written {
+                    let _ = std::fs::remove_file(&tmp);
+                    warn!("block store: {e}");
+                    g.seen.remove(&key);
+                    return;
+                }
+                b.len() as u64
+            }
+        };
+        g.seq += 1;
+        let used = g.seq;
+        g.entries.insert(
+            key,
+            Entry {
+                len,
+                raw_len,
+                from: worker.to_string(),
+                used,
+            },
+        );
+        g.lru.insert(used, key);
+        g.stats.entries += 1;
+        g.stats.bytes += charge(len);
+        g.stats.stored += 1;
+        while g.stats.bytes > g.stats.cap {
+            let Some((_, oldest)) = g.lru.first_key_value().map(|(s, k)| (*s, *k)) else {
+                break;
+            };
+            self.remove(g, &oldest);
+            g.stats.evicted += 1;
+        }
+    }
+
+    fn remove(&self, g: &mut Inner, key: &BlockKey) {
+        if let Some(e) = g.entries.remove(key) {
+            g.lru.remove(&e.used);
+            g.stats.entries -= 1;
+            g.stats.bytes -= charge(e.len);
+            if e.len > 0 {
+                let _ = std::fs::remove_file(self.path(key));
+            }
+        }
+    }
+
+    /// Drops the claims of a worker that is gone, so that nobody waits for
+    /// them.
+    pub fn forget(&self, worker: &str) {
+        let mut g = self.lock();
+        g.claims.retain(|_, c| c.worker != worker);
+        drop(g);
+        self.put_done.notify_waiters();
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+/// What an entry counts against the cap: its file and its share of the
+/// index, so that markers (which have no file) are bounded too.
+fn charge(len: u64) -> u64 {
+    len + 128
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use iukfarm_engine::sqfs::compress::XzConfig;
+
+    fn block(seed: u8) -> (BlockId, Cached) {
+        let cfg = XzConfig::for_block_size(131072);
+        let data: Vec<u8> = (0..100_000u32)
+            .map(|i| ((i.wrapping_mul(2654435761) >> 13) as u8 ^ seed) % 7)
+            .collect();
+        let form = Cached::Compressed(cfg.compress(&data).unwrap().unwrap());
+        (BlockId::new(&cfg, &data), form)
+    }
+
+    fn store(cap: u64) -> (tempfile::TempDir, Store) {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::new(d.path().join("blocks"), cap);
+        s.reset().unwrap();
+        (d, s)
+    }
+
+    #[tokio::test]
+    async fn a_block_is_claimed_once_then_served() {
+        let (_d, s) = store(1 << 30);
+        let (id, form) = block(1);
+        assert_eq!(s.get("w1", &id).await, Answer::Compress);
+        // w2 waits for w1's put.
+        let (got, ()) = tokio::join!(s.get("w2", &id), async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            assert!(s.put("w1", &id, &form));
+        });
+        assert_eq!(got, Answer::Found(form.clone()));
+        assert_eq!(s.get("w3", &id).await, Answer::Found(form.clone()));
+        // A second put of the same block was compressed twice.
+        assert!(s.put("w2", &id, &form));
+        let st = s.stats();
+        assert_eq!(
+            (st.stored, st.served, st.duplicates, st.refused),
+            (1, 2, 1, 0)
+        );
+        assert_eq!(st.served_bytes, 2 * id.len);
+    }
+
+    #[tokio::test]
+    async fn a_vanished_claimant_is_not_waited_for() {
+        let (_d, s) = store(1 << 30);
+        let (id, _) = block(2);
+        assert_eq!(s.get("w1", &id).await, Answer::Compress);
+        s.forget("w1");
+        let t = Instant::now();
+        assert_eq!(s.get("w2", &id).await, Answer::Compress);
+        assert!(t.elapsed() < Duration::from_secs(1));
+    }
+
+    #[tokio::test]
+    async fn a_wrong_form_is_refused_and_its_sender_no_longer_heard() {
+        let (_d, s) = store(1 << 30);
+        let (id1, form1) = block(3);
+        let (id2, form2) = block(4);
+        assert!(s.put("liar", &id1, &form1));
+        let Cached::Compressed(mut bad) = form2.clone() else {
+            unreachable!()
+        };
+        let n = bad.len() / 2;
+        bad[n] ^= 1;
+        assert!(!s.put("liar", &id2, &Cached::Compressed(bad)));
+        assert_eq!(s.bad_blocks("liar"), 1);
+        // A sound form, but under another block's id.
+        assert!(!s.put("liar2", &id2, &form1));
+        assert_eq!(s.bad_blocks("liar2"), 1);
+        // Once refused, not heard again, whatever it sends.
+        assert!(!s.put("liar", &id2, &form2));
+        // Its earlier, sound-looking form is dropped too; no claims for it.
+        assert_eq!(s.get("liar", &id1).await, Answer::Compress);
+        assert_eq!(s.get("honest", &id1).await, Answer::Compress);
+        assert!(s.put("honest", &id1, &form1));
+        assert_eq!(s.get("liar", &id1).await, Answer::Found(form1));
+        let st = s.stats();
+        assert_eq!((st.refused, st.duplicates, st.entries), (3, 0, 1));
+        assert_eq!(s.bad_blocks("liar"), 1);
+    }
+
+    #[tokio::test]
+    async fn the_store_stays_within_its_cap() {
+        let (_d, s) = store(0);
+        let forms: Vec<_> = (10..16).map(block).collect();
+        let one = match &forms[0].1 {
+            Cached::Compressed(b) => charge(b.len() as u64),
+            Cached::Uncompressed => unreachable!(),
+        };
+        let s = Store::new(s.dir().to_path_buf(), 2 * one + one / 2);
+        s.reset().unwrap();
+        for (id, f) in &forms {
+            assert!(s.put("w", id, f));
+            assert!(s.stats().bytes <= s.stats().cap);
+        }
+        let st = s.stats();
+        assert_eq!((st.entries, st.evicted), (2, 4));
+        assert_eq!(std::fs::read_dir(s.dir()).unwrap().count(), 2);
+        assert_eq!(
+            s.get("w", &forms[5].0).await,
+            Answer::Found(forms[5].1.clone())
+        );
+        s.close();
+        assert!(!s.dir().exists());
+    }
+}

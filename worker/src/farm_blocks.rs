@@ -1,0 +1,257 @@
+//! The coordinator's block store as the engine sees it ([`SharedBlocks`]):
+//! one job's view, asked from the compression threads.
+//!
+//! Sharing must never make a job slower than compressing alone, so the
+//! job measures both sides and stops asking when the network loses: once
+//! at least [`SAMPLES`] blocks of each kind were seen, it falls back to
+//! compressing alone when
+//! * taking a block from the store costs more per byte than compressing
+//!   one here (time spent waiting for another worker's compression does
+//!   not count: that is work saved, not network), or
+//! * the store's overhead on blocks compressed here (asking, then sending
+//!   the result) exceeds half of the time compressing them.
+//!
+//! A call that fails (the coordinator gone, the link cut) also ends the
+//! sharing for this job: the build goes on alone.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use iukfarm_engine::blockcache::{BlockId, BlockKey, Cached, SharedBlocks};
+use iukfarm_proto::{FarmClient, v1};
+use tracing::{info, warn};
+
+/// Blocks of each kind measured before the fallback rule is applied.
+pub const SAMPLES: u64 = 16;
+/// The longest a call may take (the store itself waits at most 10 s).
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Default)]
+struct Costs {
+    /// Blocks taken from the store: their uncompressed bytes and the
+    /// network's share of the time.
+    found: u64,
+    found_bytes: u64,
+    found_ns: u128,
+    /// Blocks compressed here: bytes, compression time, and the time the
+    /// store cost them (the miss, then the put).
+    compressed: u64,
+    compressed_bytes: u64,
+    compress_ns: u128,
+    overhead_ns: u128,
+    /// Blocks asked for and missed, with the time of the answer.
+    pending: HashMap<BlockKey, (Instant, Duration)>,
+}
+
+pub struct FarmBlocks {
+    rt: tokio::runtime::Handle,
+    client: FarmClient,
+    worker_id: String,
+    job: String,
+    /// Test hook: send wrong forms.
+    lie: bool,
+    off: AtomicBool,
+    costs: Mutex<Costs>,
+    refused: AtomicU64,
+    rejected: AtomicU64,
+}
+
+impl std::fmt::Debug for FarmBlocks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FarmBlocks({})", self.job)
+    }
+}
+
+impl FarmBlocks {
+    pub fn new(
+        rt: tokio::runtime::Handle,
+        client: FarmClient,
+        worker_id: &str,
+        job: &str,
+        lie: bool,
+    ) -> FarmBlocks {
+        FarmBlocks {
+            rt,
+            client,
+            worker_id: worker_id.to_string(),
+            job: job.to_string(),
+            lie,
+            off: AtomicBool::new(false),
+            costs: Mutex::new(Costs::default()),
+            refused: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+        }
+    }
+
+    fn costs(&self) -> std::sync::MutexGuard<'_, Costs> {
+        self.costs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn stop(&self, why: &str) {
+        if !self.off.swap(true, Ordering::SeqCst) {
+            info!("{}: compressing alone from now on: {why}", self.job);
+        }
+    }
+
+    fn call<T>(
+        &self,
+        what: &str,
+        f: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> Option<T> {
+        match self
+            .rt
+            .block_on(async { tokio::time::timeout(CALL_TIMEOUT, f).await })
+        {
+            Ok(Ok(r)) => Some(r.into_inner()),
+            Ok(Err(s)) => {
+                self.stop(&format!("the block store's {what}: {}", s.message()));
+                None
+            }
+            Err(_) => {
+                self.stop(&format!("the block store's {what}: no answer"));
+                None
+            }
+        }
+    }
+
+    /// Applies the fallback rule (see the module documentation).
+    fn judge(&self, c: &Costs) {
+        if c.found >= SAMPLES && c.compressed >= SAMPLES {
+            // ns per byte, compared as cross products.
+            let fetch = c.found_ns * c.compressed_bytes as u128;
+            let compress = c.compress_ns * c.found_bytes as u128;
+            if fetch > compress {
+                self.stop(&format!(
+                    "taking a block from the store ({:.0} MB/s) is slower than compressing it ({:.0} MB/s)",
+                    mb_per_s(c.found_bytes, c.found_ns),
+                    mb_per_s(c.compressed_bytes, c.compress_ns)
+                ));
+            }
+        }
+        if c.compressed >= SAMPLES && c.overhead_ns * 2 > c.compress_ns {
+            self.stop(&format!(
+                "the store costs {:.0}% of the compression time",
+                100.0 * c.overhead_ns as f64 / c.compress_ns.max(1) as f64
+            ));
+        }
+    }
+
+    /// What the job's log says when it ends.
+    pub fn summary(&self) -> String {
+        let c = self.costs();
+        format!(
+            "block store: {} blocks taken ({:.1} MiB), {} compressed here and shared{}{}",
+            c.found,
+            c.found_bytes as f64 / 1048576.0,
+            c.compressed,
+            match self.rejected.load(Ordering::Relaxed) {
+                0 => String::new(),
+                n => format!(", {n} wrong forms received and not used"),
+            },
+            if self.off.load(Ordering::SeqCst) {
+                " (then alone)"
+            } else {
+                ""
+            }
+        )
+    }
+
+    /// Forms the store refused (this worker sent wrong ones).
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+}
+
+fn mb_per_s(bytes: u64, ns: u128) -> f64 {
+    bytes as f64 * 1000.0 / ns.max(1) as f64
+}
+
+fn block_ref(id: &BlockId) -> v1::BlockRef {
+    v1::BlockRef {
+        settings: id.settings.to_vec(),
+        len: id.len,
+        data_sha256: id.data.to_vec(),
+    }
+}
+
+impl SharedBlocks for FarmBlocks {
+    fn get(&self, id: &BlockId, key: &BlockKey) -> Option<Cached> {
+        if self.off.load(Ordering::SeqCst) {
+            return None;
+        }
+        let t = Instant::now();
+        let mut client = self.client.clone();
+        let req = v1::GetBlockRequest {
+            worker_id: self.worker_id.clone(),
+            block: Some(block_ref(id)),
+        };
+        let r = self.call("get", client.get_block(req))?;
+        let took = t.elapsed();
+        let mut c = self.costs();
+        if !r.found {
+            c.pending.insert(*key, (Instant::now(), took));
+            return None;
+        }
+        let waited = Duration::from_millis(r.waited_ms.into());
+        c.found += 1;
+        c.found_bytes += id.len;
+        c.found_ns += took.saturating_sub(waited).as_nanos();
+        self.judge(&c);
+        Some(if r.uncompressed {
+            Cached::Uncompressed
+        } else {
+            Cached::Compressed(r.compressed)
+        })
+    }
+
+    fn put(&self, id: &BlockId, key: &BlockKey, value: &Cached) {
+        let Some((asked, miss)) = self.costs().pending.remove(key) else {
+            // Not asked (sharing was off then): nothing to measure or send.
+            return;
+        };
+        if self.off.load(Ordering::SeqCst) {
+            return;
+        }
+        let compress = asked.elapsed();
+        let (uncompressed, mut compressed) = match value {
+            Cached::Uncompressed => (true, Vec::new()),
+            Cached::Compressed(b) => (false, b.clone()),
+        };
+        if self.lie && !compressed.is_empty() {
+            let n = compressed.len() / 2;
+            compressed[n] ^= 0x20;
+        }
+        let t = Instant::now();
+        let mut client = self.client.clone();
+        let req = v1::PutBlockRequest {
+            worker_id: self.worker_id.clone(),
+            block: Some(block_ref(id)),
+            uncompressed,
+            compressed,
+        };
+        let Some(r) = self.call("put", client.put_block(req)) else {
+            return;
+        };
+        if !r.accepted {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut c = self.costs();
+        c.compressed += 1;
+        c.compressed_bytes += id.len;
+        c.compress_ns += compress.as_nanos();
+        c.overhead_ns += (miss + t.elapsed()).as_nanos();
+        self.judge(&c);
+    }
+
+    fn rejected(&self, _: &BlockId, _: &BlockKey) {
+        if self.rejected.fetch_add(1, Ordering::Relaxed) == 0 {
+            warn!(
+                "{}: the block store gave a form that is not the block it names; \
+                 compressed here instead",
+                self.job
+            );
+        }
+    }
+}
