@@ -47,9 +47,13 @@ pub struct StoreStats {
     /// What the entries take: their files and the index.
     pub bytes: u64,
     pub cap: u64,
-    /// Forms given to workers, and their uncompressed bytes.
+    /// Forms given to workers, their uncompressed bytes, and the bytes
+    /// sent (what crossed the network).
     pub served: u64,
     pub served_bytes: u64,
+    pub sent_bytes: u64,
+    /// Bytes of the forms workers put (duplicates and refused ones too).
+    pub received_bytes: u64,
     /// Forms accepted.
     pub stored: u64,
     /// Puts of a block the store had already been given: compressed twice.
@@ -226,6 +230,7 @@ impl Store {
                 }
                 g.stats.served += 1;
                 g.stats.served_bytes += raw_len;
+                g.stats.sent_bytes += len;
                 Some(f)
             }
             None => {
@@ -242,6 +247,9 @@ impl Store {
         let banned = self.lock().bad.contains_key(worker);
         let sound = !banned && id.admits(form);
         let mut g = self.lock();
+        if let Cached::Compressed(b) = form {
+            g.stats.received_bytes += b.len() as u64;
+        }
         if g.claims.get(&key).is_some_and(|c| c.worker == worker) {
             g.claims.remove(&key);
         }

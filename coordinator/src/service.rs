@@ -190,6 +190,8 @@ pub(crate) fn status(sh: &Shared) -> v1::ReleaseStatus {
                 refused: s.refused,
                 evicted: s.evicted,
                 expired_claims: s.expired_claims,
+                sent_bytes: s.sent_bytes,
+                received_bytes: s.received_bytes,
             }
         }),
     }

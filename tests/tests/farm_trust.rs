@@ -783,6 +783,8 @@ fn certificates_say_who_is_who() {
             &p("revoked"),
             "--reproduce",
             "1",
+            "--linger",
+            "60s",
         ],
     );
     let port = addr.rsplit(':').next().unwrap();
@@ -898,9 +900,33 @@ fn certificates_say_who_is_who() {
             .await
             .unwrap_err();
         assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+        // Nor put or get blocks under it.
+        let block = v1::BlockRef {
+            settings: vec![1; 32],
+            len: 4096,
+            data_sha256: vec![2; 32],
+        };
+        let e = evil
+            .put_block(v1::PutBlockRequest {
+                worker_id: w1_id.clone(),
+                block: Some(block.clone()),
+                uncompressed: false,
+                compressed: vec![0xFD; 100],
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+        let e = evil
+            .get_block(v1::GetBlockRequest {
+                worker_id: w1_id.clone(),
+                block: Some(block.clone()),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
         // Claiming w1's name registers "evil": the certificate decides.
         let fp = iukfarm_engine::fingerprint::fingerprint();
-        evil.register(v1::RegisterRequest {
+        let evil_id = evil.register(v1::RegisterRequest {
             protocol: PROTOCOL_VERSION,
             name: "w1".into(),
             fingerprint: Some(v1::Fingerprint {
@@ -913,10 +939,55 @@ fn certificates_say_who_is_who() {
             memory_bytes: 1 << 30,
         })
         .await
-        .unwrap();
+        .unwrap()
+        .into_inner()
+        .worker_id;
         let e = evil.cancel(v1::CancelRequest::default()).await.unwrap_err();
         assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+        // Under its own id: a malformed block id, a form that is both
+        // compressed and not, then a form that is not the block it names.
+        let e = evil
+            .get_block(v1::GetBlockRequest {
+                worker_id: evil_id.clone(),
+                block: Some(v1::BlockRef {
+                    settings: vec![1; 5],
+                    ..block.clone()
+                }),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        let e = evil
+            .put_block(v1::PutBlockRequest {
+                worker_id: evil_id.clone(),
+                block: Some(block.clone()),
+                uncompressed: true,
+                compressed: vec![0xFD; 100],
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        let r = evil
+            .put_block(v1::PutBlockRequest {
+                worker_id: evil_id.clone(),
+                block: Some(block.clone()),
+                uncompressed: false,
+                compressed: vec![0xFD; 100],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!r.accepted);
     });
+    wait_until("the release is over", LONG, || {
+        rm_status().is_some_and(|s| s["state"] == "succeeded")
+    });
+    let s = rm_status().unwrap();
+    let evil = (s["workers"].as_array().unwrap().iter())
+        .find(|w| w["name"] == "evil")
+        .unwrap();
+    assert_eq!(evil["bad_blocks"], 1, "{s}");
+    assert!(client(Some("rm"), &["cancel"]).status.success());
 
     assert_eq!(code(&mut c), 0, "{}", c.log());
     assert_eq!(code(&mut w1), 0, "{}", w1.log());

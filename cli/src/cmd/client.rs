@@ -271,7 +271,8 @@ pub fn status(a: StatusArgs) -> Result<ExitCode> {
                     "entries": b.entries, "bytes": b.bytes, "cap": b.cap, "served": b.served,
                     "served_bytes": b.served_bytes, "stored": b.stored,
                     "duplicates": b.duplicates, "refused": b.refused, "evicted": b.evicted,
-                    "expired_claims": b.expired_claims,
+                    "expired_claims": b.expired_claims, "sent_bytes": b.sent_bytes,
+                    "received_bytes": b.received_bytes,
                 })),
             });
             println!("{}", serde_json::to_string_pretty(&v)?);
@@ -722,5 +723,55 @@ mod tests {
             "{t}"
         );
         assert_eq!(hit_rate(&[]), None);
+        assert!(!t.contains("block store"), "{t}");
+    }
+
+    #[test]
+    fn table_shows_the_block_store_and_lying_workers() {
+        let s = v1::ReleaseStatus {
+            jobs: vec![v1::JobStatus {
+                state: "done".into(),
+                blocks: Some(v1::BlockCounts {
+                    compressed: 2,
+                    from_cache: 1,
+                    from_farm: 5,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            workers: vec![
+                v1::WorkerStatus {
+                    name: "honest".into(),
+                    ..Default::default()
+                },
+                v1::WorkerStatus {
+                    name: "liar".into(),
+                    bad_blocks: 1,
+                    ..Default::default()
+                },
+            ],
+            block_store: Some(v1::BlockStoreStatus {
+                served: 5,
+                stored: 2,
+                bytes: 3 << 20,
+                cap: 4 << 30,
+                refused: 3,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let t = table(&s);
+        assert!(
+            t.contains("block cache: 6 of 8 blocks (75%) taken from the workers' caches (5 of them from the farm's store)"),
+            "{t}"
+        );
+        assert!(
+            t.contains("block store: 5 blocks given to workers, 2 stored (3.0M of 4.0G), 0 compressed twice, 3 refused"),
+            "{t}"
+        );
+        assert!(
+            t.contains("worker liar sent 1 wrong block(s)") && !t.contains("worker honest"),
+            "{t}"
+        );
     }
 }

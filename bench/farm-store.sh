@@ -1,0 +1,172 @@
+#!/bin/bash
+# The farm's block store (issue 12, items 1 and 3):
+#
+#   bench/farm-store.sh [MIB]                 # results in target/farm-store-bench.txt
+#   sudo bench/farm-store.sh [MIB] --link RATE  # the workers behind a link capped at RATE
+#                                               # (tc tbf, e.g. 100mbit), in network namespaces
+#
+# A release of 3 sources (sample releases with a library of MIB MiB, default
+# 64, that changes in every release, like Tor Browser's libxul.so: the
+# blocks every IUK of a release shares). Three farms build it side by side,
+# each worker a separate process pinned to a core of its own (taskset) with
+# one compression thread:
+#   1 worker;  2 workers sharing the coordinator's block store;  2 workers
+#   without it (--block-store-size 0).
+# Printed per farm: wall time, CPU seconds of the whole farm (workers and
+# coordinator), blocks compressed (summed over the kits), blocks compressed
+# twice, MiB of blocks that crossed the network (to and from the store; the
+# workers have the ISO archive, and kits go up either way), the ratios the issue asks
+# for. Kits must be the same bytes in every farm.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mib=${1:-64}
+link=
+if [ "${2:-}" = --link ]; then
+    link=${3:?--link needs a rate, e.g. 100mbit}
+    [ "$(id -u)" = 0 ] || { echo "farm-store.sh: --link needs root (network namespaces)" >&2; exit 2; }
+fi
+out=target/farm-store-bench.txt
+for t in gpg taskset /usr/bin/time python3; do
+    command -v "$t" >/dev/null || { echo "farm-store.sh: $t is missing" >&2; exit 2; }
+done
+[ -z "$link" ] || for t in ip tc; do
+    command -v "$t" >/dev/null || { echo "farm-store.sh: $t is missing (iproute2)" >&2; exit 2; }
+done
+cargo build --release -q -p iukfarm -p iukfarm-tests --bin delay-proxy
+bin=$PWD/target/release/iukfarm
+proxy=$PWD/target/release/delay-proxy
+work=$(mktemp -d /var/tmp/farm-store.XXXXXX)
+nets=()
+cleanup() {
+    jobs -p | xargs -r kill 2>/dev/null || true
+    wait 2>/dev/null || true
+    for n in "${nets[@]}"; do ip netns del "$n" 2>/dev/null || true; done
+    [ -z "$link" ] || ip link del iukb-br 2>/dev/null || true
+    gpgconf --homedir "$work/gnupg" --kill gpg-agent 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+echo "== sample releases (4, a ${mib} MiB library changed in each)"
+"$bin" samples --releases 4 --scale 8 --big-file-mib "$mib" --output-dir "$work/isos" 2>/dev/null
+mkdir -m 700 "$work/gnupg"
+g() { gpg --homedir "$work/gnupg" --batch --pinentry-mode loopback --passphrase '' "$@"; }
+g --quick-gen-key "farm-store bench <bench@example.invalid>" ed25519 sign never 2>/dev/null
+g --armor --export-secret-keys > "$work/key.asc"
+
+# Workers reach the coordinator at $addr: loopback, or through the capped
+# veth of their namespace (the coordinator keeps listening on loopback; a
+# proxy in the root namespace forwards the bridge's port to it).
+if [ -n "$link" ]; then
+    ip link add iukb-br type bridge
+    ip addr add 10.231.0.1/24 dev iukb-br
+    ip link set iukb-br up
+    for n in 1 2; do
+        ns=iukb-w$n
+        ip netns add "$ns"
+        nets+=("$ns")
+        ip link add "iukb-v$n" type veth peer name eth0 netns "$ns"
+        ip link set "iukb-v$n" master iukb-br up
+        ip -n "$ns" addr add "10.231.0.1$n/24" dev eth0
+        ip -n "$ns" link set eth0 up
+        ip -n "$ns" link set lo up
+        # Both directions capped: the worker's egress, and its ingress at
+        # the bridge port.
+        ip netns exec "$ns" tc qdisc add dev eth0 root tbf rate "$link" burst 64kb latency 200ms
+        tc qdisc add dev "iukb-v$n" root tbf rate "$link" burst 64kb latency 200ms
+    done
+fi
+
+# farm NAME WORKERS [coordinator flags...]
+farm() {
+    local name=$1 workers=$2
+    shift 2
+    local d=$work/$name
+    mkdir -p "$d"
+    /usr/bin/time -f "%e %U %S" -o "$d/coordinator.time" \
+        "$bin" coordinator --new-version 6.3 --source-versions "6.0 6.1 6.2" \
+        --source-date-epoch 1730285444 --iso-root "$work/isos" --output-dir "$d/release" \
+        --listen 127.0.0.1:0 --signing-key "$work/key.asc" --linger 60s "$@" \
+        2> "$d/coordinator.log" &
+    local port=
+    for _ in $(seq 600); do
+        port=$(sed -n 's/.*listening on 127.0.0.1:\([0-9]*\).*/\1/p' "$d/coordinator.log")
+        [ -n "$port" ] && break
+        sleep 0.1
+    done
+    [ -n "$port" ] || { cat "$d/coordinator.log" >&2; exit 1; }
+    local url=http://127.0.0.1:$port proxy_pid=
+    if [ -n "$link" ]; then
+        "$proxy" 10.231.0.1:$((port + 1)) "127.0.0.1:$port" 0 2> "$d/proxy.log" &
+        proxy_pid=$!
+        url=http://10.231.0.1:$((port + 1))
+        sleep 0.3
+    fi
+    local t0 pids=()
+    t0=$(date +%s.%N)
+    for n in $(seq "$workers"); do
+        local run=()
+        [ -z "$link" ] || run=(ip netns exec "iukb-w$n")
+        /usr/bin/time -f "%e %U %S" -o "$d/w$n.time" \
+            "${run[@]}" taskset -c $((n - 1)) "$bin" worker --name "w$n" --coordinator "$url" \
+            --cache-dir "$d/cache-w$n" --iso-root "$work/isos" -j 1 --once \
+            2> "$d/w$n.log" &
+        pids+=($!)
+    done
+    while ! "$bin" status --json --coordinator "http://127.0.0.1:$port" > "$d/status.json" 2>/dev/null ||
+        ! grep -q '"state": "succeeded"' "$d/status.json"; do
+        if grep -q '"state": "failed"' "$d/status.json" 2>/dev/null; then
+            cat "$d/coordinator.log" >&2
+            exit 1
+        fi
+        sleep 0.2
+    done
+    local t1
+    t1=$(date +%s.%N)
+    "$bin" cancel --coordinator "http://127.0.0.1:$port" >/dev/null
+    wait "${pids[@]}"
+    [ -z "$proxy_pid" ] || kill "$proxy_pid"
+    wait
+    python3 - "$d" "$name" "$workers" "$t0" "$t1" <<'PY' | tee -a "$work/table"
+import json, sys, glob
+d, name, workers, t0, t1 = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
+s = json.load(open(f"{d}/status.json"))
+cpu = 0.0
+for f in glob.glob(f"{d}/*.time"):
+    e, u, sy = open(f).read().split()[-3:]
+    cpu += float(u) + float(sy)
+jobs = s["jobs"]
+comp = sum(j["blocks"]["compressed"] for j in jobs)
+farm = sum(j["blocks"]["from_farm"] for j in jobs)
+cache = sum(j["blocks"]["from_cache"] for j in jobs)
+st = s.get("block_store") or {}
+largest = max(jobs, key=lambda j: j["size"])
+print(f"{name:<14} wall {t1 - t0:7.1f} s  farm CPU {cpu:7.1f} s  compressed {comp:5d}  "
+      f"from caches {cache:5d}  from store {farm:5d}  twice {st.get('duplicates', 0):4d}  "
+      f"network (blocks) {(st.get('sent_bytes', 0) + st.get('received_bytes', 0)) / 1048576:6.1f} MiB  "
+      f"largest kit {largest['name']} on {largest['worker']}")
+json.dump({"name": name, "wall": t1 - t0, "cpu": cpu, "kits": {j["name"]: j["sha256"] for j in jobs}},
+          open(f"{d}/result.json", "w"))
+PY
+}
+
+: > "$work/table"
+echo "== farms (${link:-loopback}; each worker on a core of its own, -j 1)"
+farm one-worker 1
+farm two-shared 2
+farm two-alone 2 --block-store-size 0
+
+python3 - "$work" "$mib" "${link:-loopback}" <<'PY' | tee "$out"
+import json, sys
+work, mib, link = sys.argv[1], sys.argv[2], sys.argv[3]
+r = {n: json.load(open(f"{work}/{n}/result.json")) for n in ["one-worker", "two-shared", "two-alone"]}
+print(f"farm-store bench: 3 sources, a {mib} MiB library changed in every release, link {link}")
+print(open(f"{work}/table").read().rstrip())
+same = len({json.dumps(v["kits"], sort_keys=True) for v in r.values()}) == 1
+print(f"kits identical in the three farms: {'yes' if same else 'NO'}")
+o, s, a = r["one-worker"], r["two-shared"], r["two-alone"]
+print(f"farm CPU, 2 workers / 1 worker: with the store {s['cpu'] / o['cpu']:.2f}x, without {a['cpu'] / o['cpu']:.2f}x")
+print(f"wall, 1 worker / 2 workers:     with the store {o['wall'] / s['wall']:.2f}x, without {o['wall'] / a['wall']:.2f}x")
+print(f"wall, 2 workers without / with the store: {a['wall'] / s['wall']:.2f}x")
+sys.exit(0 if same else 1)
+PY
