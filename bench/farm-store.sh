@@ -32,7 +32,8 @@ done
 [ -z "$link" ] || for t in ip tc; do
     command -v "$t" >/dev/null || { echo "farm-store.sh: $t is missing (iproute2)" >&2; exit 2; }
 done
-cargo build --release -q -p iukfarm -p iukfarm-tests --bin delay-proxy
+cargo build --release -q -p iukfarm
+cargo build --release -q -p iukfarm-tests --bin delay-proxy
 bin=$PWD/target/release/iukfarm
 proxy=$PWD/target/release/delay-proxy
 work=$(mktemp -d /var/tmp/farm-store.XXXXXX)
@@ -47,8 +48,14 @@ cleanup() {
 }
 trap cleanup EXIT
 
-echo "== sample releases (4, a ${mib} MiB library changed in each)"
-"$bin" samples --releases 4 --scale 8 --big-file-mib "$mib" --output-dir "$work/isos" 2>/dev/null
+# The sample releases are kept for the next run (like bench/run.sh's corpus).
+isos=$PWD/target/farm-store-isos-$mib
+if [ ! -e "$isos/done" ]; then
+    echo "== sample releases (4, a ${mib} MiB library changed in each) in $isos"
+    rm -rf "$isos"
+    "$bin" samples --releases 4 --scale 8 --big-file-mib "$mib" --output-dir "$isos" 2>/dev/null
+    touch "$isos/done"
+fi
 mkdir -m 700 "$work/gnupg"
 g() { gpg --homedir "$work/gnupg" --batch --pinentry-mode loopback --passphrase '' "$@"; }
 g --quick-gen-key "farm-store bench <bench@example.invalid>" ed25519 sign never 2>/dev/null
@@ -85,12 +92,12 @@ farm() {
     mkdir -p "$d"
     /usr/bin/time -f "%e %U %S" -o "$d/coordinator.time" \
         "$bin" coordinator --new-version 6.3 --source-versions "6.0 6.1 6.2" \
-        --source-date-epoch 1730285444 --iso-root "$work/isos" --output-dir "$d/release" \
+        --source-date-epoch 1730285444 --iso-root "$isos" --output-dir "$d/release" \
         --listen 127.0.0.1:0 --signing-key "$work/key.asc" --linger 60s "$@" \
         2> "$d/coordinator.log" &
     local port=
     for _ in $(seq 600); do
-        port=$(sed -n 's/.*listening on 127.0.0.1:\([0-9]*\).*/\1/p' "$d/coordinator.log")
+        port=$(sed -n 's/.*listening on 127.0.0.1:\([0-9]*\).*/\1/p' "$d/coordinator.log" | head -1)
         [ -n "$port" ] && break
         sleep 0.1
     done
@@ -109,14 +116,15 @@ farm() {
         [ -z "$link" ] || run=(ip netns exec "iukb-w$n")
         /usr/bin/time -f "%e %U %S" -o "$d/w$n.time" \
             "${run[@]}" taskset -c $((n - 1)) "$bin" worker --name "w$n" --coordinator "$url" \
-            --cache-dir "$d/cache-w$n" --iso-root "$work/isos" -j 1 --once \
+            --cache-dir "$d/cache-w$n" --iso-root "$isos" -j 1 --once \
             2> "$d/w$n.log" &
         pids+=($!)
     done
     while ! "$bin" status --json --coordinator "http://127.0.0.1:$port" > "$d/status.json" 2>/dev/null ||
         ! grep -q '"state": "succeeded"' "$d/status.json"; do
-        if grep -q '"state": "failed"' "$d/status.json" 2>/dev/null; then
-            cat "$d/coordinator.log" >&2
+        if grep -q '"state": "failed"' "$d/status.json" 2>/dev/null ||
+            ! kill -0 "${pids[@]}" 2>/dev/null; then
+            tail -20 "$d/coordinator.log" "$d"/w*.log >&2
             exit 1
         fi
         sleep 0.2
@@ -145,7 +153,8 @@ print(f"{name:<14} wall {t1 - t0:7.1f} s  farm CPU {cpu:7.1f} s  compressed {com
       f"from caches {cache:5d}  from store {farm:5d}  twice {st.get('duplicates', 0):4d}  "
       f"network (blocks) {(st.get('sent_bytes', 0) + st.get('received_bytes', 0)) / 1048576:6.1f} MiB  "
       f"largest kit {largest['name']} on {largest['worker']}")
-json.dump({"name": name, "wall": t1 - t0, "cpu": cpu, "kits": {j["name"]: j["sha256"] for j in jobs}},
+json.dump({"name": name, "wall": t1 - t0, "cpu": cpu, "compressed": comp,
+           "kits": {j["name"]: j["sha256"] for j in jobs}},
           open(f"{d}/result.json", "w"))
 PY
 }
@@ -168,5 +177,7 @@ o, s, a = r["one-worker"], r["two-shared"], r["two-alone"]
 print(f"farm CPU, 2 workers / 1 worker: with the store {s['cpu'] / o['cpu']:.2f}x, without {a['cpu'] / o['cpu']:.2f}x")
 print(f"wall, 1 worker / 2 workers:     with the store {o['wall'] / s['wall']:.2f}x, without {o['wall'] / a['wall']:.2f}x")
 print(f"wall, 2 workers without / with the store: {a['wall'] / s['wall']:.2f}x")
+print(f"blocks compressed beyond the one-worker farm's {o['compressed']}: with the store "
+      f"{s['compressed'] - o['compressed']}, without {a['compressed'] - o['compressed']}")
 sys.exit(0 if same else 1)
 PY
