@@ -366,22 +366,31 @@ fn release_with(
     let root = a.root().to_str().unwrap();
     let mut ws = Vec::new();
     // Fails at once, with the logs, if the release fails or ends.
-    let mut watch = |what: &str, ws: &mut Vec<Proc>, f: &mut dyn FnMut(&serde_json::Value) -> bool| {
-        wait_until(what, LONG, || {
-            let s = status(&url, &[]);
-            if c.poll().is_some() || s.as_ref().is_some_and(|s| s["state"] == "failed") {
-                let logs: Vec<String> = ws.iter().map(|w| w.log()).collect();
-                panic!("{what}: the release ended:\n{}\n{}", c.log(), logs.join("\n"));
-            }
-            s.is_some_and(|s| f(&s))
-        })
-    };
+    let mut watch =
+        |what: &str, ws: &mut Vec<Proc>, f: &mut dyn FnMut(&serde_json::Value) -> bool| {
+            wait_until(what, LONG, || {
+                let s = status(&url, &[]);
+                if c.poll().is_some() || s.as_ref().is_some_and(|s| s["state"] == "failed") {
+                    let logs: Vec<String> = ws.iter().map(|w| w.log()).collect();
+                    panic!(
+                        "{what}: the release ended:\n{}\n{}",
+                        c.log(),
+                        logs.join("\n")
+                    );
+                }
+                s.is_some_and(|s| f(&s))
+            })
+        };
     for (i, (name, extra)) in workers.iter().enumerate() {
-        watch("the farm is ready for the next worker", &mut ws, &mut |s| ready(i, s));
+        watch("the farm is ready for the next worker", &mut ws, &mut |s| {
+            ready(i, s)
+        });
         let args = [&["--once", "--iso-root", root][..], extra].concat();
         ws.push(worker(name, &url, &cache, &args));
     }
-    watch("the release is over", &mut ws, &mut |s| s["state"] == "succeeded");
+    watch("the release is over", &mut ws, &mut |s| {
+        s["state"] == "succeeded"
+    });
     let s = status(&url, &[]).unwrap();
     run(Command::new(iukfarm()).args(["cancel", "--coordinator", &url]));
     assert_eq!(code(&mut c), 0, "{}", c.log());

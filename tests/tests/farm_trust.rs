@@ -926,22 +926,23 @@ fn certificates_say_who_is_who() {
         assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
         // Claiming w1's name registers "evil": the certificate decides.
         let fp = iukfarm_engine::fingerprint::fingerprint();
-        let evil_id = evil.register(v1::RegisterRequest {
-            protocol: PROTOCOL_VERSION,
-            name: "w1".into(),
-            fingerprint: Some(v1::Fingerprint {
-                engine_version: fp.engine_version,
-                git_commit: fp.git_commit,
-                liblzma_version: fp.liblzma_version,
-                iuk_format: fp.iuk_format,
-            }),
-            slots: 1,
-            memory_bytes: 1 << 30,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .worker_id;
+        let evil_id = evil
+            .register(v1::RegisterRequest {
+                protocol: PROTOCOL_VERSION,
+                name: "w1".into(),
+                fingerprint: Some(v1::Fingerprint {
+                    engine_version: fp.engine_version,
+                    git_commit: fp.git_commit,
+                    liblzma_version: fp.liblzma_version,
+                    iuk_format: fp.iuk_format,
+                }),
+                slots: 1,
+                memory_bytes: 1 << 30,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .worker_id;
         let e = evil.cancel(v1::CancelRequest::default()).await.unwrap_err();
         assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
         // Under its own id: a malformed block id, a form that is both
