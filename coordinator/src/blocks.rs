@@ -97,6 +97,9 @@ pub struct Store {
     dir: PathBuf,
     inner: Mutex<Inner>,
     put_done: Notify,
+    /// Whether this run emptied the directory: a run that refused to start
+    /// never did, and must leave it alone.
+    opened: std::sync::atomic::AtomicBool,
 }
 
 impl Store {
@@ -114,6 +117,7 @@ impl Store {
             dir,
             inner: Mutex::new(inner),
             put_done: Notify::new(),
+            opened: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -128,11 +132,16 @@ impl Store {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
             _ => {}
         }
-        std::fs::create_dir_all(&self.dir)
+        std::fs::create_dir_all(&self.dir)?;
+        self.opened.store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
     }
 
-    /// Removes the store's files; the counters stay.
+    /// Removes the store's files, if this run made them; the counters stay.
     pub fn close(&self) {
+        if !self.opened.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
         let mut g = self.lock();
         g.entries.clear();
         g.lru.clear();
@@ -470,5 +479,15 @@ mod tests {
         );
         s.close();
         assert!(!s.dir().exists());
+    }
+
+    #[test]
+    fn a_run_that_never_opened_the_store_leaves_its_directory_alone() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("blocks");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("left-by-a-killed-run"), b"x").unwrap();
+        Store::new(dir.clone(), 1 << 20).close();
+        assert!(dir.join("left-by-a-killed-run").exists());
     }
 }
