@@ -1,5 +1,5 @@
 #!/bin/bash
-# The farm's block store (issue 12, items 1 and 3):
+# The farm's block store and work sharing (issue 12, items 1 to 3):
 #
 #   bench/farm-store.sh [MIB]                 # results in target/farm-store-bench.txt
 #   sudo bench/farm-store.sh [MIB] --link RATE  # the workers behind a link capped at RATE
@@ -12,11 +12,14 @@
 # one compression thread:
 #   1 worker;  2 workers sharing the coordinator's block store;  2 workers
 #   without it (--block-store-size 0).
+# Then the largest IUK alone (6.0 -> 6.3), on 1 worker and on 2 workers
+# (the second one helps: work sharing).
 # Printed per farm: wall time, CPU seconds of the whole farm (workers and
-# coordinator), blocks compressed (summed over the kits), blocks compressed
-# twice, MiB of blocks that crossed the network (to and from the store; the
-# workers have the ISO archive, and kits go up either way), the ratios the issue asks
-# for. Kits must be the same bytes in every farm.
+# coordinator), blocks compressed by the jobs and by helpers (summed over
+# the kits), blocks compressed twice, MiB of blocks that crossed the
+# network (to and from the store and the helpers; the workers have the ISO
+# archive, and kits go up either way), the ratios the issue asks for. Kits
+# must be the same bytes in every farm.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mib=${1:-64}
@@ -84,14 +87,14 @@ if [ -n "$link" ]; then
     done
 fi
 
-# farm NAME WORKERS [coordinator flags...]
+# farm NAME WORKERS SOURCES [coordinator flags...]
 farm() {
-    local name=$1 workers=$2
-    shift 2
+    local name=$1 workers=$2 sources=$3
+    shift 3
     local d=$work/$name
     mkdir -p "$d"
     /usr/bin/time -f "%e %U %S" -o "$d/coordinator.time" \
-        "$bin" coordinator --new-version 6.3 --source-versions "6.0 6.1 6.2" \
+        "$bin" coordinator --new-version 6.3 --source-versions "$sources" \
         --source-date-epoch 1730285444 --iso-root "$isos" --output-dir "$d/release" \
         --listen 127.0.0.1:0 --signing-key "$work/key.asc" --linger 60s "$@" \
         2> "$d/coordinator.log" &
@@ -145,15 +148,20 @@ for f in glob.glob(f"{d}/*.time"):
     cpu += float(u) + float(sy)
 jobs = s["jobs"]
 comp = sum(j["blocks"]["compressed"] for j in jobs)
+helped = sum(j["blocks"].get("from_helpers", 0) for j in jobs)
 farm = sum(j["blocks"]["from_farm"] for j in jobs)
 cache = sum(j["blocks"]["from_cache"] for j in jobs)
 st = s.get("block_store") or {}
 largest = max(jobs, key=lambda j: j["size"])
+lb = largest["blocks"]
+lall = lb["compressed"] + lb.get("from_helpers", 0) + lb["from_cache"] + lb["from_farm"]
+share = lb.get("from_helpers", 0) / max(lall, 1)
+net = (st.get("sent_bytes", 0) + st.get("received_bytes", 0) + st.get("helper_bytes", 0)) / 1048576
 print(f"{name:<14} wall {t1 - t0:7.1f} s  farm CPU {cpu:7.1f} s  compressed {comp:5d}  "
-      f"from caches {cache:5d}  from store {farm:5d}  twice {st.get('duplicates', 0):4d}  "
-      f"network (blocks) {(st.get('sent_bytes', 0) + st.get('received_bytes', 0)) / 1048576:6.1f} MiB  "
-      f"largest kit {largest['name']} on {largest['worker']}")
-json.dump({"name": name, "wall": t1 - t0, "cpu": cpu, "compressed": comp,
+      f"by helpers {helped:4d}  from caches {cache:5d}  from store {farm:5d}  "
+      f"twice {st.get('duplicates', 0):4d}  network (blocks) {net:6.1f} MiB  "
+      f"largest kit {largest['name']} on {largest['worker']}, {100 * share:.0f}% by helpers")
+json.dump({"name": name, "wall": t1 - t0, "cpu": cpu, "compressed": comp + helped,
            "kits": {j["name"]: j["sha256"] for j in jobs}},
           open(f"{d}/result.json", "w"))
 PY
@@ -161,18 +169,24 @@ PY
 
 : > "$work/table"
 echo "== farms (${link:-loopback}; each worker on a core of its own, -j 1)"
-farm one-worker 1
-farm two-shared 2
-farm two-alone 2 --block-store-size 0
+farm one-worker 1 "6.0 6.1 6.2"
+farm two-shared 2 "6.0 6.1 6.2"
+farm two-alone 2 "6.0 6.1 6.2" --block-store-size 0
+farm largest-one 1 6.0
+farm largest-two 2 6.0
 
 python3 - "$work" "$mib" "${link:-loopback}" <<'PY' | tee "$out"
 import json, sys
 work, mib, link = sys.argv[1], sys.argv[2], sys.argv[3]
 r = {n: json.load(open(f"{work}/{n}/result.json")) for n in ["one-worker", "two-shared", "two-alone"]}
+l1, l2 = (json.load(open(f"{work}/{n}/result.json")) for n in ["largest-one", "largest-two"])
 print(f"farm-store bench: 3 sources, a {mib} MiB library changed in every release, link {link}")
 print(open(f"{work}/table").read().rstrip())
 same = len({json.dumps(v["kits"], sort_keys=True) for v in r.values()}) == 1
-print(f"kits identical in the three farms: {'yes' if same else 'NO'}")
+same = same and l1["kits"] == l2["kits"] and all(r["one-worker"]["kits"].get(k) == v for k, v in l1["kits"].items())
+print(f"kits identical in all five farms: {'yes' if same else 'NO'}")
+print(f"the largest IUK alone, wall 1 worker / 2 workers: {l1['wall'] / l2['wall']:.2f}x "
+      f"(farm CPU 2 / 1: {l2['cpu'] / l1['cpu']:.2f}x)")
 o, s, a = r["one-worker"], r["two-shared"], r["two-alone"]
 print(f"farm CPU, 2 workers / 1 worker: with the store {s['cpu'] / o['cpu']:.2f}x, without {a['cpu'] / o['cpu']:.2f}x")
 print(f"wall, 1 worker / 2 workers:     with the store {o['wall'] / s['wall']:.2f}x, without {o['wall'] / a['wall']:.2f}x")

@@ -354,6 +354,32 @@ impl Store {
         }
     }
 
+    /// Gives a helper the claim on a block a job offered: `false` if the
+    /// block is stored, claimed by another worker, or the helper is no
+    /// longer heard.
+    pub fn claim(&self, worker: &str, id: &BlockId) -> bool {
+        let key = id.key();
+        let mut g = self.lock();
+        if g.bad.contains_key(worker) || g.entries.contains_key(&key) {
+            return false;
+        }
+        let now = Instant::now();
+        if let Some(c) = g.claims.get(&key)
+            && c.worker != worker
+            && now < c.at + CLAIM_TTL
+        {
+            return false;
+        }
+        g.claims.insert(
+            key,
+            Claim {
+                worker: worker.to_string(),
+                at: now,
+            },
+        );
+        true
+    }
+
     /// Drops the claims of a worker that is gone, so that nobody waits for
     /// them.
     pub fn forget(&self, worker: &str) {

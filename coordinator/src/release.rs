@@ -187,6 +187,7 @@ pub async fn start(cfg: Config, listener: Option<TcpListener>) -> Result<Running
         watchers: Arc::new(Semaphore::new(crate::state::MAX_WATCHERS)),
         blocks: (cfg.block_store > 0)
             .then(|| crate::blocks::Store::new(state_dir_blocks, cfg.block_store)),
+        offers: Default::default(),
         cfg,
     });
 

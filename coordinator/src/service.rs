@@ -5,7 +5,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use iukfarm_engine::blockcache::{BlockId, Cached};
+use iukfarm_engine::blockcache::{BlockId, Cached, MAX_BLOCK};
+use iukfarm_engine::sqfs::XzConfig;
 use iukfarm_proto::v1::{self, farm_server::Farm};
 use iukfarm_proto::{CHUNK_SIZE, PROTOCOL_VERSION, Peer, Role};
 use sha2::{Digest, Sha256};
@@ -51,6 +52,75 @@ fn block_id(b: Option<v1::BlockRef>) -> Result<BlockId, Status> {
         len: b.len,
         data: digest(b.data_sha256, "data_sha256")?,
     })
+}
+
+/// xz settings from the wire, for work sharing.
+fn xz_config(x: Option<v1::XzSettings>) -> Result<XzConfig, Status> {
+    let x = x.ok_or_else(|| Status::invalid_argument("no xz settings"))?;
+    let cfg = XzConfig {
+        level: x.level,
+        dict_size: x.dict_size,
+        lc: x.lc,
+        lp: x.lp,
+        pb: x.pb,
+        flags: x.flags,
+    };
+    cfg.validate_shared()
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    Ok(cfg)
+}
+
+fn xz_settings(c: &XzConfig) -> v1::XzSettings {
+    v1::XzSettings {
+        level: c.level,
+        dict_size: c.dict_size,
+        lc: c.lc,
+        lp: c.lp,
+        pb: c.pb,
+        flags: c.flags,
+    }
+}
+
+fn block_ref(id: &BlockId) -> v1::BlockRef {
+    v1::BlockRef {
+        settings: id.settings.to_vec(),
+        len: id.len,
+        data_sha256: id.data.to_vec(),
+    }
+}
+
+/// The blocks of an offer, each checked to be the block its id names
+/// (helpers compress what is here, and the job's id must name it).
+async fn offered_blocks(
+    xz: Option<v1::XzSettings>,
+    offered: Vec<v1::OfferedBlock>,
+) -> Result<Vec<(BlockId, XzConfig, Vec<u8>)>, Status> {
+    if offered.is_empty() {
+        return Ok(Vec::new());
+    }
+    if offered.len() > crate::offers::MAX_BLOCKS {
+        return Err(Status::invalid_argument(format!(
+            "at most {} blocks per offer",
+            crate::offers::MAX_BLOCKS
+        )));
+    }
+    let xz = xz_config(xz)?;
+    let mut blocks = Vec::with_capacity(offered.len());
+    for b in offered {
+        let id = block_id(b.block)?;
+        if b.data.is_empty() || b.data.len() as u64 > MAX_BLOCK {
+            return Err(Status::invalid_argument("a block of 1 byte to 1 MiB"));
+        }
+        blocks.push((id, xz, b.data));
+    }
+    tokio::task::spawn_blocking(move || {
+        (blocks.iter())
+            .all(|(id, xz, data)| BlockId::new(xz, data) == *id)
+            .then_some(blocks)
+    })
+    .await
+    .map_err(|e| Status::internal(e.to_string()))?
+    .ok_or_else(|| Status::invalid_argument("an offered block is not the block its id names"))
 }
 
 fn unknown_worker() -> Status {
@@ -179,7 +249,12 @@ pub(crate) fn status(sh: &Shared) -> v1::ReleaseStatus {
         output_dir: sh.cfg.output_dir.display().to_string(),
         block_store: sh.blocks.as_ref().map(|b| {
             let s = b.stats();
+            let o = sh.offers.stats();
             v1::BlockStoreStatus {
+                offered: o.offered,
+                helped: o.helped,
+                given_back: o.given_back,
+                helper_bytes: o.helper_bytes,
                 entries: s.entries,
                 bytes: s.bytes,
                 cap: s.cap,
@@ -960,6 +1035,76 @@ impl Farm for FarmService {
         .await
         .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(v1::PutBlockReply { accepted }))
+    }
+
+    async fn offer_blocks(
+        &self,
+        req: Request<v1::OfferBlocksRequest>,
+    ) -> Result<Response<v1::OfferBlocksReply>, Status> {
+        let caller = self.sh.auth.check(&req, &[Role::Worker], "offer blocks")?;
+        let r = req.into_inner();
+        let name = seen(&mut self.sh.lock(), &r.worker_id, &caller)?;
+        let store = self.sh.blocks.as_ref().ok_or_else(no_store)?;
+        let blocks = offered_blocks(r.xz, r.blocks).await?;
+        let priority = {
+            let st = self.sh.lock();
+            let mine = st.table.by_lease(&r.lease_id).filter(|&i| {
+                let j = &st.table.jobs[i];
+                j.reproduction_of.is_none()
+                    && j.lease.as_ref().is_some_and(|l| l.worker_id == r.worker_id)
+            });
+            let Some(i) = mine else {
+                return Err(Status::failed_precondition(format!(
+                    "lease {} is not a running job of yours that may share blocks",
+                    r.lease_id
+                )));
+            };
+            st.table.jobs[i].priority
+        };
+        if store.bad_blocks(&name) > 0 {
+            return Err(Status::permission_denied(
+                "this worker sent wrong blocks: it takes no part in sharing in this release",
+            ));
+        }
+        if blocks.is_empty() {
+            let wanted = self.sh.offers.wanted(&name).await;
+            return Ok(Response::new(v1::OfferBlocksReply {
+                wanted: wanted.min(crate::offers::MAX_BLOCKS) as u32,
+                taken: Vec::new(),
+            }));
+        }
+        let keys = self.sh.offers.offer(&name, priority, blocks);
+        let taken = self.sh.offers.settle(&keys).await;
+        Ok(Response::new(v1::OfferBlocksReply { wanted: 0, taken }))
+    }
+
+    async fn take_blocks(
+        &self,
+        req: Request<v1::TakeBlocksRequest>,
+    ) -> Result<Response<v1::TakeBlocksReply>, Status> {
+        let caller = self.sh.auth.check(&req, &[Role::Worker], "take blocks")?;
+        let r = req.into_inner();
+        let name = seen(&mut self.sh.lock(), &r.worker_id, &caller)?;
+        let store = self.sh.blocks.as_ref().ok_or_else(no_store)?;
+        if store.bad_blocks(&name) > 0 {
+            return Err(Status::permission_denied(
+                "this worker sent wrong blocks: it takes no part in sharing in this release",
+            ));
+        }
+        let batch = self
+            .sh
+            .offers
+            .take(&name, r.max_blocks as usize, |id| store.claim(&name, id))
+            .await;
+        let blocks = batch
+            .into_iter()
+            .map(|o| v1::TakenBlock {
+                block: Some(block_ref(&o.id)),
+                xz: Some(xz_settings(&o.xz)),
+                data: o.data,
+            })
+            .collect();
+        Ok(Response::new(v1::TakeBlocksReply { blocks }))
     }
 
     async fn status(

@@ -108,6 +108,8 @@ pub(crate) struct Shared {
     pub stop_lingering: Notify,
     /// The farm's block store, unless the RM turned it off.
     pub blocks: Option<crate::blocks::Store>,
+    /// Blocks jobs offer to helpers (with the store only).
+    pub offers: crate::offers::Offers,
 }
 
 impl Shared {

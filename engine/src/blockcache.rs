@@ -171,6 +171,29 @@ pub trait SharedBlocks: Send + Sync + std::fmt::Debug {
     fn put(&self, id: &BlockId, key: &BlockKey, value: &Cached);
     /// A form `get` returned failed its check and was not used.
     fn rejected(&self, id: &BlockId, key: &BlockKey);
+
+    /// Work sharing: how many blocks a job may queue beyond what its own
+    /// threads need, so that helpers elsewhere can take some (0: no
+    /// helpers, the default).
+    fn lookahead(&self) -> usize {
+        0
+    }
+
+    /// Waits briefly (about a second at most) until helpers elsewhere can
+    /// take blocks: how many they want now. `None`: stop asking for the
+    /// rest of this job.
+    fn helpers(&self) -> Option<usize> {
+        None
+    }
+
+    /// Has helpers compress `blocks` with `cfg`: for each, the form a
+    /// helper made, or `None` (compress it here). The caller checks every
+    /// form with [`BlockId::admits`] and reports failures to
+    /// [`rejected`](SharedBlocks::rejected).
+    fn outsource(&self, cfg: &XzConfig, blocks: &[(BlockId, &[u8])]) -> Vec<Option<Cached>> {
+        let _ = cfg;
+        vec![None; blocks.len()]
+    }
 }
 
 /// A block some job is compressing now; others wait for its result.

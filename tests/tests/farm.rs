@@ -348,15 +348,30 @@ fn shared_blocks_archive() -> &'static (Archive, Vec<(String, String)>) {
     })
 }
 
-/// Runs a lingering coordinator on [`shared_blocks_archive`] with
-/// `workers` (name, extra flags), each started once `ready` holds for the
-/// status so far; returns the final status. The kits must be the local
-/// builds' and no store may be left behind.
+/// A release of one IUK with a 12 MiB library changed: enough blocks
+/// for a job to share with helpers.
+fn work_sharing_archive() -> &'static (Archive, Vec<(String, String)>) {
+    static A: OnceLock<(Archive, Vec<(String, String)>)> = OnceLock::new();
+    A.get_or_init(|| {
+        let a = Archive::make_with(2, &["--big-file-mib", "12"]);
+        iukfarm_tests::remove_at_exit(a.dir.path(), false);
+        let b = builds_of(&a, a.new_version(), a.sources());
+        (a, b)
+    })
+}
+
+/// Runs a lingering coordinator on `archive` with `workers` (name, extra
+/// flags), each started once `ready` holds for the status so far, and
+/// `kill` (which may SIGKILL a worker, returning its index) on every
+/// status while the release runs; returns the final status. The kits must
+/// be the local builds' and no store may be left behind.
 fn release_with(
+    archive: &(Archive, Vec<(String, String)>),
     workers: &[(&str, &[&str])],
     mut ready: impl FnMut(usize, &serde_json::Value) -> bool,
+    mut kill: impl FnMut(&serde_json::Value, &mut [Proc]) -> Option<usize>,
 ) -> serde_json::Value {
-    let (a, builds) = shared_blocks_archive();
+    let (a, builds) = archive;
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("release");
     let key = gpg().secret_key.to_str().unwrap().to_string();
@@ -388,14 +403,22 @@ fn release_with(
         let args = [&["--once", "--iso-root", root][..], extra].concat();
         ws.push(worker(name, &url, &cache, &args));
     }
+    let mut killed = None;
+    let mut live = ws.split_off(0);
     watch("the release is over", &mut ws, &mut |s| {
+        if killed.is_none() {
+            killed = kill(s, &mut live);
+        }
         s["state"] == "succeeded"
     });
+    ws = live;
     let s = status(&url, &[]).unwrap();
     run(Command::new(iukfarm()).args(["cancel", "--coordinator", &url]));
     assert_eq!(code(&mut c), 0, "{}", c.log());
-    for w in &mut ws {
-        assert_eq!(code(w), 0, "{}", w.log());
+    for (i, w) in ws.iter_mut().enumerate() {
+        if killed != Some(i) {
+            assert_eq!(code(w), 0, "{}", w.log());
+        }
     }
     assert_eq!(&iuks_in(&out), builds);
     assert!(
@@ -414,8 +437,10 @@ fn job_blocks(s: &serde_json::Value, field: &str) -> u64 {
 #[test]
 fn the_farm_compresses_each_block_once_and_takes_no_wrong_block() {
     let any = |_: usize, _: &serde_json::Value| true;
+    let none = |_: &serde_json::Value, _: &mut [Proc]| None;
+    let a = shared_blocks_archive();
     // One worker: every distinct block of the release compressed once.
-    let one = release_with(&[("solo", &[])], any);
+    let one = release_with(a, &[("solo", &[])], any, none);
     let distinct = job_blocks(&one, "compressed");
     assert!(job_blocks(&one, "from_cache") >= 4, "{one}");
     assert_eq!(job_blocks(&one, "from_farm"), 0);
@@ -423,10 +448,14 @@ fn the_farm_compresses_each_block_once_and_takes_no_wrong_block() {
     // Two workers with caches of their own, each holding a job before
     // either builds: still once in the farm, the rest from the store.
     let slow = ["--test-job-delay", "2s"];
-    let two = release_with(&[("w1", &slow), ("w2", &slow)], any);
+    let two = release_with(a, &[("w1", &slow), ("w2", &slow)], any, none);
     let store = &two["block_store"];
     assert_eq!(store["duplicates"], 0, "{store}");
-    assert_eq!(job_blocks(&two, "compressed"), distinct, "{two}");
+    assert_eq!(
+        job_blocks(&two, "compressed") + job_blocks(&two, "from_helpers"),
+        distinct,
+        "{two}"
+    );
     assert!(job_blocks(&two, "from_farm") >= 2, "{two}");
     assert_eq!(
         store["served"].as_u64(),
@@ -437,12 +466,14 @@ fn the_farm_compresses_each_block_once_and_takes_no_wrong_block() {
     // taken from it, and the kits are still the local builds' (checked in
     // `release_with`).
     let lied = release_with(
+        a,
         &[("liar", &["--test-lie-blocks"]), ("honest", &[])],
         |i, s| {
             i == 0
                 || (s["workers"].as_array().unwrap().iter())
                     .any(|w| w["name"] == "liar" && w["bad_blocks"] == 1)
         },
+        none,
     );
     let store = &lied["block_store"];
     assert!(store["refused"].as_u64().unwrap() >= 1, "{store}");
@@ -450,6 +481,63 @@ fn the_farm_compresses_each_block_once_and_takes_no_wrong_block() {
         .find(|w| w["name"] == "liar")
         .unwrap();
     assert_eq!(liar["bad_blocks"], 1, "{lied}");
+}
+
+#[test]
+fn idle_workers_compress_a_large_iuks_blocks_and_cannot_fool_it() {
+    let a = work_sharing_archive();
+    let none = |_: &serde_json::Value, _: &mut [Proc]| None;
+    // The builder holds the job before the helper starts.
+    let leased = |i: usize, s: &serde_json::Value| i == 0 || s["jobs"][0]["state"] == "leased";
+    let builder: &[&str] = &["-j", "1", "--test-job-delay", "2s"];
+    let store = |s: &serde_json::Value, k: &str| s["block_store"][k].as_u64().unwrap();
+
+    let s = release_with(
+        a,
+        &[("builder", builder), ("helper", &["-j", "1"])],
+        leased,
+        none,
+    );
+    let helped = job_blocks(&s, "from_helpers");
+    eprintln!(
+        "work sharing: {helped} blocks by the helper, {} by the builder",
+        job_blocks(&s, "compressed")
+    );
+    assert!(helped > 0, "no block compressed by the helper: {s}");
+    assert_eq!(store(&s, "duplicates"), 0, "{s}");
+    assert!(store(&s, "helped") >= helped, "{s}");
+    assert!(store(&s, "helper_bytes") > 0, "{s}");
+
+    // A lying helper: its first wrong form is refused, it is no longer
+    // heard, and the job compresses the blocks itself.
+    let s = release_with(
+        a,
+        &[
+            ("builder", builder),
+            ("liar", &["-j", "1", "--test-lie-blocks"]),
+        ],
+        leased,
+        none,
+    );
+    assert_eq!(job_blocks(&s, "from_helpers"), 0, "{s}");
+    let liar = (s["workers"].as_array().unwrap().iter())
+        .find(|w| w["name"] == "liar")
+        .unwrap();
+    assert_eq!(liar["bad_blocks"], 1, "{s}");
+
+    // A helper killed with its first batch: the job takes those blocks back.
+    let s = release_with(
+        a,
+        &[("builder", builder), ("doomed", &["-j", "1"])],
+        leased,
+        |s, ws| {
+            (s["block_store"]["helped"].as_u64() > Some(0)).then(|| {
+                ws[1].kill9();
+                1
+            })
+        },
+    );
+    assert_eq!(s["jobs"][0]["state"], "done", "{s}");
 }
 
 #[test]

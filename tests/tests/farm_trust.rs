@@ -9,6 +9,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use iukfarm_engine::blockcache::BlockId;
+use iukfarm_engine::sqfs::XzConfig;
 use iukfarm_proto::{ClientConfig, FarmClient, PROTOCOL_VERSION, v1};
 use iukfarm_tests::farm::{
     Archive, Proc, SDE, archive, coordinator, gpg, iuks_in, local_builds, status, token_file,
@@ -979,6 +981,78 @@ fn certificates_say_who_is_who() {
             .unwrap()
             .into_inner();
         assert!(!r.accepted);
+
+        // Work sharing: not under w1's id; not a block that is not the
+        // block its id names, nor settings out of bounds; not for a lease
+        // that is not its own; and no more blocks to compress once it sent
+        // a wrong one.
+        let e = evil
+            .take_blocks(v1::TakeBlocksRequest {
+                worker_id: w1_id.clone(),
+                max_blocks: 1,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+        let e = evil
+            .offer_blocks(v1::OfferBlocksRequest {
+                worker_id: w1_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+        let xz = XzConfig::for_block_size(1 << 20);
+        let data = vec![7u8; 4096];
+        let id = BlockId::new(&xz, &data);
+        let settings = v1::XzSettings {
+            level: xz.level,
+            dict_size: xz.dict_size,
+            lc: xz.lc,
+            lp: xz.lp,
+            pb: xz.pb,
+            flags: xz.flags,
+        };
+        let offer = |data: Vec<u8>, xz: v1::XzSettings| v1::OfferBlocksRequest {
+            worker_id: evil_id.clone(),
+            lease_id: "lease-of-someone-else".into(),
+            xz: Some(xz),
+            blocks: vec![v1::OfferedBlock {
+                block: Some(v1::BlockRef {
+                    settings: id.settings.to_vec(),
+                    len: id.len,
+                    data_sha256: id.data.to_vec(),
+                }),
+                data,
+            }],
+        };
+        let e = evil
+            .offer_blocks(offer(vec![8u8; 4096], settings))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        let huge = v1::XzSettings {
+            dict_size: 1 << 30,
+            ..settings
+        };
+        let e = evil
+            .offer_blocks(offer(data.clone(), huge))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        let e = evil
+            .offer_blocks(offer(data.clone(), settings))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        let e = evil
+            .take_blocks(v1::TakeBlocksRequest {
+                worker_id: evil_id.clone(),
+                max_blocks: 1,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     });
     wait_until("the release is over", LONG, || {
         rm_status().is_some_and(|s| s["state"] == "succeeded")

@@ -13,6 +13,11 @@
 //!
 //! A call that fails (the coordinator gone, the link cut) also ends the
 //! sharing for this job: the build goes on alone.
+//!
+//! Work sharing goes through the same store: the job offers blocks it has
+//! not started to idle workers (helpers), which take them with the store's
+//! claims and put their forms there; the job gets them like any other form
+//! (and the engine checks them). It stops with the rest of the sharing.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -20,6 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use iukfarm_engine::blockcache::{BlockId, BlockKey, Cached, SharedBlocks};
+use iukfarm_engine::sqfs::XzConfig;
 use iukfarm_proto::{FarmClient, v1};
 use tracing::{info, warn};
 
@@ -45,11 +51,16 @@ struct Costs {
     pending: HashMap<BlockKey, (Instant, Duration)>,
 }
 
+/// Blocks a job keeps queued for helpers beyond its own threads' needs.
+const LOOKAHEAD: usize = 48;
+
 pub struct FarmBlocks {
     rt: tokio::runtime::Handle,
     client: FarmClient,
     worker_id: String,
+    lease_id: String,
     job: String,
+    helped: AtomicU64,
     /// Test hook: send wrong forms.
     lie: bool,
     off: AtomicBool,
@@ -69,6 +80,7 @@ impl FarmBlocks {
         rt: tokio::runtime::Handle,
         client: FarmClient,
         worker_id: &str,
+        lease_id: &str,
         job: &str,
         lie: bool,
     ) -> FarmBlocks {
@@ -76,7 +88,9 @@ impl FarmBlocks {
             rt,
             client,
             worker_id: worker_id.to_string(),
+            lease_id: lease_id.to_string(),
             job: job.to_string(),
+            helped: AtomicU64::new(0),
             lie,
             off: AtomicBool::new(false),
             costs: Mutex::new(Costs::default()),
@@ -142,9 +156,10 @@ impl FarmBlocks {
     pub fn summary(&self) -> String {
         let c = self.costs();
         format!(
-            "block store: {} blocks taken ({:.1} MiB), {} compressed here and shared{}{}",
+            "block store: {} blocks taken ({:.1} MiB), {} compressed by helpers, {} compressed here and shared{}{}",
             c.found,
             c.found_bytes as f64 / 1048576.0,
+            self.helped.load(Ordering::Relaxed),
             c.compressed,
             match self.rejected.load(Ordering::Relaxed) {
                 0 => String::new(),
@@ -168,7 +183,18 @@ fn mb_per_s(bytes: u64, ns: u128) -> f64 {
     bytes as f64 * 1000.0 / ns.max(1) as f64
 }
 
-fn block_ref(id: &BlockId) -> v1::BlockRef {
+pub(crate) fn xz_settings(c: &XzConfig) -> v1::XzSettings {
+    v1::XzSettings {
+        level: c.level,
+        dict_size: c.dict_size,
+        lc: c.lc,
+        lp: c.lp,
+        pb: c.pb,
+        flags: c.flags,
+    }
+}
+
+pub(crate) fn block_ref(id: &BlockId) -> v1::BlockRef {
     v1::BlockRef {
         settings: id.settings.to_vec(),
         len: id.len,
@@ -243,6 +269,76 @@ impl SharedBlocks for FarmBlocks {
         c.compress_ns += compress.as_nanos();
         c.overhead_ns += (miss + t.elapsed()).as_nanos();
         self.judge(&c);
+    }
+
+    fn lookahead(&self) -> usize {
+        if self.off.load(Ordering::SeqCst) {
+            0
+        } else {
+            LOOKAHEAD
+        }
+    }
+
+    fn helpers(&self) -> Option<usize> {
+        if self.off.load(Ordering::SeqCst) {
+            return None;
+        }
+        let mut client = self.client.clone();
+        let req = v1::OfferBlocksRequest {
+            worker_id: self.worker_id.clone(),
+            lease_id: self.lease_id.clone(),
+            xz: None,
+            blocks: Vec::new(),
+        };
+        let r = self.call("offer", client.offer_blocks(req))?;
+        Some(r.wanted as usize)
+    }
+
+    fn outsource(&self, cfg: &XzConfig, blocks: &[(BlockId, &[u8])]) -> Vec<Option<Cached>> {
+        let mut forms = vec![None; blocks.len()];
+        if self.off.load(Ordering::SeqCst) || cfg.validate_shared().is_err() {
+            return forms;
+        }
+        let mut client = self.client.clone();
+        let req = v1::OfferBlocksRequest {
+            worker_id: self.worker_id.clone(),
+            lease_id: self.lease_id.clone(),
+            xz: Some(xz_settings(cfg)),
+            blocks: (blocks.iter())
+                .map(|(id, data)| v1::OfferedBlock {
+                    block: Some(block_ref(id)),
+                    data: data.to_vec(),
+                })
+                .collect(),
+        };
+        let Some(r) = self.call("offer", client.offer_blocks(req)) else {
+            return forms;
+        };
+        if r.taken.len() != blocks.len() {
+            self.stop("the coordinator answered an offer with the wrong number of blocks");
+            return forms;
+        }
+        for ((id, _), (taken, form)) in blocks.iter().zip(r.taken.iter().zip(&mut forms)) {
+            if !taken {
+                continue;
+            }
+            let req = v1::GetBlockRequest {
+                worker_id: self.worker_id.clone(),
+                block: Some(block_ref(id)),
+            };
+            let Some(r) = self.call("get", client.get_block(req)) else {
+                break;
+            };
+            if r.found {
+                self.helped.fetch_add(1, Ordering::Relaxed);
+                *form = Some(if r.uncompressed {
+                    Cached::Uncompressed
+                } else {
+                    Cached::Compressed(r.compressed)
+                });
+            }
+        }
+        forms
     }
 
     fn rejected(&self, _: &BlockId, _: &BlockKey) {

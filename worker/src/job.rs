@@ -154,17 +154,13 @@ async fn build_and_upload(
     let old = ctx.isos.get(client, worker_id, old_ref, progress).await?;
     let new = ctx.isos.get(client, worker_id, new_ref, progress).await?;
 
-    let threads = if ctx.cfg.threads > 0 {
-        ctx.cfg.threads
-    } else {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        (cores / ctx.cfg.slots as usize).max(1)
-    };
+    let threads = ctx.job_threads();
     let shared = (job.block_store && !job.reproduction).then(|| {
         Arc::new(crate::farm_blocks::FarmBlocks::new(
             tokio::runtime::Handle::current(),
             client.clone(),
             worker_id,
+            &job.lease_id,
             &job.output_name,
             ctx.cfg.test.lie_blocks,
         ))
@@ -257,6 +253,8 @@ fn block_counts(diff: &DataStats, kit: &DataStats) -> v1::BlockCounts {
         copied_bytes: diff.copied_bytes + kit.copied_bytes,
         from_farm: diff.shared_hits + kit.shared_hits,
         from_farm_bytes: diff.shared_hit_bytes + kit.shared_hit_bytes,
+        from_helpers: diff.helped_blocks + kit.helped_blocks,
+        from_helpers_bytes: diff.helped_bytes + kit.helped_bytes,
     }
 }
 

@@ -5,6 +5,7 @@
 
 mod error;
 mod farm_blocks;
+mod helper;
 mod isos;
 mod job;
 
@@ -275,6 +276,14 @@ async fn session(
         })
     };
 
+    // Helping other workers' jobs while a slot is free (work sharing).
+    let helping = tokio::spawn(helper::run(
+        ctx.clone(),
+        client.clone(),
+        reg.worker_id.clone(),
+        running.clone(),
+    ));
+
     let mut tasks: JoinSet<()> = JoinSet::new();
     let end = loop {
         if *stop.borrow() {
@@ -346,10 +355,21 @@ async fn session(
     }
     while tasks.join_next().await.is_some() {}
     hb.abort();
+    helping.abort();
     end
 }
 
 impl Ctx {
+    /// Compression threads of one slot: a job's, or a helper's.
+    pub fn job_threads(&self) -> usize {
+        if self.cfg.threads > 0 {
+            self.cfg.threads
+        } else {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            (cores / self.cfg.slots as usize).max(1)
+        }
+    }
+
     pub fn take_corruption(&self) -> bool {
         take_one(&self.corrupt_left)
     }

@@ -190,6 +190,16 @@ pub fn table(s: &v1::ReleaseStatus) -> String {
             b.duplicates,
             b.refused
         ));
+        if b.offered > 0 {
+            let helped: u64 = counts.iter().map(|c| c.from_helpers).sum();
+            out.push_str(&format!(
+                "work sharing: {} of {} offered blocks taken by helpers ({} sent to them), {} used by finished jobs\n",
+                b.helped,
+                b.offered,
+                human(b.helper_bytes),
+                helped
+            ));
+        }
     }
     for w in s.workers.iter().filter(|w| w.bad_blocks > 0) {
         out.push_str(&format!(
@@ -201,11 +211,15 @@ pub fn table(s: &v1::ReleaseStatus) -> String {
 }
 
 /// (blocks not compressed again: from a worker's cache or the farm's store,
-/// all of those plus the blocks compressed); `None` when nothing was
-/// counted. Blocks copied by the fast profile are neither.
+/// all of those plus the blocks compressed, by the job or by helpers);
+/// `None` when nothing was counted. Blocks copied by the fast profile are neither.
 fn hit_rate(counts: &[v1::BlockCounts]) -> Option<(u64, u64)> {
     let hits: u64 = counts.iter().map(|b| b.from_cache + b.from_farm).sum();
-    let all: u64 = hits + counts.iter().map(|b| b.compressed).sum::<u64>();
+    let all: u64 = hits
+        + counts
+            .iter()
+            .map(|b| b.compressed + b.from_helpers)
+            .sum::<u64>();
     (all > 0).then_some((hits, all))
 }
 
@@ -223,7 +237,8 @@ fn blocks_json(b: &Option<v1::BlockCounts>) -> serde_json::Value {
             "compressed": b.compressed, "from_cache": b.from_cache, "copied": b.copied,
             "compressed_bytes": b.compressed_bytes, "from_cache_bytes": b.from_cache_bytes,
             "copied_bytes": b.copied_bytes, "from_farm": b.from_farm,
-            "from_farm_bytes": b.from_farm_bytes,
+            "from_farm_bytes": b.from_farm_bytes, "from_helpers": b.from_helpers,
+            "from_helpers_bytes": b.from_helpers_bytes,
         }),
     }
 }
@@ -272,7 +287,9 @@ pub fn status(a: StatusArgs) -> Result<ExitCode> {
                     "served_bytes": b.served_bytes, "stored": b.stored,
                     "duplicates": b.duplicates, "refused": b.refused, "evicted": b.evicted,
                     "expired_claims": b.expired_claims, "sent_bytes": b.sent_bytes,
-                    "received_bytes": b.received_bytes,
+                    "received_bytes": b.received_bytes, "offered": b.offered,
+                    "helped": b.helped, "given_back": b.given_back,
+                    "helper_bytes": b.helper_bytes,
                 })),
             });
             println!("{}", serde_json::to_string_pretty(&v)?);
@@ -735,6 +752,7 @@ mod tests {
                     compressed: 2,
                     from_cache: 1,
                     from_farm: 5,
+                    from_helpers: 4,
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -756,17 +774,24 @@ mod tests {
                 bytes: 3 << 20,
                 cap: 4 << 30,
                 refused: 3,
+                offered: 9,
+                helped: 7,
+                helper_bytes: 7 << 20,
                 ..Default::default()
             }),
             ..Default::default()
         };
         let t = table(&s);
         assert!(
-            t.contains("block cache: 6 of 8 blocks (75%) taken from the workers' caches (5 of them from the farm's store)"),
+            t.contains("block cache: 6 of 12 blocks (50%) taken from the workers' caches (5 of them from the farm's store)"),
             "{t}"
         );
         assert!(
             t.contains("block store: 5 blocks given to workers, 2 stored (3.0M of 4.0G), 0 compressed twice, 3 refused"),
+            "{t}"
+        );
+        assert!(
+            t.contains("work sharing: 7 of 9 offered blocks taken by helpers (7.0M sent to them), 4 used by finished jobs"),
             "{t}"
         );
         assert!(

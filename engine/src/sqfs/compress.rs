@@ -119,6 +119,25 @@ impl XzConfig {
         Ok(())
     }
 
+    /// For settings received from another machine (work sharing): valid,
+    /// and bounded so that compressing with them needs little memory
+    /// (dictionary at most 8 MiB; squashfs blocks are at most 1 MiB).
+    pub fn validate_shared(&self) -> Result<()> {
+        self.validate()?;
+        if self.level > 9 || self.pb > 4 || self.flags & !xz_flags::ALL != 0 {
+            return Err(Error::Invalid(format!(
+                "xz settings out of range: {self:?}"
+            )));
+        }
+        if self.dict_size > 8 << 20 {
+            return Err(Error::Invalid(format!(
+                "xz dictionary of {} bytes: more than work sharing takes",
+                self.dict_size
+            )));
+        }
+        Ok(())
+    }
+
     /// The 8-byte compressor options block payload, if libsquashfs writes one:
     /// only when a filter is set or the dictionary differs from the block size.
     pub fn options_payload(&self, block_size: u32) -> Option<[u8; 8]> {

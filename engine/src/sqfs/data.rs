@@ -18,11 +18,12 @@
 //!   allowed), the file points at the earliest such run and its own copy is
 //!   truncated away.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
-use std::sync::{Arc, mpsc};
+use std::sync::{Arc, Condvar, Mutex, mpsc};
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
@@ -89,6 +90,9 @@ pub struct DataStats {
     /// Forms the shared store offered that failed their check (compressed
     /// here instead).
     pub shared_rejected: u64,
+    /// Blocks compressed by helpers on other workers (work sharing).
+    pub helped_blocks: u64,
+    pub helped_bytes: u64,
     /// Blocks copied as stored from a source image (fast profile).
     pub copied_blocks: u64,
     pub copied_bytes: u64,
@@ -109,6 +113,8 @@ enum Origin {
     Compressed,
     Cache,
     Shared,
+    /// Compressed by a helper elsewhere.
+    Helped,
     /// Compressed here after the shared store offered a form that failed
     /// its check.
     CompressedRejected,
@@ -192,14 +198,18 @@ impl Compressor {
                 (value, if spared { Origin::Cache } else { origin })
             }
         };
-        Ok(match value {
-            Cached::Compressed(c) => Stored::new(c, true, origin),
-            Cached::Uncompressed => Stored::new(data, false, origin),
-        })
+        Ok(Stored::from_cached(value, data, origin))
     }
 }
 
 impl Stored {
+    fn from_cached(value: Cached, data: Vec<u8>, origin: Origin) -> Stored {
+        match value {
+            Cached::Compressed(c) => Stored::new(c, true, origin),
+            Cached::Uncompressed => Stored::new(data, false, origin),
+        }
+    }
+
     fn new(bytes: Vec<u8>, compressed: bool, origin: Origin) -> Stored {
         let digest = Sha256::digest(&bytes).into();
         Stored {
@@ -302,15 +312,107 @@ pub struct DataWriter<'a> {
     pub pool: &'a rayon::ThreadPool,
     pub backlog: usize,
     pub progress: &'a dyn Progress,
+    /// Blocks waiting for a compression thread (or a helper).
+    pub(super) queue: Arc<Queue>,
+}
+
+/// A block waiting to be compressed, and where its result goes.
+struct Pending {
+    data: Vec<u8>,
+    result: mpsc::SyncSender<Result<Stored>>,
+}
+
+/// Blocks not yet started, in output order. The compression threads take
+/// from the front (what the writer needs next); helpers elsewhere take
+/// from the back (what it needs last), so that both work on different
+/// blocks and a slow helper holds up nothing until the threads here have
+/// done everything before its blocks. Every block pushed has one pool task
+/// that takes the front block when it runs; a task that finds the queue
+/// empty (helpers took its block) does nothing.
+#[derive(Default)]
+pub(super) struct Queue {
+    state: Mutex<QueueState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct QueueState {
+    blocks: VecDeque<Pending>,
+    closed: bool,
+}
+
+impl Queue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push_back(&self, p: Pending) {
+        self.lock().blocks.push_back(p);
+        self.changed.notify_all();
+    }
+
+    fn push_front(&self, p: Pending) {
+        self.lock().blocks.push_front(p);
+        self.changed.notify_all();
+    }
+
+    fn pop_front(&self) -> Option<Pending> {
+        self.lock().blocks.pop_front()
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.changed.notify_all();
+    }
+
+    /// Waits until more than `keep` blocks wait (or the queue is closed:
+    /// `false`).
+    fn wait_for_more_than(&self, keep: usize) -> bool {
+        let mut g = self.lock();
+        loop {
+            if g.closed {
+                return false;
+            }
+            if g.blocks.len() > keep {
+                return true;
+            }
+            g = self
+                .changed
+                .wait_timeout(g, Duration::from_millis(200))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Up to `n` blocks from the back, leaving at least `keep`, in output
+    /// order.
+    fn pop_back(&self, n: usize, keep: usize) -> Vec<Pending> {
+        let mut g = self.lock();
+        let take = n.min(g.blocks.len().saturating_sub(keep));
+        let at = g.blocks.len() - take;
+        g.blocks.split_off(at).into()
+    }
 }
 
 impl DataWriter<'_> {
     /// Writes the data of `files` (in packing order) starting at `start`.
     pub fn write(&self, files: &[&FileContent]) -> Result<DataArea> {
-        let (tx, rx) = mpsc::sync_channel::<Job>(self.backlog.max(2));
+        let lookahead = self.shared.as_ref().map_or(0, |s| s.lookahead());
+        let (tx, rx) = mpsc::sync_channel::<Job>(self.backlog.max(2) + lookahead);
         std::thread::scope(|s| {
             let producer = s.spawn(move || self.produce(files, tx));
+            let helpers: Vec<_> = match &self.shared {
+                // Two, so that one batch is sent while another is out.
+                Some(shared) if lookahead > 0 => (0..2)
+                    .map(|_| s.spawn(move || self.outsource(shared.as_ref())))
+                    .collect(),
+                _ => Vec::new(),
+            };
             let consumed = self.consume(files, rx);
+            self.queue.close();
+            for h in helpers {
+                let _ = h.join();
+            }
             // The producer stops on its own once the receiver is gone.
             let produced = producer
                 .join()
@@ -327,18 +429,98 @@ impl DataWriter<'_> {
         })
     }
 
-    fn spawn_store(&self, data: Vec<u8>) -> mpsc::Receiver<Result<Stored>> {
-        let (tx, rx) = mpsc::sync_channel(1);
-        let c = Compressor {
+    fn compressor(&self) -> Compressor {
+        Compressor {
             cfg: self.cfg,
             cache: self.cache.clone(),
             shared: self.shared.clone(),
             skip_incompressible: self.skip_incompressible,
-        };
-        self.pool.spawn(move || {
-            let _ = tx.send(c.store(data));
-        });
+        }
+    }
+
+    fn spawn_store(&self, data: Vec<u8>) -> mpsc::Receiver<Result<Stored>> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.queue.push_back(Pending { data, result: tx });
+        self.spawn_taker();
         rx
+    }
+
+    /// A pool task that compresses the block at the front of the queue.
+    fn spawn_taker(&self) {
+        let (c, queue) = (self.compressor(), self.queue.clone());
+        self.pool.spawn(move || {
+            if let Some(p) = queue.pop_front() {
+                let _ = p.result.send(c.store(p.data));
+            }
+        });
+    }
+
+    /// Work sharing: while the writer runs, hands blocks from the back of
+    /// the queue to helpers whenever they can take some, and puts back at
+    /// the front (for the threads here) whatever they did not compress.
+    fn outsource(&self, shared: &dyn SharedBlocks) {
+        // The blocks the threads here will take next stay here.
+        let keep = self.pool.current_num_threads() + 1;
+        while self.queue.wait_for_more_than(keep) {
+            if self.progress.is_cancelled() {
+                return;
+            }
+            let want = match shared.helpers() {
+                None => return,
+                Some(0) => continue,
+                Some(n) => n,
+            };
+            let mut batch = Vec::new();
+            for p in self.queue.pop_back(want, keep) {
+                let id = BlockId::new(&self.cfg, &p.data);
+                if self.skip_incompressible && looks_incompressible(&p.data) {
+                    self.give_back(p);
+                    continue;
+                }
+                match self.cache.as_ref().and_then(|c| c.get(&id.key(), &p.data)) {
+                    Some(found) => {
+                        let _ =
+                            p.result
+                                .send(Ok(Stored::from_cached(found, p.data, Origin::Cache)));
+                    }
+                    None => batch.push((id, p)),
+                }
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            let blocks: Vec<(BlockId, &[u8])> =
+                batch.iter().map(|(id, p)| (*id, &p.data[..])).collect();
+            let forms = shared.outsource(&self.cfg, &blocks);
+            drop(blocks);
+            let mut back = Vec::new();
+            for ((id, p), form) in batch.into_iter().zip(forms) {
+                match form {
+                    Some(f) if id.admits(&f) => {
+                        if let Some(cache) = &self.cache {
+                            cache.put(&id.key(), &f);
+                        }
+                        let _ = p
+                            .result
+                            .send(Ok(Stored::from_cached(f, p.data, Origin::Helped)));
+                    }
+                    Some(_) => {
+                        shared.rejected(&id, &id.key());
+                        back.push(p);
+                    }
+                    None => back.push(p),
+                }
+            }
+            // In output order at the front: needed soonest of all.
+            for p in back.into_iter().rev() {
+                self.give_back(p);
+            }
+        }
+    }
+
+    fn give_back(&self, p: Pending) {
+        self.queue.push_front(p);
+        self.spawn_taker();
     }
 
     fn ready(stored: Stored) -> mpsc::Receiver<Result<Stored>> {
@@ -769,6 +951,7 @@ fn count_origin(stats: &mut DataStats, stored: &Stored, raw_len: u64) {
         }
         Origin::Cache => (&mut stats.cache_hits, &mut stats.cache_hit_bytes),
         Origin::Shared => (&mut stats.shared_hits, &mut stats.shared_hit_bytes),
+        Origin::Helped => (&mut stats.helped_blocks, &mut stats.helped_bytes),
         Origin::Copied => (&mut stats.copied_blocks, &mut stats.copied_bytes),
         Origin::Skipped => {
             stats.skipped_blocks += 1;
@@ -876,4 +1059,123 @@ pub(crate) fn is_zero(b: &[u8]) -> bool {
     let mut chunks = b.chunks_exact(16);
     chunks.all(|c| u128::from_ne_bytes(c.try_into().unwrap()) == 0)
         && chunks.remainder().iter().all(|&x| x == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use super::*;
+    use crate::blockcache::{BlockKey, Cached};
+    use crate::sqfs::{WriterOptions, write_image};
+    use crate::tree::{Kind, Meta, Node};
+
+    /// Helpers for tests: honest, lying (a bit flipped in every form), or
+    /// taking blocks and never compressing them.
+    #[derive(Debug)]
+    struct Helpers {
+        mode: &'static str,
+        taken: AtomicU64,
+        rejected: AtomicU64,
+    }
+
+    impl SharedBlocks for Helpers {
+        fn get(&self, _: &BlockId, _: &BlockKey) -> Option<Cached> {
+            None
+        }
+        fn put(&self, _: &BlockId, _: &BlockKey, _: &Cached) {}
+        fn rejected(&self, _: &BlockId, _: &BlockKey) {
+            self.rejected.fetch_add(1, Ordering::Relaxed);
+        }
+        fn lookahead(&self) -> usize {
+            16
+        }
+        fn helpers(&self) -> Option<usize> {
+            Some(3)
+        }
+        fn outsource(&self, cfg: &XzConfig, blocks: &[(BlockId, &[u8])]) -> Vec<Option<Cached>> {
+            self.taken.fetch_add(blocks.len() as u64, Ordering::Relaxed);
+            blocks
+                .iter()
+                .map(|(_, data)| {
+                    let form = match cfg.compress(data).unwrap() {
+                        Some(c) => Cached::Compressed(c),
+                        None => Cached::Uncompressed,
+                    };
+                    match (self.mode, form) {
+                        ("honest", f) => Some(f),
+                        ("liar", Cached::Compressed(mut b)) => {
+                            let n = b.len() / 2;
+                            b[n] ^= 1;
+                            Some(Cached::Compressed(b))
+                        }
+                        ("liar", f) => Some(f),
+                        _ => None,
+                    }
+                })
+                .collect()
+        }
+    }
+
+    fn data(seed: u32, len: usize) -> Vec<u8> {
+        (0..len as u32)
+            .map(|i| ((i ^ seed).wrapping_mul(2654435761) >> 13) as u8 % 11)
+            .collect()
+    }
+
+    #[test]
+    fn helpers_take_blocks_from_the_back_and_never_change_a_byte() {
+        let meta = Meta {
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            xattrs: Vec::new(),
+        };
+        // 40 distinct blocks and tails, in 5 files.
+        let files = (0..5u32)
+            .map(|i| Node {
+                name: format!("f{i}").into_bytes(),
+                meta: meta.clone(),
+                kind: Kind::File(FileContent::from_bytes(data(i, 8 * 65536 + 3000))),
+            })
+            .collect();
+        let root = Node::dir("", meta, files);
+        let write = |shared: Option<Arc<dyn SharedBlocks>>| {
+            let mut o = WriterOptions::with_block_size(65536);
+            o.threads = 1;
+            o.shared = shared;
+            let out = tempfile::tempfile().unwrap();
+            let r = write_image(&root, &o, &out, &crate::NoProgress).unwrap();
+            let mut v = Vec::new();
+            (&out).read_to_end(&mut v).unwrap();
+            (v, r.data)
+        };
+        let (plain, p) = write(None);
+        let all = p.compressed_blocks;
+        assert!(all >= 40, "{p:?}");
+        for mode in ["honest", "liar", "silent"] {
+            let h = Arc::new(Helpers {
+                mode,
+                taken: AtomicU64::new(0),
+                rejected: AtomicU64::new(0),
+            });
+            let (bytes, s) = write(Some(h.clone()));
+            assert!(bytes == plain, "{mode}: other bytes");
+            let taken = h.taken.load(Ordering::Relaxed);
+            assert!(taken > 0, "{mode}: helpers were never given a block");
+            match mode {
+                "honest" => {
+                    assert_eq!(s.helped_blocks, taken, "{s:?}");
+                    assert_eq!(s.helped_blocks + s.compressed_blocks, all);
+                }
+                "liar" => {
+                    assert_eq!((s.helped_blocks, s.compressed_blocks), (0, all));
+                    assert_eq!(h.rejected.load(Ordering::Relaxed), taken);
+                }
+                _ => assert_eq!((s.helped_blocks, s.compressed_blocks), (0, all)),
+            }
+        }
+    }
 }

@@ -219,6 +219,7 @@ pub fn write_image(
         pool: &pool,
         backlog: 2 * threads + 2,
         progress,
+        queue: Default::default(),
     }
     .write(&files)?;
     pos = area.end;

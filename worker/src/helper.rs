@@ -1,0 +1,162 @@
+//! Helping: while a slot of this worker is free, it compresses blocks that
+//! other workers' jobs offer (work sharing), so that a large IUK uses the
+//! cores of every idle worker. Batches are taken from the coordinator with
+//! the block store's claims on them; each form is put back as soon as it is
+//! made, for the job that waits on it.
+//!
+//! Nothing from the coordinator is taken on trust: the settings must be
+//! within bounds and each block must be the block its id names, or the
+//! block is skipped (its job compresses it itself once the claim lapses).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use iukfarm_engine::blockcache::{BlockId, Cached, MAX_BLOCK};
+use iukfarm_engine::sqfs::XzConfig;
+use iukfarm_proto::{FarmClient, v1};
+use rayon::prelude::*;
+use tonic::Code;
+use tracing::{debug, info, warn};
+
+use crate::Ctx;
+use crate::farm_blocks::block_ref;
+use crate::job::JobProgress;
+
+type Running = Arc<Mutex<HashMap<String, Arc<JobProgress>>>>;
+
+/// A checked block of a batch.
+struct Task {
+    id: BlockId,
+    xz: XzConfig,
+    data: Vec<u8>,
+}
+
+/// Helps until the session ends (the caller aborts it) or the coordinator
+/// says this worker may not help.
+pub(crate) async fn run(
+    ctx: Arc<Ctx>,
+    mut client: FarmClient,
+    worker_id: String,
+    running: Running,
+) {
+    let threads = ctx.job_threads();
+    let pool = match rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("helper-{i}"))
+        .build()
+    {
+        Ok(p) => Arc::new(p),
+        Err(e) => {
+            warn!("cannot start helper threads ({e}): not helping other jobs");
+            return;
+        }
+    };
+    let mut helped = 0u64;
+    loop {
+        let busy = running.lock().unwrap_or_else(|p| p.into_inner()).len();
+        if busy >= ctx.cfg.slots as usize {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        }
+        let req = v1::TakeBlocksRequest {
+            worker_id: worker_id.clone(),
+            max_blocks: (2 * threads) as u32,
+        };
+        let batch = match client.take_blocks(req).await {
+            Ok(r) => r.into_inner().blocks,
+            Err(s) if matches!(s.code(), Code::PermissionDenied | Code::FailedPrecondition) => {
+                debug!("not helping other jobs: {}", s.message());
+                return;
+            }
+            Err(s) => {
+                debug!("taking blocks: {}", s.message());
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let tasks: Vec<Task> = batch.into_iter().filter_map(check).collect();
+        if tasks.is_empty() {
+            continue;
+        }
+        let n = tasks.len();
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(BlockId, Cached)>(n);
+        let pool = pool.clone();
+        let compressing = tokio::task::spawn_blocking(move || {
+            pool.install(|| {
+                tasks.into_par_iter().for_each(|t| {
+                    // Sequential trials: the pool's threads are the helper's.
+                    match t.xz.compress_with(&t.data, false) {
+                        Ok(Some(c)) => {
+                            let _ = tx.blocking_send((t.id, Cached::Compressed(c)));
+                        }
+                        Ok(None) => {
+                            let _ = tx.blocking_send((t.id, Cached::Uncompressed));
+                        }
+                        Err(e) => warn!("compressing a block for another job: {e}"),
+                    }
+                })
+            })
+        });
+        while let Some((id, form)) = rx.recv().await {
+            let (uncompressed, mut compressed) = match form {
+                Cached::Uncompressed => (true, Vec::new()),
+                Cached::Compressed(b) => (false, b),
+            };
+            if ctx.cfg.test.lie_blocks && !compressed.is_empty() {
+                let at = compressed.len() / 2;
+                compressed[at] ^= 0x20;
+            }
+            let req = v1::PutBlockRequest {
+                worker_id: worker_id.clone(),
+                block: Some(block_ref(&id)),
+                uncompressed,
+                compressed,
+            };
+            match client.put_block(req).await {
+                Ok(r) if r.get_ref().accepted => helped += 1,
+                Ok(_) => {
+                    warn!("the coordinator refused a block this worker compressed for another job")
+                }
+                Err(s) => debug!("putting a block: {}", s.message()),
+            }
+        }
+        let _ = compressing.await;
+        if helped > 0 && helped % 256 < n as u64 {
+            info!("compressed {helped} blocks for other workers' jobs so far");
+        }
+    }
+}
+
+/// A block of a batch if its settings are within bounds and its bytes are
+/// what its id names.
+fn check(b: v1::TakenBlock) -> Option<Task> {
+    let x = b.xz?;
+    let xz = XzConfig {
+        level: x.level,
+        dict_size: x.dict_size,
+        lc: x.lc,
+        lp: x.lp,
+        pb: x.pb,
+        flags: x.flags,
+    };
+    let r = b.block?;
+    let ok = xz.validate_shared().is_ok()
+        && !b.data.is_empty()
+        && b.data.len() as u64 <= MAX_BLOCK
+        && r.len == b.data.len() as u64;
+    if !ok {
+        warn!("the coordinator offered a block out of bounds: skipped");
+        return None;
+    }
+    let id = BlockId::new(&xz, &b.data);
+    if id.settings[..] != r.settings[..] || id.data[..] != r.data_sha256[..] {
+        warn!("the coordinator offered a block that is not the block its id names: skipped");
+        return None;
+    }
+    Some(Task {
+        id,
+        xz,
+        data: b.data,
+    })
+}
