@@ -444,6 +444,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_helper_claims_an_offered_block_and_the_job_waits_for_its_put() {
+        let (_d, s) = store(1 << 30);
+        let (id, form) = block(7);
+        assert!(s.claim("helper", &id));
+        // Claimed: no second helper, and the job waits for the put.
+        assert!(!s.claim("other", &id));
+        let (got, ()) = tokio::join!(s.get("job", &id), async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            assert!(s.put("helper", &id, &form));
+        });
+        assert_eq!(got, Answer::Found(form.clone()));
+        // Stored: nothing to claim.
+        assert!(!s.claim("other", &id));
+        // A worker no longer heard gets no claim.
+        let (id2, form2) = block(8);
+        let Cached::Compressed(mut bad) = form2 else {
+            unreachable!()
+        };
+        bad[0] ^= 1;
+        assert!(!s.put("liar", &id2, &Cached::Compressed(bad)));
+        assert!(!s.claim("liar", &id2));
+        assert_eq!(s.stats().duplicates, 0);
+    }
+
+    #[tokio::test]
     async fn a_vanished_claimant_is_not_waited_for() {
         let (_d, s) = store(1 << 30);
         let (id, _) = block(2);
