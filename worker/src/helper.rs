@@ -53,28 +53,38 @@ pub(crate) async fn run(
         }
     };
     let mut helped = 0u64;
+    // The next batch is asked for while this one is compressed, so that
+    // its transfer overlaps the compression.
+    let mut next: Option<Prefetch> = None;
     loop {
         let busy = running.lock().unwrap_or_else(|p| p.into_inner()).len();
-        if busy >= ctx.cfg.slots as usize {
+        if busy >= ctx.cfg.slots as usize && next.is_none() {
             tokio::time::sleep(Duration::from_millis(500)).await;
             continue;
         }
-        let req = v1::TakeBlocksRequest {
-            worker_id: worker_id.clone(),
-            max_blocks: (2 * threads) as u32,
+        let taken = match next.take() {
+            Some(mut h) => (&mut h.0).await.unwrap_or(Taken::Retry),
+            None => take(client.clone(), worker_id.clone(), threads).await,
         };
-        let batch = match client.take_blocks(req).await {
-            Ok(r) => r.into_inner().blocks,
-            Err(s) if matches!(s.code(), Code::PermissionDenied | Code::FailedPrecondition) => {
-                debug!("not helping other jobs: {}", s.message());
+        let batch = match taken {
+            Taken::Blocks(b) => b,
+            Taken::Stop(why) => {
+                debug!("not helping other jobs: {why}");
                 return;
             }
-            Err(s) => {
-                debug!("taking blocks: {}", s.message());
+            Taken::Retry => {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
         };
+        let busy = running.lock().unwrap_or_else(|p| p.into_inner()).len();
+        if busy < ctx.cfg.slots as usize && !batch.is_empty() {
+            next = Some(Prefetch(tokio::spawn(take(
+                client.clone(),
+                worker_id.clone(),
+                threads,
+            ))));
+        }
         let tasks: Vec<Task> = batch.into_iter().filter_map(check).collect();
         if tasks.is_empty() {
             continue;
@@ -124,6 +134,40 @@ pub(crate) async fn run(
         let _ = compressing.await;
         if helped > 0 && helped % 256 < n as u64 {
             info!("compressed {helped} blocks for other workers' jobs so far");
+        }
+    }
+}
+
+/// A batch asked for ahead; dropped with the helper (session over), it is
+/// dropped too rather than left to take claims nobody honours.
+struct Prefetch(tokio::task::JoinHandle<Taken>);
+
+impl Drop for Prefetch {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+enum Taken {
+    Blocks(Vec<v1::TakenBlock>),
+    /// The coordinator says this worker may not help.
+    Stop(String),
+    Retry,
+}
+
+async fn take(mut client: FarmClient, worker_id: String, threads: usize) -> Taken {
+    let req = v1::TakeBlocksRequest {
+        worker_id,
+        max_blocks: (2 * threads) as u32,
+    };
+    match client.take_blocks(req).await {
+        Ok(r) => Taken::Blocks(r.into_inner().blocks),
+        Err(s) if matches!(s.code(), Code::PermissionDenied | Code::FailedPrecondition) => {
+            Taken::Stop(s.message().to_string())
+        }
+        Err(s) => {
+            debug!("taking blocks: {}", s.message());
+            Taken::Retry
         }
     }
 }
