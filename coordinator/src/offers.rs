@@ -89,6 +89,18 @@ impl Drop for Waiting<'_> {
     }
 }
 
+/// Withdraws an offer whose call was dropped before it settled.
+struct Withdraw<'a> {
+    offers: &'a Offers,
+    keys: &'a [Option<(Reverse<u64>, u64)>],
+}
+
+impl Drop for Withdraw<'_> {
+    fn drop(&mut self) {
+        self.offers.withdraw(self.keys);
+    }
+}
+
 impl Offers {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
@@ -159,7 +171,10 @@ impl Offers {
 
     /// Waits until the offers under `keys` are taken, or [`OFFER_WAIT`]
     /// has passed; then withdraws those still here. Whether each was taken.
+    /// A call dropped on the way (the job's worker hung up) withdraws them
+    /// too: nobody would collect them.
     pub async fn settle(&self, keys: &[Option<(Reverse<u64>, u64)>]) -> Vec<bool> {
+        let withdraw = Withdraw { offers: self, keys };
         let until = Instant::now() + OFFER_WAIT;
         loop {
             let changed = self.changed.notified();
@@ -173,6 +188,13 @@ impl Offers {
                 break;
             }
         }
+        let taken = self.withdraw(keys);
+        std::mem::forget(withdraw);
+        taken
+    }
+
+    /// Withdraws the offers under `keys` still here; whether each was taken.
+    fn withdraw(&self, keys: &[Option<(Reverse<u64>, u64)>]) -> Vec<bool> {
         let mut g = self.lock();
         keys.iter()
             .map(|k| match k {
@@ -282,6 +304,23 @@ mod tests {
         assert_eq!((st.offered, st.helped, st.given_back), (3, 2, 1));
         assert_eq!(st.helper_bytes, 2000);
         assert!(o.take("w3", 4, |_| true).await.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_offer_whose_call_is_dropped_is_withdrawn() {
+        let o = std::sync::Arc::new(Offers::default());
+        let keys = o.offer("w1", 1, vec![block(6), block(7)]);
+        let settling = {
+            let o = o.clone();
+            tokio::spawn(async move { o.settle(&keys).await })
+        };
+        tokio::task::yield_now().await;
+        settling.abort();
+        assert!(settling.await.unwrap_err().is_cancelled());
+        assert!(o.take("w2", 4, |_| true).await.is_empty());
+        let st = o.stats();
+        assert_eq!((st.offered, st.given_back, st.helped), (2, 2, 0));
+        assert_eq!(o.lock().queued_bytes, 0);
     }
 
     #[tokio::test(start_paused = true)]
