@@ -174,7 +174,7 @@ impl Offers {
     /// A call dropped on the way (the job's worker hung up) withdraws them
     /// too: nobody would collect them.
     pub async fn settle(&self, keys: &[Option<(Reverse<u64>, u64)>]) -> Vec<bool> {
-        let withdraw = Withdraw { offers: self, keys };
+        let mut withdraw = Withdraw { offers: self, keys };
         let until = Instant::now() + OFFER_WAIT;
         loop {
             let changed = self.changed.notified();
@@ -189,7 +189,8 @@ impl Offers {
             }
         }
         let taken = self.withdraw(keys);
-        std::mem::forget(withdraw);
+        // Settled: nothing left for the guard.
+        withdraw.keys = &[];
         taken
     }
 

@@ -204,3 +204,45 @@ fn check(b: v1::TakenBlock) -> Option<Task> {
         data: b.data,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::farm_blocks::xz_settings;
+
+    fn taken(xz: &XzConfig, data: Vec<u8>, id_of: &[u8]) -> v1::TakenBlock {
+        let id = BlockId::new(xz, id_of);
+        v1::TakenBlock {
+            block: Some(block_ref(&id)),
+            xz: Some(xz_settings(xz)),
+            data,
+        }
+    }
+
+    #[test]
+    fn a_helper_compresses_only_blocks_that_are_what_their_ids_name() {
+        let xz = XzConfig::for_block_size(1 << 20);
+        let data = vec![3u8; 5000];
+        let t = check(taken(&xz, data.clone(), &data)).expect("a sound block");
+        assert_eq!((t.id, t.data.len()), (BlockId::new(&xz, &data), 5000));
+        // Bytes other than the id's.
+        assert!(check(taken(&xz, vec![4u8; 5000], &data)).is_none());
+        // Settings other than the id's.
+        let mut x86 = xz;
+        x86.flags = iukfarm_engine::sqfs::compress::xz_flags::X86;
+        let mut b = taken(&xz, data.clone(), &data);
+        b.xz = Some(xz_settings(&x86));
+        assert!(check(b).is_none());
+        // Settings out of bounds: a dictionary that would need gigabytes.
+        let mut huge = xz;
+        huge.dict_size = 1 << 30;
+        assert!(check(taken(&huge, data.clone(), &data)).is_none());
+        // Empty, oversized, or without settings.
+        assert!(check(taken(&xz, Vec::new(), &[])).is_none());
+        let big = vec![1u8; (MAX_BLOCK + 1) as usize];
+        assert!(check(taken(&xz, big.clone(), &big)).is_none());
+        let mut b = taken(&xz, data.clone(), &data);
+        b.xz = None;
+        assert!(check(b).is_none());
+    }
+}
