@@ -108,6 +108,13 @@ pub(crate) struct Ctx {
     pub pause_left: AtomicU32,
 }
 
+/// Why a registration failed.
+enum Refusal {
+    Fatal,
+    ReleaseOver,
+    Retry,
+}
+
 enum SessionEnd {
     ReleaseOver,
     Stopped,
@@ -147,7 +154,7 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> Result<(), Err
         let attempt = async {
             let mut client = iukfarm_proto::connect(&ctx.cfg.client)
                 .await
-                .map_err(|e| (false, e.to_string()))?;
+                .map_err(|e| (Refusal::Retry, e.to_string()))?;
             let fp = iukfarm_engine::fingerprint::fingerprint();
             let reply = client
                 .register(v1::RegisterRequest {
@@ -164,21 +171,30 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> Result<(), Err
                 })
                 .await
                 .map_err(|s| {
-                    let fatal = matches!(
-                        s.code(),
+                    let why = match s.code() {
                         Code::Unauthenticated
-                            | Code::PermissionDenied
-                            | Code::FailedPrecondition
-                            | Code::InvalidArgument
-                    );
-                    (fatal, iukfarm_proto::explain(&url, &s))
+                        | Code::PermissionDenied
+                        | Code::FailedPrecondition
+                        | Code::InvalidArgument => Refusal::Fatal,
+                        // A coordinator whose release has ended refuses
+                        // new workers.
+                        Code::Aborted => Refusal::ReleaseOver,
+                        _ => Refusal::Retry,
+                    };
+                    (why, iukfarm_proto::explain(&url, &s))
                 })?;
-            Ok::<_, (bool, String)>((client, reply.into_inner()))
+            Ok::<_, (Refusal, String)>((client, reply.into_inner()))
         };
         let (client, reg) = match attempt.await {
             Ok(x) => x,
-            Err((true, msg)) => return Err(Error::Refused(msg)),
-            Err((false, msg)) => {
+            Err((Refusal::Fatal, msg)) => return Err(Error::Refused(msg)),
+            // Started after the release ended (a lingering coordinator
+            // refuses new workers): with --once there is nothing to wait for.
+            Err((Refusal::ReleaseOver, msg)) if ctx.cfg.once => {
+                info!("release over: {msg}");
+                return Ok(());
+            }
+            Err((_, msg)) => {
                 if !told {
                     warn!("waiting for a coordinator: {msg}");
                     told = true;
