@@ -4,13 +4,15 @@
 #
 #   sudo bench/point-release.sh [MIB]        # results in target/point-release-bench.txt
 #
-# Makes a pair of Tails-like ISOs from this machine's /usr/share (MIB of
-# files, default 600: ~46,000 files, a ~200 MiB system image made by
-# mksquashfs with Tails' options), the new one with 131 files changed
-# (appended to, spread through the tree like package upgrades), then builds
-# the IUK with the Tails method and with `iukfarm build`, side by side, and
-# prints both times, the ratio, whether the bytes are the same, and where
-# iukfarm's time went.
+# Makes three Tails-like ISOs from this machine's /usr/share (MIB of files,
+# default 600: ~46,000 files, a ~200 MiB system image made by mksquashfs
+# with Tails' options): 1.0, then 1.1 and 1.2, each with 131 files changed
+# (appended to, spread through the tree like package upgrades). Builds the
+# IUKs 1.0 -> 1.1 and 1.1 -> 1.2 with the Tails method and with `iukfarm
+# build`, side by side: without a cache, with a cold block cache, with both
+# images' tail digests kept, and the next release's IUK with its old image's
+# digests kept. Prints times, ratios, whether the bytes are the same, and
+# where iukfarm's time went; fails when any bytes differ.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mib=${1:-600}
@@ -57,7 +59,11 @@ PY
 cp -a "$work/old" "$work/new"
 find "$work/new" -type f | LC_ALL=C sort | awk 'NR % 240 == 7 && ++n <= 131' |
     while read -r f; do printf '\nupdated by a point release\n' >> "$f"; done
-for v in old new; do
+# The point release after it: 131 other files.
+cp -a "$work/new" "$work/next"
+find "$work/next" -type f | LC_ALL=C sort | awk 'NR % 240 == 127 && ++n <= 131' |
+    while read -r f; do printf '\nupdated by the next point release\n' >> "$f"; done
+for v in old new next; do
     cd_dir=$work/cd-$v
     mkdir -p "$cd_dir/live" "$cd_dir/EFI/BOOT" "$cd_dir/isolinux" "$cd_dir/utils/linux"
     echo "kernel $v" > "$cd_dir/live/vmlinuz"
@@ -70,24 +76,52 @@ for v in old new; do
     rm -rf "$cd_dir" "${work:?}/$v"
 done
 export SOURCE_DATE_EPOCH=1730285444
-/usr/bin/time -o "$work/tails.time" -f "%e %U %S" bash tests/reference/tails-create-iuk.sh \
-    "$work/old.iso" "$work/new.iso" 1.1.squashfs "$work/tails.iuk" >/dev/null 2>&1
-/usr/bin/time -o "$work/ours.time" -f "%e %U %S" target/release/iukfarm build \
-    --old-iso "$work/old.iso" --new-iso "$work/new.iso" --old-version 1.0 --new-version 1.1 \
-    --out "$work/ours.iuk" 2>"$work/ours.log"
-read -r tw tu ts < "$work/tails.time"
-read -r ow ou os < "$work/ours.time"
-same=no
-[ "$(sha256sum < "$work/tails.iuk")" = "$(sha256sum < "$work/ours.iuk")" ] && same=yes
+tails() { # old new name
+    /usr/bin/time -o "$work/$3.time" -f "%e %U %S" bash tests/reference/tails-create-iuk.sh \
+        "$work/$1.iso" "$work/$2.iso" 1.1.squashfs "$work/$3.iuk" >/dev/null 2>&1
+}
+ours() { # old new name [build options]
+    local old=$1 new=$2 name=$3
+    shift 3
+    /usr/bin/time -o "$work/$name.time" -f "%e %U %S" target/release/iukfarm build \
+        --old-iso "$work/$old.iso" --new-iso "$work/$new.iso" --squashfs-diff-name 1.1.squashfs \
+        --out "$work/$name.iuk" "$@" 2>"$work/$name.log"
+}
+tails old new tails-1
+tails new next tails-2
+# Without a cache: every fragment block of both images is decompressed.
+ours old new plain
+# With a block cache: tails are compared by digest and the digests kept.
+cache=$work/cache
+ours old new cold --block-cache "$cache"
+# Both images known, as for every later IUK of a release on a worker that
+# kept the digests of earlier releases.
+ours old new warm --block-cache "$cache"
+# The next point release's IUK from this one: its old image is known (it
+# was the new image above), its new image is not.
+ours new next next --block-cache "$cache"
 {
-    echo "point release: $(du -m "$work/new.iso" | cut -f1) MiB ISO, 131 files changed, IUK $(stat -c %s "$work/ours.iuk") bytes; $(nproc) cores"
-    printf '%-14s %8s %8s\n' "" "wall s" "CPU s"
-    awk -v tw="$tw" -v tc="$tu+$ts" -v ow="$ow" -v oc="$ou+$os" 'BEGIN {
-        split(tc, a, "+"); split(oc, b, "+")
-        printf "%-14s %8.1f %8.1f\n", "Tails method", tw, a[1] + a[2]
-        printf "%-14s %8.1f %8.1f\n", "iukfarm build", ow, b[1] + b[2]
-        printf "iukfarm build %.1fx faster than the Tails method; ", tw / ow }'
-    echo "same bytes: $same"
-    grep '^time:' "$work/ours.log"
+    echo "point release: $(du -m "$work/new.iso" | cut -f1) MiB ISO, 131 files changed, IUK $(stat -c %s "$work/plain.iuk") bytes; $(nproc) cores"
+    printf '%-44s %8s %8s %8s %s\n' "" "wall s" "CPU s" "ratio" "same bytes"
+    row() { # label time-file tails-time-file iuk tails-iuk
+        read -r w u s < "$work/$2.time"
+        read -r tw _ < "$work/$3.time"
+        same=no
+        [ "$(sha256sum < "$work/$4.iuk")" = "$(sha256sum < "$work/$5.iuk")" ] && same=yes
+        awk -v l="$1" -v w="$w" -v c="$u+$s" -v tw="$tw" -v same="$same" 'BEGIN {
+            split(c, a, "+")
+            printf "%-44s %8.1f %8.1f %7.1fx %s\n", l, w, a[1] + a[2], tw / w, same }'
+    }
+    row "Tails method, 1.0 -> 1.1" tails-1 tails-1 tails-1 tails-1
+    row "Tails method, 1.1 -> 1.2" tails-2 tails-2 tails-2 tails-2
+    row "iukfarm build 1.0 -> 1.1, no cache" plain tails-1 plain tails-1
+    row "  cache: cold (both images hashed)" cold tails-1 cold tails-1
+    row "  cache: both images known" warm tails-1 warm tails-1
+    row "iukfarm build 1.1 -> 1.2, 1.1 known" next tails-2 next tails-2
+    for n in plain cold warm next; do
+        echo "$n:"
+        grep -E '^(time|tail digests):' "$work/$n.log" | sed 's/^/  /'
+    done
 } | tee "$out"
-[ "$same" = yes ]
+for n in plain cold warm; do cmp -s "$work/$n.iuk" "$work/tails-1.iuk"; done
+cmp -s "$work/next.iuk" "$work/tails-2.iuk"

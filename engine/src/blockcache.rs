@@ -16,6 +16,16 @@
 //! again. The cache is bounded: past its size cap, the least recently used
 //! entries (by modification time, refreshed on every hit) are removed.
 //! Failing to store an entry never fails a build: the cache only saves work.
+//!
+//! The cache also keeps, per system image, the digests of the file tails
+//! its fragment blocks hold ([`TailDigests`], in `<dir>/tails/`, named by
+//! [`Archive::fragment_identity`](crate::sqfs::Archive::fragment_identity)),
+//! so comparing an image a second time, as the new image of the next job or
+//! the old image of the next release, decompresses none of its fragment
+//! blocks. Unlike a block, a digest cannot be checked without that work: it
+//! is as trusted as the cache directory. A wrong one could only hide a
+//! change, which verification by applying the kit (the coordinator's, and
+//! `--reproduce`, which uses no cache) finds.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -28,6 +38,7 @@ use std::time::SystemTime;
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
+use crate::sqfs::TailDigests;
 use crate::sqfs::compress::{XzConfig, decompress, liblzma_version};
 use crate::sqfs::format::CompressorId;
 
@@ -40,6 +51,13 @@ const COMPRESS_REVISION: u32 = 1;
 pub const MAX_BLOCK: u64 = 1 << 20;
 /// An entry file larger than this is junk.
 const MAX_ENTRY: u64 = HEADER as u64 + MAX_BLOCK + 4096;
+const TAILS_MAGIC: &[u8; 8] = b"IUKTAIL1";
+/// One tail: fragment index, offset, length, digest.
+const TAIL_ENTRY: usize = 4 + 4 + 4 + 32;
+/// A tail digest file larger than this (about 1.5 million tails) is junk.
+const MAX_TAILS_FILE: u64 = 64 << 20;
+/// Tail digest files kept (the most recently used); each is a few MiB.
+const KEEP_TAILS_FILES: usize = 32;
 
 /// Counters of one [`BlockCache`] since it was opened.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -144,7 +162,7 @@ impl BlockKey {
     }
 
     pub fn hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
+        hex(&self.0)
     }
 }
 
@@ -469,6 +487,80 @@ impl BlockCache {
         result.map(|()| disk_size(buf.len() as u64))
     }
 
+    fn tails_path(&self, image: &[u8; 32]) -> PathBuf {
+        self.dir.join("tails").join(hex(image))
+    }
+
+    /// The tail digests kept for the image whose fragment identity is
+    /// `image`; empty when none are kept. A damaged file is deleted.
+    pub fn tail_digests(&self, image: &[u8; 32]) -> TailDigests {
+        let path = self.tails_path(image);
+        match read_tails(&path, image) {
+            Ok(Some(t)) => t,
+            Ok(None) => TailDigests::new(),
+            Err(()) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                let _ = fs::remove_file(&path);
+                TailDigests::new()
+            }
+        }
+    }
+
+    /// Keeps `digests` for the image `image`, replacing what was kept, and
+    /// forgets the least recently used images past the last
+    /// `KEEP_TAILS_FILES`. Failing to keep them never fails a build.
+    pub fn put_tail_digests(&self, image: &[u8; 32], digests: &TailDigests) {
+        let mut entries: Vec<_> = digests.iter().collect();
+        entries.sort_unstable_by_key(|(k, _)| **k);
+        let mut buf = Vec::with_capacity(48 + entries.len() * TAIL_ENTRY + 32);
+        buf.extend_from_slice(TAILS_MAGIC);
+        buf.extend_from_slice(image);
+        buf.extend_from_slice(&(entries.len() as u64).to_le_bytes());
+        for ((frag, off, len), d) in entries {
+            for v in [frag, off, len] {
+                buf.extend_from_slice(&v.to_le_bytes());
+            }
+            buf.extend_from_slice(d);
+        }
+        let sum: [u8; 32] = Sha256::digest(&buf).into();
+        buf.extend_from_slice(&sum);
+        if buf.len() as u64 > MAX_TAILS_FILE {
+            return;
+        }
+        let tmp = self.dir.join("tmp").join(format!(
+            "{}-{}",
+            std::process::id(),
+            self.seq.fetch_add(1, Ordering::Relaxed)
+        ));
+        let path = self.tails_path(image);
+        let result = (|| {
+            fs::write(&tmp, &buf)?;
+            fs::create_dir_all(self.dir.join("tails"))?;
+            fs::rename(&tmp, &path)
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+            self.store_errors.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let Ok(rd) = fs::read_dir(self.dir.join("tails")) else {
+            return;
+        };
+        let mut kept: Vec<(SystemTime, PathBuf)> = rd
+            .flatten()
+            .filter_map(|e| {
+                let used = e.metadata().ok()?.modified().ok()?;
+                Some((used, e.path()))
+            })
+            .collect();
+        if kept.len() > KEEP_TAILS_FILES {
+            kept.sort();
+            for (_, p) in &kept[..kept.len() - KEEP_TAILS_FILES] {
+                let _ = fs::remove_file(p);
+            }
+        }
+    }
+
     /// Every entry with its size and last use.
     fn entries(&self) -> Result<Vec<(PathBuf, u64, SystemTime)>> {
         let mut out = Vec::new();
@@ -529,6 +621,45 @@ fn checksum(header: &[u8], bytes: &[u8]) -> [u8; 32] {
     h.update(header);
     h.update(bytes);
     h.finalize().into()
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// `Ok(None)`: no file. `Err(())`: a file that must not be used.
+fn read_tails(path: &Path, image: &[u8; 32]) -> std::result::Result<Option<TailDigests>, ()> {
+    let f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(_) => return Err(()),
+    };
+    let len = f.metadata().map_err(|_| ())?.len();
+    if !(80..=MAX_TAILS_FILE).contains(&len) {
+        return Err(());
+    }
+    let mut buf = Vec::with_capacity(len as usize);
+    (&f).take(len).read_to_end(&mut buf).map_err(|_| ())?;
+    let (body, sum) = buf.split_at(buf.len() - 32);
+    if &body[..8] != TAILS_MAGIC || &body[8..40] != image || Sha256::digest(body)[..] != *sum {
+        return Err(());
+    }
+    let count = u64::from_le_bytes(body[40..48].try_into().expect("8 bytes"));
+    let rest = &body[48..];
+    if count.checked_mul(TAIL_ENTRY as u64) != Some(rest.len() as u64) {
+        return Err(());
+    }
+    let u32_at = |c: &[u8], i: usize| u32::from_le_bytes(c[i..i + 4].try_into().expect("4 bytes"));
+    // Refresh the file's place in the LRU order; failing is harmless.
+    let _ = f.set_modified(SystemTime::now());
+    Ok(Some(
+        rest.chunks_exact(TAIL_ENTRY)
+            .map(|c| {
+                let key = (u32_at(c, 0), u32_at(c, 4), u32_at(c, 8));
+                (key, c[12..].try_into().expect("32 bytes"))
+            })
+            .collect(),
+    ))
 }
 
 /// `Ok(None)`: no entry. `Err(())`: an entry that must not be used.
@@ -888,5 +1019,36 @@ mod tests {
         // Reopening measures what is there and keeps the cap.
         let again = BlockCache::open(dir.path(), cap).unwrap();
         assert!(again.size() <= cap && again.size() > 0);
+    }
+
+    #[test]
+    fn tail_digests_are_kept_per_image_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = BlockCache::open(dir.path(), 1 << 20).unwrap();
+        let digests: TailDigests = (0..100u32)
+            .map(|i| ((i / 10, i * 7, i + 1), [i as u8; 32]))
+            .collect();
+        let (a, b) = ([1u8; 32], [2u8; 32]);
+        assert!(cache.tail_digests(&a).is_empty());
+        cache.put_tail_digests(&a, &digests);
+        assert_eq!(cache.tail_digests(&a), digests);
+        assert!(cache.tail_digests(&b).is_empty(), "another image's digests");
+
+        // A file under another image's name, or damaged, is dropped.
+        std::fs::copy(cache.tails_path(&a), cache.tails_path(&b)).unwrap();
+        assert!(cache.tail_digests(&b).is_empty());
+        assert!(!cache.tails_path(&b).exists());
+        let mut bytes = std::fs::read(cache.tails_path(&a)).unwrap();
+        bytes[60] ^= 1;
+        std::fs::write(cache.tails_path(&a), &bytes).unwrap();
+        assert!(cache.tail_digests(&a).is_empty());
+        assert_eq!(cache.stats().dropped, 2);
+
+        // Only the most recently used images are kept.
+        for i in 0..KEEP_TAILS_FILES as u8 + 3 {
+            cache.put_tail_digests(&[100 + i; 32], &digests);
+        }
+        let kept = std::fs::read_dir(dir.path().join("tails")).unwrap().count();
+        assert_eq!(kept, KEEP_TAILS_FILES);
     }
 }

@@ -604,3 +604,177 @@ fn block_cache_and_fast_profile() {
         "fast kit {fast_size} bytes vs exact {exact_size}"
     );
 }
+
+/// The numbers of a line of `iukfarm build`'s report that starts with `head`.
+fn report_numbers(stderr: &[u8], head: &str) -> Vec<u64> {
+    let text = String::from_utf8_lossy(stderr);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(head))
+        .unwrap_or_else(|| panic!("no {head:?} line in: {text}"));
+    line.split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().unwrap())
+        .collect()
+}
+
+/// Point releases whose small files' tails have shifted in the fragment
+/// blocks. With a block cache the tails are compared by digest and the
+/// digests kept: building again, or building the next release (whose old
+/// image is today's new one), decompresses none of a known image's fragment
+/// blocks while comparing, and every kit is the bytes of a build without a
+/// cache. A damaged digest file is dropped; one forged to hide the changes
+/// gives a kit that `verify-iuk` refuses.
+#[test]
+fn tail_digests_are_kept_for_the_next_build() {
+    require_tools(&["mksquashfs", "xorriso"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path();
+    // 900 small files fill a few fragment blocks; appending to file 5
+    // shifts every later tail. Rewritten files keep their size.
+    let system = |name: &str, appended: &[usize], rewritten: &[usize]| {
+        let p = work.join(name);
+        let t = Tree::new(&p);
+        for i in 0..900 {
+            let mut body = Rng::new(1000 + i as u64).text(3000 + i);
+            if appended.contains(&i) {
+                body.extend_from_slice(b"\nupdated by a point release\n");
+            }
+            if rewritten.contains(&i) {
+                body[..7].copy_from_slice(b"patched");
+            }
+            t.file(format!("usr/share/doc/{i:03}"), &body);
+        }
+        // Only contents change between these releases.
+        run(Command::new("find").arg(&p).args([
+            "-exec",
+            "touch",
+            "-h",
+            "-d",
+            "@1700000000",
+            "{}",
+            "+",
+        ]));
+        p
+    };
+    let isos: Vec<_> = [
+        ("6.0", &[][..], &[][..]),
+        ("6.0.1", &[5, 600][..], &[][..]),
+        ("6.0.2", &[5, 600][..], &[10, 700][..]),
+    ]
+    .iter()
+    .map(|(v, appended, rewritten)| {
+        let sys = system(&format!("sys-{v}"), appended, rewritten);
+        make_iso(work, v, &sys, &|t| boot_files(t, b"k1", false))
+    })
+    .collect();
+    let cache = work.join("cache");
+    let kit = |old: &Path, new: &Path, name: &str, cached: bool| {
+        let out = work.join(name);
+        let mut cmd = Command::new(iukfarm());
+        cmd.env("SOURCE_DATE_EPOCH", SDE)
+            .args(["build", "--force", "--old-iso"])
+            .arg(old)
+            .arg("--new-iso")
+            .arg(new)
+            .arg("--out")
+            .arg(&out);
+        if cached {
+            cmd.arg("--block-cache").arg(&cache);
+        }
+        let res = cmd.output().unwrap();
+        assert_built(&res);
+        let tails = cached.then(|| report_numbers(&res.stderr, "tail digests: ")[..4].to_vec());
+        // (decompressed, in the image) for old and new, while comparing.
+        let time = report_numbers(&res.stderr, "time: ");
+        let n = time.len();
+        let fragments = [time[n - 8], time[n - 6]];
+        (sha256_file(&out), tails, fragments, out)
+    };
+    let (a, b, c) = (&isos[0], &isos[1], &isos[2]);
+
+    let (exact_ab, _, plain, _) = kit(a, b, "ab.iuk", false);
+    assert!(
+        plain[0] >= 3 && plain[1] >= 3,
+        "tails did not shift: {plain:?}"
+    );
+    let (cold, tails, _, _) = kit(a, b, "ab.iuk", true);
+    assert_eq!(cold, exact_ab, "digests changed the bytes");
+    let tails = tails.unwrap();
+    assert!(
+        tails[..2] == [0, 0] && tails[2] >= 900 && tails[3] >= 900,
+        "{tails:?}"
+    );
+    let (warm, tails, fragments, _) = kit(a, b, "ab.iuk", true);
+    assert_eq!(warm, exact_ab, "kept digests changed the bytes");
+    let tails = tails.unwrap();
+    assert!(
+        tails[0] > 800 && tails[1] > 800 && tails[2..] == [0, 0],
+        "{tails:?}"
+    );
+    assert_eq!(fragments, [0, 0], "fragment blocks decompressed again");
+
+    // The next release: today's new image is known, its new one is not.
+    let (exact_bc, _, _, _) = kit(b, c, "bc.iuk", false);
+    let (next, tails, fragments, _) = kit(b, c, "bc.iuk", true);
+    assert_eq!(next, exact_bc);
+    let tails = tails.unwrap();
+    assert!(
+        tails[0] > 800 && tails[2] == 0 && tails[3] >= 900,
+        "{tails:?}"
+    );
+    assert_eq!(fragments[0], 0, "the known old image was decompressed");
+
+    // Damaged files are dropped and computed again.
+    let dir = cache.join("tails");
+    let files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 3, "{files:?}");
+    for f in &files {
+        let mut bytes = std::fs::read(f).unwrap();
+        bytes[100] ^= 1;
+        std::fs::write(f, bytes).unwrap();
+    }
+    let (again, tails, _, _) = kit(b, c, "bc.iuk", true);
+    assert_eq!(again, exact_bc, "a damaged digest file changed the bytes");
+    assert_eq!(
+        tails.unwrap()[..2],
+        [0, 0],
+        "a damaged digest file was used"
+    );
+
+    // Digest files are as trusted as the cache directory: forged ones that
+    // make every tail look the same hide the changes, and verification by
+    // applying the kit (as the coordinator does every kit) finds them.
+    for f in std::fs::read_dir(&dir).unwrap() {
+        let f = f.unwrap().path();
+        let mut bytes = std::fs::read(&f).unwrap();
+        let body = bytes.len() - 32;
+        for e in bytes[48..body].chunks_exact_mut(44) {
+            e[12..].fill(0);
+        }
+        let sum = {
+            use sha2::Digest;
+            sha2::Sha256::digest(&bytes[..body])
+        };
+        bytes[body..].copy_from_slice(&sum);
+        std::fs::write(&f, bytes).unwrap();
+    }
+    let (forged, tails, _, forged_kit) = kit(b, c, "bc.iuk", true);
+    assert!(tails.unwrap()[0] > 800, "the forged digests were not used");
+    assert_ne!(forged, exact_bc, "forged digests hid nothing");
+    let res = Command::new(iukfarm())
+        .args(["verify-iuk", "--old-iso"])
+        .arg(b)
+        .arg("--new-iso")
+        .arg(c)
+        .arg(&forged_kit)
+        .output()
+        .unwrap();
+    let said = [res.stdout, res.stderr].concat();
+    let said = String::from_utf8_lossy(&said);
+    assert_eq!(res.status.code(), Some(1), "verify-iuk: {said}");
+    assert!(said.contains("usr/share/doc/010"), "{said}");
+}

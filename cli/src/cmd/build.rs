@@ -258,6 +258,17 @@ pub fn run(a: Args) -> Result<ExitCode> {
             t.diff_image.as_secs_f64(),
             t.kit.as_secs_f64()
         );
+        if opts.cache.is_some() {
+            eprintln!(
+                "tail digests: {} old and {} new from earlier builds, {} old and {} new hashed; \
+                 {:.1}s naming the images' fragment blocks and keeping the digests",
+                t.tails[0].0,
+                t.tails[1].0,
+                t.tails[0].1,
+                t.tails[1].1,
+                t.tail_index.as_secs_f64()
+            );
+        }
         eprintln!(
             "diff: {:.1} MiB compressed ({:.1} MiB of it in fragment blocks), {:.1} MiB from the \
              block cache, {:.1} MiB copied; kit: {:.1} MiB compressed, {:.1} MiB from the block \

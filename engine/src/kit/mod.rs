@@ -434,6 +434,12 @@ pub struct Timings {
     pub kit: Duration,
     /// Fragment blocks decompressed while comparing, and in the image: old, new.
     pub compare_fragments: [(u64, u64); 2],
+    /// Naming both images' fragment blocks, loading and keeping their tail
+    /// digests (only with a block cache).
+    pub tail_index: Duration,
+    /// Per image, old and new: (tails whose digest was kept from an earlier
+    /// build, tails decompressed and hashed).
+    pub tails: [(u64, u64); 2],
 }
 
 fn open_iso(path: &Path) -> Result<Iso> {
@@ -519,10 +525,44 @@ pub fn build_iuk(
     let old_tree = old_system.to_tree()?;
     let new_tree = new_system.to_tree()?;
     timings.read = started.elapsed();
+    // With a cache, tails are compared by digest, and the digests are kept
+    // for the next build that reads either image.
+    let step = Instant::now();
+    let systems = [&old_system, &new_system];
+    let kept = match &opts.cache {
+        Some(cache) => {
+            let (a, b) = rayon::join(
+                || old_system.fragment_identity(),
+                || new_system.fragment_identity(),
+            );
+            let ids = [a?, b?];
+            for (system, id) in systems.iter().zip(&ids) {
+                system.use_tail_digests(cache.tail_digests(id));
+            }
+            Some((cache, ids))
+        }
+        None => None,
+    };
+    timings.tail_index = step.elapsed();
     let step = Instant::now();
     let (diff, stats) = overlay_diff(&old_tree, &new_tree, opts.sde, &opts.diff, progress)?;
     timings.compare = step.elapsed();
     timings.compare_fragments = [old_system.fragment_reads(), new_system.fragment_reads()];
+    timings.tails = [
+        old_system.tail_digest_counts(),
+        new_system.tail_digest_counts(),
+    ];
+    let step = Instant::now();
+    if let Some((cache, ids)) = kept {
+        for (system, id) in systems.iter().zip(&ids) {
+            if system.tail_digest_counts().1 > 0
+                && let Some(d) = system.tail_digests()
+            {
+                cache.put_tail_digests(id, &d);
+            }
+        }
+    }
+    timings.tail_index += step.elapsed();
     let step = Instant::now();
     let diff_written = write_image(
         &diff,

@@ -288,6 +288,8 @@ struct Packer {
 /// A fragment block is taken whole from its image when the files written
 /// here use at least this share of it (per mille): the rest is waste.
 const ADOPT_PER_MILLE: u64 = 900;
+/// Files looked at together for tails to read ahead (see `read_tails_ahead`).
+const TAIL_READ_AHEAD: usize = 16;
 
 fn send(tx: &mpsc::SyncSender<Job>, job: Job) -> Result<()> {
     tx.send(job)
@@ -472,11 +474,11 @@ impl DataWriter<'_> {
             };
             let mut batch = Vec::new();
             for p in self.queue.pop_back(want, keep) {
-                let id = BlockId::new(&self.cfg, &p.data);
                 if self.skip_incompressible && looks_incompressible(&p.data) {
                     self.give_back(p);
                     continue;
                 }
+                let id = BlockId::new(&self.cfg, &p.data);
                 match self.cache.as_ref().and_then(|c| c.get(&id.key(), &p.data)) {
                     Some(found) => {
                         let _ =
@@ -494,6 +496,8 @@ impl DataWriter<'_> {
             let forms = shared.outsource(&self.cfg, &blocks);
             drop(blocks);
             let mut back = Vec::new();
+            // A short answer leaves the rest to the threads here.
+            let forms = forms.into_iter().chain(std::iter::repeat(None));
             for ((id, p), form) in batch.into_iter().zip(forms) {
                 match form {
                     Some(f) if id.admits(&f) => {
@@ -550,12 +554,27 @@ impl DataWriter<'_> {
         if self.copy_image_blocks {
             self.adopt_fragments(files, &mut packer, &mut stats, &tx)?;
         }
+        let (mut ahead, mut ahead_end) = (HashMap::new(), 0);
         for (file, content) in files.iter().enumerate() {
             if self.progress.is_cancelled() {
                 return Err(Error::Cancelled);
             }
             if let Some(image) = self.copyable(content) {
                 self.copy_file(file, content.size, image, &mut packer, &mut stats, &tx)?;
+                continue;
+            }
+            if file >= ahead_end {
+                (ahead, ahead_end) = self.read_tails_ahead(files, file);
+            }
+            if let Some(tail) = ahead.remove(&file) {
+                let buf = tail.map_err(|e| match e {
+                    Error::Corrupt(m) => Error::Corrupt(format!("{}: {m}", content.describe())),
+                    other => other,
+                })?;
+                if buf.len() as u64 != content.size {
+                    return Err(Error::corrupt("file tail of the wrong length"));
+                }
+                self.tail(file, 0, buf, &mut packer, &mut stats, &tx)?;
                 continue;
             }
             let mut reader = content.open()?;
@@ -626,6 +645,62 @@ impl DataWriter<'_> {
             send(&tx, job)?;
         }
         Ok(stats)
+    }
+
+    /// Reads ahead, in parallel, the contents of the small files among the
+    /// next few that live only in source images' fragment blocks: each costs
+    /// decompressing its block, which would otherwise happen here one file
+    /// after another. Files sharing a block are read by one thread, so that
+    /// no block is decompressed twice. Returns the tails by file number (none
+    /// when fewer than two blocks are involved) and where the window ends.
+    #[allow(clippy::type_complexity)]
+    fn read_tails_ahead(
+        &self,
+        files: &[&FileContent],
+        start: usize,
+    ) -> (HashMap<usize, Result<Vec<u8>>>, usize) {
+        let end = (start + TAIL_READ_AHEAD).min(files.len());
+        let mut groups: Vec<((usize, u32), Vec<(usize, &ImageFile)>)> = Vec::new();
+        for (i, c) in files.iter().enumerate().take(end).skip(start) {
+            let Source::Image(f) = &c.source else {
+                continue;
+            };
+            let inode = f.inode();
+            if c.size == 0
+                || c.size >= self.block_size as u64
+                || inode.fragment_index == NO_FRAGMENT
+                || !inode.block_sizes.is_empty()
+                || self.copyable(c).is_some()
+            {
+                continue;
+            }
+            let key = (Arc::as_ptr(f.archive()) as usize, inode.fragment_index);
+            match groups.iter_mut().find(|g| g.0 == key) {
+                Some(g) => g.1.push((i, f)),
+                None => groups.push((key, vec![(i, f)])),
+            }
+        }
+        if groups.len() < 2 {
+            return (HashMap::new(), end);
+        }
+        let threads = self.pool.current_num_threads().clamp(1, groups.len());
+        let read = |t: usize| -> Vec<(usize, Result<Vec<u8>>)> {
+            groups
+                .iter()
+                .skip(t)
+                .step_by(threads)
+                .flat_map(|g| g.1.iter().map(|&(i, f)| (i, f.fragment_tail())))
+                .collect()
+        };
+        let tails = std::thread::scope(|s| {
+            let others: Vec<_> = (1..threads).map(|t| s.spawn(move || read(t))).collect();
+            let mut all = read(0);
+            for h in others {
+                all.extend(h.join().expect("tail reader panicked"));
+            }
+            all
+        });
+        (tails.into_iter().collect(), end)
     }
 
     /// Packs a file's tail into the fragment blocks (or records it as
@@ -713,12 +788,7 @@ impl DataWriter<'_> {
         }
         for key in order {
             let (image, tails) = &used[&key];
-            let all = image
-                .archive()
-                .fragment_usage()?
-                .get(key.1 as usize)
-                .copied()
-                .unwrap_or(u64::MAX);
+            let all = image.archive().fragment_usage(key.1)?.unwrap_or(u64::MAX);
             let here: u64 = tails.values().sum();
             if here.saturating_mul(1000) < all.saturating_mul(ADOPT_PER_MILLE) {
                 continue;
@@ -1096,7 +1166,7 @@ mod tests {
         }
         fn outsource(&self, cfg: &XzConfig, blocks: &[(BlockId, &[u8])]) -> Vec<Option<Cached>> {
             self.taken.fetch_add(blocks.len() as u64, Ordering::Relaxed);
-            blocks
+            let mut forms: Vec<Option<Cached>> = blocks
                 .iter()
                 .map(|(_, data)| {
                     let form = match cfg.compress(data).unwrap() {
@@ -1104,7 +1174,7 @@ mod tests {
                         None => Cached::Uncompressed,
                     };
                     match (self.mode, form) {
-                        ("honest", f) => Some(f),
+                        ("honest" | "short", f) => Some(f),
                         ("liar", Cached::Compressed(mut b)) => {
                             let n = b.len() / 2;
                             b[n] ^= 1;
@@ -1114,7 +1184,11 @@ mod tests {
                         _ => None,
                     }
                 })
-                .collect()
+                .collect();
+            if self.mode == "short" {
+                forms.truncate(blocks.len() / 2);
+            }
+            forms
         }
     }
 
@@ -1155,7 +1229,7 @@ mod tests {
         let (plain, p) = write(None);
         let all = p.compressed_blocks;
         assert!(all >= 40, "{p:?}");
-        for mode in ["honest", "liar", "silent"] {
+        for mode in ["honest", "liar", "silent", "short"] {
             let h = Arc::new(Helpers {
                 mode,
                 taken: AtomicU64::new(0),
@@ -1173,6 +1247,10 @@ mod tests {
                 "liar" => {
                     assert_eq!((s.helped_blocks, s.compressed_blocks), (0, all));
                     assert_eq!(h.rejected.load(Ordering::Relaxed), taken);
+                }
+                "short" => {
+                    assert!(s.helped_blocks > 0 && s.helped_blocks < taken, "{s:?}");
+                    assert_eq!(s.helped_blocks + s.compressed_blocks, all);
                 }
                 _ => assert_eq!((s.helped_blocks, s.compressed_blocks), (0, all)),
             }

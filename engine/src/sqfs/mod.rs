@@ -12,5 +12,7 @@ mod xattr_table;
 
 pub use compress::XzConfig;
 pub use data::DataStats;
-pub use reader::{Archive, DirEntry, FileInode, FileReader, ImageFile, Inode, InodeKind};
+pub use reader::{
+    Archive, DirEntry, FileInode, FileReader, ImageFile, Inode, InodeKind, TailDigests,
+};
 pub use writer::{WriteStats, WriterOptions, write_image};

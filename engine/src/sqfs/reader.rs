@@ -10,6 +10,7 @@ use std::io::{self, Read};
 use std::sync::{Arc, Mutex};
 
 use rayon::prelude::*;
+use sha2::{Digest, Sha256};
 
 use super::compress::{self, XzConfig};
 use super::format::{
@@ -100,6 +101,24 @@ pub struct DirEntry {
 /// Decoded metadata blocks by position, with their on-disk size.
 type MetaCache = HashMap<u64, (Arc<Vec<u8>>, u64)>;
 
+/// SHA-256 digests of the file tails an image keeps in fragment blocks, by
+/// (fragment index, offset, length). They are a function of the stored
+/// fragment blocks alone, which [`Archive::fragment_identity`] names, so they
+/// can be kept from one build to the next.
+pub type TailDigests = HashMap<(u32, u32, u32), [u8; 32]>;
+
+/// Tails compared by digest (see [`Archive::use_tail_digests`]).
+struct TailState {
+    /// Kept from earlier builds.
+    kept: TailDigests,
+    /// Computed by this build.
+    known: Mutex<TailDigests>,
+    /// Fragment blocks whose every tail has been hashed (or is being).
+    blocks_done: Mutex<std::collections::HashSet<u32>>,
+    looked_up: std::sync::atomic::AtomicU64,
+    hashed: std::sync::atomic::AtomicU64,
+}
+
 /// An open SquashFS image.
 pub struct Archive {
     src: Arc<dyn ReadAt>,
@@ -118,8 +137,9 @@ pub struct Archive {
     frag_cache: Mutex<Vec<(u32, Arc<Vec<u8>>)>>,
     /// Fragment blocks decompressed so far (a measure, reported by builds).
     frag_decoded: std::sync::atomic::AtomicU64,
-    /// Per fragment block, the bytes of distinct tails kept in it.
-    frag_usage: std::sync::OnceLock<Vec<u64>>,
+    /// Per fragment block, the distinct tails kept in it: (offset, length).
+    frag_tails: std::sync::OnceLock<Vec<Vec<(u32, u32)>>>,
+    tails: std::sync::OnceLock<TailState>,
 }
 
 impl std::fmt::Debug for Archive {
@@ -154,7 +174,8 @@ impl Archive {
             meta_cache: Mutex::new(HashMap::new()),
             frag_cache: Mutex::new(Vec::new()),
             frag_decoded: Default::default(),
-            frag_usage: std::sync::OnceLock::new(),
+            frag_tails: std::sync::OnceLock::new(),
+            tails: std::sync::OnceLock::new(),
             sb,
         };
         if ar.sb.flags & flags::COMPRESSOR_OPTIONS != 0 && comp == CompressorId::Xz {
@@ -666,28 +687,36 @@ impl Archive {
         Ok(out)
     }
 
-    /// For each fragment block, how many bytes of it the image's files use
-    /// (each distinct tail counted once). Walks the image's metadata once.
-    pub fn fragment_usage(&self) -> Result<&[u64]> {
-        if let Some(u) = self.frag_usage.get() {
-            return Ok(u);
+    /// How many bytes of fragment block `index` the image's files use (each
+    /// distinct tail counted once); `None` for a block that does not exist.
+    pub fn fragment_usage(&self, index: u32) -> Result<Option<u64>> {
+        Ok(self
+            .fragment_tails()?
+            .get(index as usize)
+            .map(|t| t.iter().map(|&(_, len)| len as u64).sum()))
+    }
+
+    /// For each fragment block, the distinct tails the image's files keep in
+    /// it, as (offset, length) in order. Walks the image's metadata once.
+    fn fragment_tails(&self) -> Result<&[Vec<(u32, u32)>]> {
+        if let Some(t) = self.frag_tails.get() {
+            return Ok(t);
         }
         let bs = self.sb.block_size as u64;
-        let mut tails = std::collections::HashSet::new();
+        let mut tails = vec![Vec::new(); self.fragments.len()];
         self.walk(&mut |_, inode| {
             if let InodeKind::File(f) = &inode.kind
-                && f.fragment_index != NO_FRAGMENT
-                && (f.fragment_index as usize) < self.fragments.len()
+                && let Some(t) = tails.get_mut(f.fragment_index as usize)
             {
-                tails.insert((f.fragment_index, f.fragment_offset, f.size % bs));
+                t.push((f.fragment_offset, (f.size % bs) as u32));
             }
             Ok(())
         })?;
-        let mut usage = vec![0u64; self.fragments.len()];
-        for (i, _, len) in tails {
-            usage[i as usize] += len;
+        for t in &mut tails {
+            t.sort_unstable();
+            t.dedup();
         }
-        Ok(self.frag_usage.get_or_init(|| usage))
+        Ok(self.frag_tails.get_or_init(|| tails))
     }
 
     /// A fragment block as stored: its size field and bytes.
@@ -705,6 +734,113 @@ impl Archive {
             self.frag_decoded.load(std::sync::atomic::Ordering::Relaxed),
             self.fragments.len() as u64,
         )
+    }
+
+    /// Names the contents of every fragment block: a digest of each block as
+    /// stored, with what decides how it decompresses (compressor, block
+    /// size). Reads the compressed blocks, decompresses nothing.
+    pub fn fragment_identity(&self) -> Result<[u8; 32]> {
+        let blocks: Vec<Result<[u8; 32]>> = self
+            .fragments
+            .par_iter()
+            .map(|&(start, size)| {
+                let raw = self.stored(start, size, "fragment block")?;
+                let mut h = Sha256::new();
+                h.update(size.to_le_bytes());
+                h.update(&raw);
+                Ok(h.finalize().into())
+            })
+            .collect();
+        let mut h = Sha256::new();
+        h.update(b"iukfarm fragment blocks 1\0");
+        h.update(self.sb.compression_id.to_le_bytes());
+        h.update(self.sb.block_size.to_le_bytes());
+        h.update((self.fragments.len() as u64).to_le_bytes());
+        for b in blocks {
+            h.update(b?);
+        }
+        Ok(h.finalize().into())
+    }
+
+    /// From now on, [`ImageFile::same_stored_content`] compares this image's
+    /// tails by digest (when the other image does too), starting from
+    /// `known`: digests kept from an earlier build of an image with the same
+    /// [`Archive::fragment_identity`]. A known tail costs a look-up instead of
+    /// decompressing its fragment block. Only the first call counts.
+    pub fn use_tail_digests(&self, known: TailDigests) {
+        let _ = self.tails.set(TailState {
+            kept: known,
+            known: Mutex::new(TailDigests::new()),
+            blocks_done: Default::default(),
+            looked_up: Default::default(),
+            hashed: Default::default(),
+        });
+    }
+
+    /// Every tail digest known now (kept and computed), when digests are in use.
+    pub fn tail_digests(&self) -> Option<TailDigests> {
+        let t = self.tails.get()?;
+        let mut all = t.kept.clone();
+        all.extend(t.known.lock().expect("tails lock").iter());
+        Some(all)
+    }
+
+    /// (look-ups answered by digests kept from earlier builds, tails this
+    /// build decompressed and hashed).
+    pub fn tail_digest_counts(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.tails.get().map_or((0, 0), |t| {
+            (t.looked_up.load(Relaxed), t.hashed.load(Relaxed))
+        })
+    }
+
+    fn tail_digest(&self, t: &TailState, f: &FileInode, tail: usize) -> Result<[u8; 32]> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let off = f.fragment_offset as usize;
+        if off
+            .checked_add(tail)
+            .is_none_or(|end| end > self.sb.block_size as usize)
+        {
+            corrupt!("file tail lies outside its fragment block");
+        }
+        let key = (f.fragment_index, f.fragment_offset, tail as u32);
+        if let Some(d) = t.kept.get(&key) {
+            t.looked_up.fetch_add(1, Relaxed);
+            return Ok(*d);
+        }
+        if let Some(d) = t.known.lock().expect("tails lock").get(&key) {
+            return Ok(*d);
+        }
+        let block = self.fragment_block(f.fragment_index)?;
+        let Some(bytes) = block.get(off..off + tail) else {
+            corrupt!("file tail lies outside its fragment block");
+        };
+        let d: [u8; 32] = Sha256::digest(bytes).into();
+        // The block is decompressed now: hash every tail in it, so that a
+        // later build needs none of it whatever pairs it compares.
+        let mut found = vec![(key, d)];
+        if t.blocks_done
+            .lock()
+            .expect("tails lock")
+            .insert(f.fragment_index)
+        {
+            let all = self.fragment_tails()?;
+            for &(o, l) in all.get(f.fragment_index as usize).into_iter().flatten() {
+                let k = (f.fragment_index, o, l);
+                if k != key
+                    && let Some(b) = block.get(o as usize..o as usize + l as usize)
+                {
+                    found.push((k, Sha256::digest(b).into()));
+                }
+            }
+        }
+        let mut known = t.known.lock().expect("tails lock");
+        for (k, v) in found {
+            if !t.kept.contains_key(&k) && known.insert(k, v).is_none() {
+                t.hashed.fetch_add(1, Relaxed);
+            }
+        }
+        Ok(d)
     }
 
     /// Reads a fragment block (decompressed).
@@ -1143,6 +1279,8 @@ impl ImageFile {
     /// the same block list, equal stored bytes mean equal contents. Returns
     /// `None` when the stored forms cannot decide (different settings or
     /// block lists), so the caller must compare the decompressed data.
+    /// Tails kept in fragment blocks are compared decompressed, or by
+    /// digest when both images use them ([`Archive::use_tail_digests`]).
     pub fn same_stored_content(&self, other: &ImageFile) -> Result<Option<bool>> {
         let (a, b) = (&self.file, &other.file);
         if a.size != b.size {
@@ -1163,8 +1301,8 @@ impl ImageFile {
             .map(|s| (s & !BLOCK_UNCOMPRESSED) as u64)
             .sum();
         let mut done = 0u64;
-        let mut x = vec![0u8; 1 << 20];
-        let mut y = vec![0u8; 1 << 20];
+        let chunk = stored.min(1 << 20) as usize;
+        let (mut x, mut y) = (vec![0u8; chunk], vec![0u8; chunk]);
         while done < stored {
             let n = (stored - done).min(x.len() as u64) as usize;
             for (ar, start, buf) in [
@@ -1189,6 +1327,11 @@ impl ImageFile {
             return Ok(Some(true));
         }
         let tail = (a.size % self.ar.sb.block_size as u64) as usize;
+        if let (Some(ta), Some(tb)) = (self.ar.tails.get(), other.ar.tails.get()) {
+            return Ok(Some(
+                self.ar.tail_digest(ta, a, tail)? == other.ar.tail_digest(tb, b, tail)?,
+            ));
+        }
         let fa = self.ar.fragment_block(a.fragment_index)?;
         let fb = other.ar.fragment_block(b.fragment_index)?;
         let slice = |f: &[u8], off: u32| -> Result<Vec<u8>> {
