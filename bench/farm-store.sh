@@ -18,7 +18,8 @@
 # coordinator), blocks compressed by the jobs and by helpers (summed over
 # the kits), blocks compressed twice, MiB of blocks that crossed the
 # network (to and from the store and the helpers; the workers have the ISO
-# archive, and kits go up either way), the ratios the issue asks for. Kits
+# archive, and kits go up either way), the coordinator's peak resident
+# memory (store index and queued offers), the ratios the issue asks for. Kits
 # must be the same bytes in every farm.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -93,7 +94,7 @@ farm() {
     shift 3
     local d=$work/$name
     mkdir -p "$d"
-    /usr/bin/time -f "%e %U %S" -o "$d/coordinator.time" \
+    /usr/bin/time -f "%M %e %U %S" -o "$d/coordinator.time" \
         "$bin" coordinator --new-version 6.3 --source-versions "$sources" \
         --source-date-epoch 1730285444 --iso-root "$isos" --output-dir "$d/release" \
         --listen 127.0.0.1:0 --signing-key "$work/key.asc" --linger 60s "$@" \
@@ -156,11 +157,13 @@ largest = max(jobs, key=lambda j: j["size"])
 lb = largest["blocks"]
 lall = lb["compressed"] + lb.get("from_helpers", 0) + lb["from_cache"] + lb["from_farm"]
 share = lb.get("from_helpers", 0) / max(lall, 1)
+rss = int(open(f"{d}/coordinator.time").read().split()[-4]) / 1024
 net = (st.get("sent_bytes", 0) + st.get("received_bytes", 0) + st.get("helper_bytes", 0)) / 1048576
 print(f"{name:<14} wall {t1 - t0:7.1f} s  farm CPU {cpu:7.1f} s  compressed {comp:5d}  "
       f"by helpers {helped:4d}  from caches {cache:5d}  from store {farm:5d}  "
       f"twice {st.get('duplicates', 0):4d}  network (blocks) {net:6.1f} MiB  "
-      f"largest kit {largest['name']} on {largest['worker']}, {100 * share:.0f}% by helpers")
+      f"largest kit {largest['name']} on {largest['worker']}, {100 * share:.0f}% by helpers  "
+      f"coordinator peak RSS {rss:.0f} MiB")
 json.dump({"name": name, "wall": t1 - t0, "cpu": cpu, "compressed": comp + helped,
            "kits": {j["name"]: j["sha256"] for j in jobs}},
           open(f"{d}/result.json", "w"))
