@@ -466,25 +466,31 @@ impl BlockCache {
         let sum = checksum(&buf, bytes);
         buf.extend_from_slice(&sum);
         buf.extend_from_slice(bytes);
+        self.write_whole(&self.path(key), &buf)
+            .map(|()| disk_size(buf.len() as u64))
+    }
+
+    /// Writes `buf` to `path` through a temporary file and a rename, so that
+    /// readers (in any process) only ever see a whole file.
+    fn write_whole(&self, path: &Path, buf: &[u8]) -> std::io::Result<()> {
         let tmp = self.dir.join("tmp").join(format!(
             "{}-{}",
             std::process::id(),
             self.seq.fetch_add(1, Ordering::Relaxed)
         ));
-        let path = self.path(key);
         let result = (|| {
             let mut f = File::create(&tmp)?;
-            f.write_all(&buf)?;
+            f.write_all(buf)?;
             drop(f);
             if let Some(parent) = path.parent() {
                 fs::create_dir_all(parent)?;
             }
-            fs::rename(&tmp, &path)
+            fs::rename(&tmp, path)
         })();
         if result.is_err() {
             let _ = fs::remove_file(&tmp);
         }
-        result.map(|()| disk_size(buf.len() as u64))
+        result
     }
 
     fn tails_path(&self, image: &[u8; 32]) -> PathBuf {
@@ -527,19 +533,7 @@ impl BlockCache {
         if buf.len() as u64 > MAX_TAILS_FILE {
             return;
         }
-        let tmp = self.dir.join("tmp").join(format!(
-            "{}-{}",
-            std::process::id(),
-            self.seq.fetch_add(1, Ordering::Relaxed)
-        ));
-        let path = self.tails_path(image);
-        let result = (|| {
-            fs::write(&tmp, &buf)?;
-            fs::create_dir_all(self.dir.join("tails"))?;
-            fs::rename(&tmp, &path)
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
+        if self.write_whole(&self.tails_path(image), &buf).is_err() {
             self.store_errors.fetch_add(1, Ordering::Relaxed);
             return;
         }
