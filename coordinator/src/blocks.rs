@@ -262,7 +262,8 @@ impl Store {
         if g.claims.get(&key).is_some_and(|c| c.worker == worker) {
             g.claims.remove(&key);
         }
-        let accepted = if banned {
+        // Banned by a put checked meanwhile: only the first wrong form counts.
+        let accepted = if banned || g.bad.contains_key(worker) {
             g.stats.refused += 1;
             false
         } else if !sound {
