@@ -89,9 +89,11 @@ ours() { # old new name [build options]
 }
 tails old new tails-1
 tails new next tails-2
-# Without a cache: every fragment block of both images is decompressed.
+# Without a cache: fragment blocks stored alike in both images are not
+# decompressed, every other one is.
 ours old new plain
-# With a block cache: tails are compared by digest and the digests kept.
+# With a block cache: the other tails are compared by digest and the
+# digests kept.
 cache=$work/cache
 ours old new cold --block-cache "$cache"
 # Both images known, as for every later IUK of a release on a worker that

@@ -244,29 +244,28 @@ pub fn run(a: Args) -> Result<ExitCode> {
         let (t, s) = (&report.timings, &report.diff);
         eprintln!(
             "time: {:.1}s reading both images, {:.1}s comparing ({} same-size files, {} decided \
-             from stored blocks, {:.1} MiB decompressed and hashed; fragment blocks decompressed: \
-             {} of {} old, {} of {} new), {:.1}s writing the diff, {:.1}s writing the kit",
+             from stored blocks, {} tails in fragment blocks stored alike, {:.1} MiB \
+             decompressed and hashed; fragment blocks decompressed: {} of {} old, {} of {} new; \
+             {:.1}s indexing fragment blocks), {:.1}s writing the diff, {:.1}s writing \
+             the kit",
             t.read.as_secs_f64(),
             t.compare.as_secs_f64(),
             s.compared,
             s.decided_from_blocks,
+            t.tails_alike,
             mib(s.hashed_bytes),
             t.compare_fragments[0].0,
             t.compare_fragments[0].1,
             t.compare_fragments[1].0,
             t.compare_fragments[1].1,
+            t.tail_index.as_secs_f64(),
             t.diff_image.as_secs_f64(),
             t.kit.as_secs_f64()
         );
         if opts.cache.is_some() {
             eprintln!(
-                "tail digests: {} old and {} new from earlier builds, {} old and {} new hashed; \
-                 {:.1}s naming the images' fragment blocks and keeping the digests",
-                t.tails[0].0,
-                t.tails[1].0,
-                t.tails[0].1,
-                t.tails[1].1,
-                t.tail_index.as_secs_f64()
+                "tail digests: {} old and {} new from earlier builds, {} old and {} new hashed",
+                t.tails[0].0, t.tails[1].0, t.tails[0].1, t.tails[1].1,
             );
         }
         eprintln!(

@@ -434,9 +434,12 @@ pub struct Timings {
     pub kit: Duration,
     /// Fragment blocks decompressed while comparing, and in the image: old, new.
     pub compare_fragments: [(u64, u64); 2],
-    /// Naming both images' fragment blocks, loading and keeping their tail
-    /// digests (only with a block cache).
+    /// Digesting both images' stored fragment blocks; with a block cache,
+    /// also loading and keeping their tail digests.
     pub tail_index: Duration,
+    /// Same-size pairs whose tails were found equal from fragment blocks
+    /// stored alike, decompressing nothing.
+    pub tails_alike: u64,
     /// Per image, old and new: (tails whose digest was kept from an earlier
     /// build, tails decompressed and hashed).
     pub tails: [(u64, u64); 2],
@@ -525,17 +528,24 @@ pub fn build_iuk(
     let old_tree = old_system.to_tree()?;
     let new_tree = new_system.to_tree()?;
     timings.read = started.elapsed();
-    // With a cache, tails are compared by digest, and the digests are kept
-    // for the next build that reads either image.
+    // Tails in fragment blocks stored alike in both images are equal
+    // without decompressing. With a cache, the other tails are compared by
+    // digest, and the digests are kept for the next build that reads either
+    // image.
     let step = Instant::now();
     let systems = [&old_system, &new_system];
+    let (a, b) = rayon::join(
+        || old_system.digest_stored_fragments(),
+        || new_system.digest_stored_fragments(),
+    );
+    a?;
+    b?;
     let kept = match &opts.cache {
         Some(cache) => {
-            let (a, b) = rayon::join(
-                || old_system.fragment_identity(),
-                || new_system.fragment_identity(),
-            );
-            let ids = [a?, b?];
+            let ids = [
+                old_system.fragment_identity()?,
+                new_system.fragment_identity()?,
+            ];
             for (system, id) in systems.iter().zip(&ids) {
                 system.use_tail_digests(cache.tail_digests(id));
             }
@@ -552,6 +562,7 @@ pub fn build_iuk(
         old_system.tail_digest_counts(),
         new_system.tail_digest_counts(),
     ];
+    timings.tails_alike = old_system.tails_stored_alike();
     let step = Instant::now();
     if let Some((cache, ids)) = kept {
         for (system, id) in systems.iter().zip(&ids) {

@@ -139,6 +139,11 @@ pub struct Archive {
     frag_decoded: std::sync::atomic::AtomicU64,
     /// Per fragment block, the distinct tails kept in it: (offset, length).
     frag_tails: std::sync::OnceLock<Vec<Vec<(u32, u32)>>>,
+    /// Per fragment block, a digest of the block as stored (see
+    /// [`Archive::digest_stored_fragments`]).
+    frag_stored: std::sync::OnceLock<Vec<[u8; 32]>>,
+    /// Pairs of tails found equal because their blocks are stored alike.
+    tails_alike: std::sync::atomic::AtomicU64,
     tails: std::sync::OnceLock<TailState>,
 }
 
@@ -175,6 +180,8 @@ impl Archive {
             frag_cache: Mutex::new(Vec::new()),
             frag_decoded: Default::default(),
             frag_tails: std::sync::OnceLock::new(),
+            frag_stored: std::sync::OnceLock::new(),
+            tails_alike: Default::default(),
             tails: std::sync::OnceLock::new(),
             sb,
         };
@@ -736,11 +743,19 @@ impl Archive {
         )
     }
 
-    /// Names the contents of every fragment block: a digest of each block as
-    /// stored, with what decides how it decompresses (compressor, block
-    /// size). Reads the compressed blocks, decompresses nothing.
-    pub fn fragment_identity(&self) -> Result<[u8; 32]> {
-        let blocks: Vec<Result<[u8; 32]>> = self
+    /// Reads every fragment block as stored (decompressing nothing) and
+    /// keeps a digest of each: its size field and bytes. From then on, when
+    /// both images have done this, [`ImageFile::same_stored_content`] finds
+    /// two tails at the same offset of blocks stored alike equal without
+    /// decompressing either. After a point release most fragment blocks are
+    /// stored exactly as before: mksquashfs fills them in order, so a
+    /// changed tail moves only the tails after it in its own block, unless
+    /// the block's free space is too small to absorb the change.
+    pub fn digest_stored_fragments(&self) -> Result<()> {
+        if self.frag_stored.get().is_some() {
+            return Ok(());
+        }
+        let blocks: Result<Vec<[u8; 32]>> = self
             .fragments
             .par_iter()
             .map(|&(start, size)| {
@@ -751,13 +766,29 @@ impl Archive {
                 Ok(h.finalize().into())
             })
             .collect();
+        let _ = self.frag_stored.set(blocks?);
+        Ok(())
+    }
+
+    /// Pairs of tails this image found equal to another image's from the
+    /// stored fragment blocks alone.
+    pub fn tails_stored_alike(&self) -> u64 {
+        self.tails_alike.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Names the contents of every fragment block: a digest of the blocks'
+    /// stored digests ([`Archive::digest_stored_fragments`]) with what
+    /// decides how they decompress (compressor, block size).
+    pub fn fragment_identity(&self) -> Result<[u8; 32]> {
+        self.digest_stored_fragments()?;
+        let blocks = self.frag_stored.get().expect("digested above");
         let mut h = Sha256::new();
         h.update(b"iukfarm fragment blocks 1\0");
         h.update(self.sb.compression_id.to_le_bytes());
         h.update(self.sb.block_size.to_le_bytes());
         h.update((self.fragments.len() as u64).to_le_bytes());
         for b in blocks {
-            h.update(b?);
+            h.update(b);
         }
         Ok(h.finalize().into())
     }
@@ -1327,6 +1358,26 @@ impl ImageFile {
             return Ok(Some(true));
         }
         let tail = (a.size % self.ar.sb.block_size as u64) as usize;
+        if let (Some(sa), Some(sb)) = (self.ar.frag_stored.get(), other.ar.frag_stored.get())
+            && a.fragment_offset == b.fragment_offset
+            && let (Some(da), Some(db)) = (
+                sa.get(a.fragment_index as usize),
+                sb.get(b.fragment_index as usize),
+            )
+            && da == db
+        {
+            // Blocks stored alike under the same settings decompress alike.
+            if (a.fragment_offset as usize)
+                .checked_add(tail)
+                .is_none_or(|end| end > self.ar.sb.block_size as usize)
+            {
+                corrupt!("file tail lies outside its fragment block");
+            }
+            self.ar
+                .tails_alike
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Ok(Some(true));
+        }
         if let (Some(ta), Some(tb)) = (self.ar.tails.get(), other.ar.tails.get()) {
             return Ok(Some(
                 self.ar.tail_digest(ta, a, tail)? == other.ar.tail_digest(tb, b, tail)?,
