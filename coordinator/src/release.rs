@@ -164,6 +164,7 @@ pub async fn start(cfg: Config, listener: Option<TcpListener>) -> Result<Running
     let state_dir_blocks = state_dir.join("blocks");
     let shared = Arc::new(Shared {
         verify_slots: Semaphore::new(cfg.verify_jobs),
+        verify_memo: Default::default(),
         fingerprint: own,
         required_version,
         required_commit,

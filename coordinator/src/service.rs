@@ -473,6 +473,8 @@ impl FarmService {
         };
         let incoming = sh.incoming.clone();
         let p = part.0.clone();
+        let memo = sh.clone();
+        let started = std::time::Instant::now();
         let verified = tokio::task::spawn_blocking(move || {
             let scratch = tempfile::NamedTempFile::new_in(&incoming)
                 .map_err(|e| format!("scratch file in {}: {e}", incoming.display()))?;
@@ -482,6 +484,7 @@ impl FarmService {
                 &p,
                 scratch.as_file(),
                 &iukfarm_engine::NoProgress,
+                Some(&memo.verify_memo),
             )
             .map_err(|e| format!("verification could not run: {e}"))
         })
@@ -530,8 +533,10 @@ impl FarmService {
             match kept {
                 Ok(Ok(())) => {
                     info!(
-                        "{name}: verified by applying it; {} bytes, sha256 {}",
-                        built.size, built.sha256
+                        "{name}: verified by applying it in {:.1}s; {} bytes, sha256 {}",
+                        started.elapsed().as_secs_f64(),
+                        built.size,
+                        built.sha256
                     );
                     let j = &mut st.table.jobs[i];
                     j.state = JobState::Done;

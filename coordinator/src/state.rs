@@ -97,6 +97,9 @@ pub(crate) struct Shared {
     pub state_dir: PathBuf,
     pub incoming: PathBuf,
     pub verify_slots: Semaphore,
+    /// The new image's file digests, kept from one kit's verification to
+    /// the next (every kit is verified against the same new ISO).
+    pub verify_memo: iukfarm_engine::kit::verify::VerifyMemo,
     pub journal: Mutex<Option<Journal>>,
     /// Who may call what.
     pub auth: Auth,

@@ -2,8 +2,9 @@
 //! link targets, device numbers and file contents. This is how images are
 //! verified against what they should contain.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
+use std::sync::Mutex;
 
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
@@ -35,9 +36,53 @@ impl std::fmt::Display for Difference {
     }
 }
 
+/// Digests of one tree's file contents by path, kept from one comparison
+/// to the next with the same tree: a coordinator verifies every kit of a
+/// release against the same new image, whose files then need hashing once.
+#[derive(Debug, Default)]
+pub struct ContentDigests {
+    by_path: Mutex<HashMap<Vec<u8>, [u8; 32]>>,
+}
+
+impl ContentDigests {
+    /// Files whose digest is kept.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<u8>, [u8; 32]>> {
+        self.by_path.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn hash(&self, path: &[u8], f: &FileContent) -> Result<[u8; 32]> {
+        if let Some(d) = self.lock().get(path) {
+            return Ok(*d);
+        }
+        let d = hash(f)?;
+        self.lock().insert(path.to_vec(), d);
+        Ok(d)
+    }
+}
+
 /// Lists every difference between `a` and `b` (empty when equal), in path
 /// order. File contents are hashed in parallel.
 pub fn compare_trees(a: &Node, b: &Node, opts: CompareOptions) -> Result<Vec<Difference>> {
+    compare_trees_with(a, b, opts, None)
+}
+
+/// [`compare_trees`], taking `b`'s file digests from `b_digests` and
+/// keeping there those it computes. The caller vouches that `b_digests`
+/// only ever holds digests of this very `b`.
+pub fn compare_trees_with(
+    a: &Node,
+    b: &Node,
+    opts: CompareOptions,
+    b_digests: Option<&ContentDigests>,
+) -> Result<Vec<Difference>> {
     let mut out = Vec::new();
     let mut files: Vec<(Vec<u8>, &FileContent, &FileContent)> = Vec::new();
     walk(a, b, &mut Vec::new(), opts, true, &mut out, &mut files);
@@ -50,7 +95,11 @@ pub fn compare_trees(a: &Node, b: &Node, opts: CompareOptions) -> Result<Vec<Dif
                     what: format!("size {} != {}", fa.size, fb.size),
                 }));
             }
-            let (ha, hb) = (hash(fa)?, hash(fb)?);
+            let hb = match b_digests {
+                Some(memo) => memo.hash(path, fb)?,
+                None => hash(fb)?,
+            };
+            let ha = hash(fa)?;
             Ok((ha != hb).then(|| Difference {
                 path: display_path(path),
                 what: "contents differ".into(),
@@ -259,5 +308,31 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn kept_digests_answer_for_the_second_tree() {
+        let tree = |f: &[u8]| Node::dir("", meta(), vec![file("f", f), file("g", b"2")]);
+        let (a, b) = (tree(b"1"), tree(b"1"));
+        let memo = ContentDigests::default();
+        let opts = CompareOptions::default();
+        assert!(
+            compare_trees_with(&a, &b, opts, Some(&memo))
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(memo.len(), 2);
+        // The kept digests stand for the tree they were computed from, even
+        // where another tree is given: callers bind a memo to one image.
+        let other = tree(b"9");
+        assert!(
+            compare_trees_with(&a, &other, opts, Some(&memo))
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(compare_trees(&a, &other, opts).unwrap().len(), 1);
+        // The first tree is always hashed.
+        let d = compare_trees_with(&other, &b, opts, Some(&memo)).unwrap();
+        assert_eq!(d.len(), 1, "{d:?}");
     }
 }

@@ -34,7 +34,14 @@ pub fn run(a: Args) -> Result<ExitCode> {
     let reporter = Reporter::new(a.quiet);
     // The diff is copied next to the kit while it is checked, then removed.
     let scratch = temp_next_to(&a.kit)?;
-    let result = verify_iuk(&a.old_iso, &a.new_iso, &a.kit, scratch.as_file(), &reporter);
+    let result = verify_iuk(
+        &a.old_iso,
+        &a.new_iso,
+        &a.kit,
+        scratch.as_file(),
+        &reporter,
+        None,
+    );
     reporter.finish();
     let v = result.with_context(|| format!("verifying {}", a.kit.display()))?;
     if v.differences.is_empty() {

@@ -14,14 +14,17 @@
 
 use std::fs::File;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use super::{FORMAT, is_kernel_name, iso_tree, open_iso, open_system, to_syslinux};
-use crate::compare::{CompareOptions, Difference, compare_trees};
+use crate::compare::{
+    CompareOptions, ContentDigests, Difference, compare_trees, compare_trees_with,
+};
 use crate::error::{Error, Result};
 use crate::iso::Iso;
 use crate::progress::Progress;
 use crate::sqfs::Archive;
+use crate::sqfs::format::Superblock;
 use crate::tree::{Kind, Meta, Node};
 
 /// What verification found; `differences` empty means the kit is good.
@@ -30,6 +33,36 @@ pub struct Verification {
     pub differences: Vec<Difference>,
     pub diffs_applied: Vec<String>,
     pub delete_files: Vec<Vec<u8>>,
+}
+
+/// What verifying a kit learns about the new system image that verifying
+/// the next kit against the same image reuses: its files' digests (about
+/// half of a verification's work). Kept per image: the first verification
+/// binds the memo to its new image (by superblock), and a verification
+/// against another image neither uses nor changes it.
+#[derive(Debug, Default)]
+pub struct VerifyMemo {
+    image: Mutex<Option<Superblock>>,
+    system: ContentDigests,
+}
+
+impl VerifyMemo {
+    /// The new image's files whose digest is kept.
+    pub fn files(&self) -> usize {
+        self.system.len()
+    }
+
+    fn for_image(&self, sb: &Superblock) -> Option<&ContentDigests> {
+        let mut image = self.image.lock().unwrap_or_else(|p| p.into_inner());
+        match &*image {
+            Some(bound) if bound != sb => None,
+            Some(_) => Some(&self.system),
+            None => {
+                *image = Some(sb.clone());
+                Some(&self.system)
+            }
+        }
+    }
 }
 
 fn problem(path: &str, what: impl Into<String>) -> Difference {
@@ -268,12 +301,15 @@ fn prune_live(installed: &mut Node, expected: &mut Node) {
 
 /// Verifies `kit` by applying it to `old_iso` and comparing with `new_iso`;
 /// `scratch` (an empty file in the job's directory) receives the diff.
+/// With `memo`, the new system image's file digests are taken from and kept
+/// for other verifications against the same `new_iso`.
 pub fn verify_iuk(
     old_iso: &Path,
     new_iso: &Path,
     kit: &Path,
     scratch: &File,
     progress: &dyn Progress,
+    memo: Option<&VerifyMemo>,
 ) -> Result<Verification> {
     let f = File::open(kit).map_err(|e| Error::io(kit, e))?;
     let ar = Archive::open(Arc::new(f)).map_err(|e| match e {
@@ -358,12 +394,14 @@ pub fn verify_iuk(
             .unwrap_or_else(|| Node::dir("", empty_meta(), Vec::new()));
         v.diffs_applied.push(name);
     }
-    let want = open_system(&new, new_iso)?.to_tree()?;
+    let new_system = open_system(&new, new_iso)?;
+    let want = new_system.to_tree()?;
     let opts = CompareOptions {
         ignore_root_meta: true,
         ..Default::default()
     };
-    for mut d in compare_trees(&system, &want, opts)? {
+    let digests = memo.and_then(|m| m.for_image(new_system.superblock()));
+    for mut d in compare_trees_with(&system, &want, opts, digests)? {
         d.path = format!("system: {}", d.path);
         v.differences.push(d);
     }
@@ -398,6 +436,35 @@ pub fn verify_iuk(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_memo_serves_only_the_image_it_was_first_used_with() {
+        let sb = |bytes_used| Superblock {
+            inode_count: 1,
+            modification_time: 0,
+            block_size: 1 << 20,
+            fragment_entry_count: 0,
+            compression_id: 4,
+            block_log: 20,
+            flags: 0,
+            id_count: 1,
+            version_major: 4,
+            version_minor: 0,
+            root_inode_ref: 0,
+            bytes_used,
+            id_table_start: 0,
+            xattr_id_table_start: u64::MAX,
+            inode_table_start: 96,
+            directory_table_start: 96,
+            fragment_table_start: u64::MAX,
+            export_table_start: u64::MAX,
+        };
+        let memo = VerifyMemo::default();
+        assert!(memo.for_image(&sb(4096)).is_some());
+        assert!(memo.for_image(&sb(4096)).is_some());
+        assert!(memo.for_image(&sb(8192)).is_none());
+        assert!(memo.for_image(&sb(4096)).is_some());
+    }
 
     #[test]
     fn control_yml_round_trip() {
