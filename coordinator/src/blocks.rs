@@ -356,8 +356,9 @@ impl Store {
     }
 
     /// Gives a helper the claim on a block a job offered: `false` if the
-    /// block is stored, claimed by another worker, or the helper is no
-    /// longer heard.
+    /// block is stored, claimed (by another worker, or by this one for its
+    /// own job: it would compress the block twice), or the helper is no
+    /// longer heard. Either way the job finds the form in the store.
     pub fn claim(&self, worker: &str, id: &BlockId) -> bool {
         let key = id.key();
         let mut g = self.lock();
@@ -365,10 +366,7 @@ impl Store {
             return false;
         }
         let now = Instant::now();
-        if let Some(c) = g.claims.get(&key)
-            && c.worker != worker
-            && now < c.at + CLAIM_TTL
-        {
+        if g.claims.get(&key).is_some_and(|c| now < c.at + CLAIM_TTL) {
             return false;
         }
         g.claims.insert(
@@ -445,12 +443,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_helper_is_not_given_a_block_its_own_job_is_compressing() {
+        let (_d, s) = store(1 << 30);
+        let (id, form) = block(9);
+        assert_eq!(s.get("w2", &id).await, Answer::Compress);
+        // w1's job offers the same block; w2, idle meanwhile, asks for work.
+        assert!(!s.claim("w2", &id));
+        assert!(s.put("w2", &id, &form));
+        assert_eq!(s.get("w1", &id).await, Answer::Found(form));
+        assert_eq!(s.stats().duplicates, 0);
+    }
+
+    #[tokio::test]
     async fn a_helper_claims_an_offered_block_and_the_job_waits_for_its_put() {
         let (_d, s) = store(1 << 30);
         let (id, form) = block(7);
         assert!(s.claim("helper", &id));
-        // Claimed: no second helper, and the job waits for the put.
+        // Claimed: no second helper, not the same one twice, and the job
+        // waits for the put.
         assert!(!s.claim("other", &id));
+        assert!(!s.claim("helper", &id));
         let (got, ()) = tokio::join!(s.get("job", &id), async {
             tokio::time::sleep(Duration::from_millis(200)).await;
             assert!(s.put("helper", &id, &form));

@@ -47,11 +47,6 @@ pub struct VerifyMemo {
 }
 
 impl VerifyMemo {
-    /// The new image's files whose digest is kept.
-    pub fn files(&self) -> usize {
-        self.system.len()
-    }
-
     fn for_image(&self, sb: &Superblock) -> Option<&ContentDigests> {
         let mut image = self.image.lock().unwrap_or_else(|p| p.into_inner());
         match &*image {
