@@ -23,10 +23,10 @@
 //! rbtree gensquashfs then reads; the order decides the xattr table's bytes.
 
 use std::collections::HashMap;
+use std::io::Read;
 
 use rayon::prelude::*;
 
-use crate::compare::hash;
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::tree::{FileContent, Kind, Meta, Node, Source, Xattr};
@@ -46,8 +46,9 @@ pub struct DiffStats {
     pub compared: u64,
     /// Of those, decided from the stored (compressed) bytes alone.
     pub decided_from_blocks: u64,
-    /// Bytes decompressed and hashed for the rest.
-    pub hashed_bytes: u64,
+    /// Bytes decompressed and compared for the rest (both files, each up
+    /// to the first difference).
+    pub compared_bytes: u64,
     pub changed_files: u64,
     pub whiteouts: u64,
 }
@@ -146,7 +147,7 @@ pub fn overlay_diff(
         let (same, from_blocks, hashed) = d?;
         stats.compared += 1;
         stats.decided_from_blocks += from_blocks as u64;
-        stats.hashed_bytes += hashed;
+        stats.compared_bytes += hashed;
         changed.insert(path.clone(), !same);
     }
 
@@ -200,7 +201,7 @@ fn data_order(f: &FileContent) -> (u32, u64) {
     }
 }
 
-/// Returns (same, decided from stored blocks, bytes hashed).
+/// Returns (same, decided from stored blocks, bytes decompressed).
 fn same_content(a: &FileContent, b: &FileContent) -> Result<(bool, bool, u64)> {
     if a.size != b.size {
         return Ok((false, false, 0));
@@ -210,7 +211,31 @@ fn same_content(a: &FileContent, b: &FileContent) -> Result<(bool, bool, u64)> {
     {
         return Ok((same, true, 0));
     }
-    Ok((hash(a)? == hash(b)?, false, a.size * 2))
+    let (same, read) = same_bytes(a, b)?;
+    Ok((same, false, read * 2))
+}
+
+/// Reads two files of the same size side by side up to their first
+/// difference: a changed library of tens of MiB is usually told apart in its
+/// first block, where hashing both would decompress all of them. Returns
+/// (same, bytes read from each).
+fn same_bytes(a: &FileContent, b: &FileContent) -> Result<(bool, u64)> {
+    const CHUNK: u64 = 1 << 17;
+    let (mut ra, mut rb) = (a.open()?, b.open()?);
+    let (mut x, mut y) = (vec![0u8; CHUNK as usize], vec![0u8; CHUNK as usize]);
+    let mut done = 0u64;
+    while done < a.size {
+        let n = (a.size - done).min(CHUNK) as usize;
+        for (r, buf, f) in [(&mut ra, &mut x, a), (&mut rb, &mut y, b)] {
+            r.read_exact(&mut buf[..n])
+                .map_err(|e| Error::io(f.describe(), e))?;
+        }
+        done += n as u64;
+        if x[..n] != y[..n] {
+            return Ok((false, done));
+        }
+    }
+    Ok((true, done))
 }
 
 fn join(path: &[u8], name: &[u8]) -> Vec<u8> {
@@ -469,6 +494,28 @@ mod tests {
     }
     fn d(name: &str, c: Vec<Node>) -> Node {
         Node::dir(name, m(0o755), c)
+    }
+
+    #[test]
+    fn same_size_files_are_read_only_up_to_their_first_difference() {
+        let size = 1 << 20;
+        let a = FileContent::from_bytes(vec![7u8; size]);
+        let mut early = vec![7u8; size];
+        early[10] = 8;
+        let mut late = vec![7u8; size];
+        late[size - 1] = 8;
+        let read = |x: &FileContent, y: &FileContent| same_bytes(x, y).unwrap();
+        assert_eq!(read(&a, &FileContent::from_bytes(early)), (false, 1 << 17));
+        assert_eq!(
+            read(&a, &FileContent::from_bytes(late)),
+            (false, size as u64)
+        );
+        assert_eq!(
+            read(&a, &FileContent::from_bytes(vec![7u8; size])),
+            (true, size as u64)
+        );
+        let empty = FileContent::from_bytes(Vec::new());
+        assert_eq!(read(&empty, &empty), (true, 0));
     }
     fn paths(n: &Node) -> Vec<String> {
         let mut out = Vec::new();

@@ -20,8 +20,8 @@
 //! (and the engine checks them). It stops with the rest of the sharing.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use iukfarm_engine::blockcache::{BlockId, BlockKey, Cached, SharedBlocks};
@@ -53,8 +53,14 @@ struct Costs {
 
 /// Blocks a job keeps queued for helpers beyond its own threads' needs.
 const LOOKAHEAD: usize = 48;
+/// Puts sent in the background at once; a compression thread waits only
+/// when this many are still on their way.
+const PUTS_IN_FLIGHT: u32 = 8;
 
 pub struct FarmBlocks {
+    /// The `Arc` this lives in, for the puts sent in the background.
+    me: Weak<FarmBlocks>,
+    puts: Arc<tokio::sync::Semaphore>,
     rt: tokio::runtime::Handle,
     client: FarmClient,
     worker_id: String,
@@ -83,8 +89,10 @@ impl FarmBlocks {
         lease_id: &str,
         job: &str,
         lie: bool,
-    ) -> FarmBlocks {
-        FarmBlocks {
+    ) -> Arc<FarmBlocks> {
+        Arc::new_cyclic(|me| FarmBlocks {
+            me: me.clone(),
+            puts: Arc::new(tokio::sync::Semaphore::new(PUTS_IN_FLIGHT as usize)),
             rt,
             client,
             worker_id: worker_id.to_string(),
@@ -96,7 +104,13 @@ impl FarmBlocks {
             costs: Mutex::new(Costs::default()),
             refused: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
-        }
+        })
+    }
+
+    /// Waits until every put sent in the background has its answer, so
+    /// that the counts are final.
+    pub async fn flush(&self) {
+        let _ = self.puts.acquire_many(PUTS_IN_FLIGHT).await;
     }
 
     fn costs(&self) -> std::sync::MutexGuard<'_, Costs> {
@@ -114,10 +128,15 @@ impl FarmBlocks {
         what: &str,
         f: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     ) -> Option<T> {
-        match self
-            .rt
-            .block_on(async { tokio::time::timeout(CALL_TIMEOUT, f).await })
-        {
+        self.rt.block_on(self.call_async(what, f))
+    }
+
+    async fn call_async<T>(
+        &self,
+        what: &str,
+        f: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> Option<T> {
+        match tokio::time::timeout(CALL_TIMEOUT, f).await {
             Ok(Ok(r)) => Some(r.into_inner()),
             Ok(Err(s)) => {
                 self.stop(&format!("the block store's {what}: {}", s.message()));
@@ -249,26 +268,38 @@ impl SharedBlocks for FarmBlocks {
             let n = compressed.len() / 2;
             compressed[n] ^= 0x20;
         }
-        let t = Instant::now();
-        let mut client = self.client.clone();
         let req = v1::PutBlockRequest {
             worker_id: self.worker_id.clone(),
             block: Some(block_ref(id)),
             uncompressed,
             compressed,
         };
-        let Some(r) = self.call("put", client.put_block(req)) else {
+        let Some(me) = self.me.upgrade() else {
             return;
         };
-        if !r.accepted {
-            self.refused.fetch_add(1, Ordering::Relaxed);
-        }
-        let mut c = self.costs();
-        c.compressed += 1;
-        c.compressed_bytes += id.len;
-        c.compress_ns += compress.as_nanos();
-        c.overhead_ns += (miss + t.elapsed()).as_nanos();
-        self.judge(&c);
+        // Sent in the background: the coordinator checks the form before it
+        // answers, and this thread has the next block to compress.
+        let Ok(permit) = self.rt.block_on(self.puts.clone().acquire_owned()) else {
+            return;
+        };
+        let len = id.len;
+        self.rt.spawn(async move {
+            let _permit = permit;
+            let t = Instant::now();
+            let mut client = me.client.clone();
+            let Some(r) = me.call_async("put", client.put_block(req)).await else {
+                return;
+            };
+            if !r.accepted {
+                me.refused.fetch_add(1, Ordering::Relaxed);
+            }
+            let mut c = me.costs();
+            c.compressed += 1;
+            c.compressed_bytes += len;
+            c.compress_ns += compress.as_nanos();
+            c.overhead_ns += (miss + t.elapsed()).as_nanos();
+            me.judge(&c);
+        });
     }
 
     fn lookahead(&self) -> usize {

@@ -9,6 +9,7 @@
 //! block is skipped (its job compresses it itself once the claim lapses).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -34,12 +35,7 @@ struct Task {
 
 /// Helps until the session ends (the caller aborts it) or the coordinator
 /// says this worker may not help.
-pub(crate) async fn run(
-    ctx: Arc<Ctx>,
-    mut client: FarmClient,
-    worker_id: String,
-    running: Running,
-) {
+pub(crate) async fn run(ctx: Arc<Ctx>, client: FarmClient, worker_id: String, running: Running) {
     let threads = ctx.job_threads();
     let pool = match rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
@@ -52,7 +48,8 @@ pub(crate) async fn run(
             return;
         }
     };
-    let mut helped = 0u64;
+    let helped = Arc::new(AtomicU64::new(0));
+    let mut sending = std::collections::VecDeque::new();
     // The next batch is asked for while this one is compressed, so that
     // its transfer overlaps the compression.
     let mut next: Option<Prefetch> = None;
@@ -108,30 +105,50 @@ pub(crate) async fn run(
                 })
             })
         });
-        while let Some((id, form)) = rx.recv().await {
-            let (uncompressed, mut compressed) = match form {
-                Cached::Uncompressed => (true, Vec::new()),
-                Cached::Compressed(b) => (false, b),
-            };
-            if ctx.cfg.test.lie_blocks && !compressed.is_empty() {
-                let at = compressed.len() / 2;
-                compressed[at] ^= 0x20;
-            }
-            let req = v1::PutBlockRequest {
-                worker_id: worker_id.clone(),
-                block: Some(block_ref(&id)),
-                uncompressed,
-                compressed,
-            };
-            match client.put_block(req).await {
-                Ok(r) if r.get_ref().accepted => helped += 1,
-                Ok(_) => {
-                    warn!("the coordinator refused a block this worker compressed for another job")
+        // The forms go up while the next batch is compressed: a put waits
+        // for the coordinator's check, and the cores have better to do.
+        let (client2, worker_id2, lie, done) = (
+            client.clone(),
+            worker_id.clone(),
+            ctx.cfg.test.lie_blocks,
+            helped.clone(),
+        );
+        sending.push_back(tokio::spawn(async move {
+            let mut client = client2;
+            while let Some((id, form)) = rx.recv().await {
+                let (uncompressed, mut compressed) = match form {
+                    Cached::Uncompressed => (true, Vec::new()),
+                    Cached::Compressed(b) => (false, b),
+                };
+                if lie && !compressed.is_empty() {
+                    let at = compressed.len() / 2;
+                    compressed[at] ^= 0x20;
                 }
-                Err(s) => debug!("putting a block: {}", s.message()),
+                let req = v1::PutBlockRequest {
+                    worker_id: worker_id2.clone(),
+                    block: Some(block_ref(&id)),
+                    uncompressed,
+                    compressed,
+                };
+                match client.put_block(req).await {
+                    Ok(r) if r.get_ref().accepted => {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(_) => warn!(
+                        "the coordinator refused a block this worker compressed for another job"
+                    ),
+                    Err(s) => debug!("putting a block: {}", s.message()),
+                }
+            }
+        }));
+        let _ = compressing.await;
+        // At most one earlier batch still sending: memory stays bounded.
+        while sending.len() > 2 {
+            if let Some(h) = sending.pop_front() {
+                let _ = h.await;
             }
         }
-        let _ = compressing.await;
+        let helped = helped.load(Ordering::Relaxed);
         if helped > 0 && helped % 256 < n as u64 {
             info!("compressed {helped} blocks for other workers' jobs so far");
         }

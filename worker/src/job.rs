@@ -156,14 +156,14 @@ async fn build_and_upload(
 
     let threads = ctx.job_threads();
     let shared = (job.block_store && !job.reproduction).then(|| {
-        Arc::new(crate::farm_blocks::FarmBlocks::new(
+        crate::farm_blocks::FarmBlocks::new(
             tokio::runtime::Handle::current(),
             client.clone(),
             worker_id,
             &job.lease_id,
             &job.output_name,
             ctx.cfg.test.lie_blocks,
-        ))
+        )
     });
     let opts = BuildOptions {
         diff_name: job.diff_name.clone(),
@@ -211,7 +211,19 @@ async fn build_and_upload(
     .map_err(|e| JobError::Transient(format!("the build crashed: {e}")))??;
     let build_seconds = built.elapsed().as_secs_f64();
     let (r, sha) = report;
+    let t = &r.timings;
+    info!(
+        "{}: built in {build_seconds:.1}s: {:.1}s reading, {:.1}s indexing, {:.1}s comparing, \
+         {:.1}s writing the diff, {:.1}s writing the kit",
+        job.output_name,
+        t.read.as_secs_f64(),
+        t.tail_index.as_secs_f64(),
+        t.compare.as_secs_f64(),
+        t.diff_image.as_secs_f64(),
+        t.kit.as_secs_f64(),
+    );
     if let Some(s) = &shared {
+        s.flush().await;
         info!("{}: {}", job.output_name, s.summary());
         if s.refused() > 0 {
             warn!(

@@ -245,7 +245,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
         eprintln!(
             "time: {:.1}s reading both images, {:.1}s comparing ({} same-size files, {} decided \
              from stored blocks, {} tails in fragment blocks stored alike, {:.1} MiB \
-             decompressed and hashed; fragment blocks decompressed: {} of {} old, {} of {} new; \
+             decompressed and compared; fragment blocks decompressed: {} of {} old, {} of {} new; \
              {:.1}s indexing fragment blocks), {:.1}s writing the diff, {:.1}s writing \
              the kit",
             t.read.as_secs_f64(),
@@ -253,7 +253,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
             s.compared,
             s.decided_from_blocks,
             t.tails_alike,
-            mib(s.hashed_bytes),
+            mib(s.compared_bytes),
             t.compare_fragments[0].0,
             t.compare_fragments[0].1,
             t.compare_fragments[1].0,
