@@ -20,7 +20,8 @@
 # network (to and from the store and the helpers; the workers have the ISO
 # archive, and kits go up either way), the coordinator's peak resident
 # memory (store index and queued offers), the ratios the issue asks for. Kits
-# must be the same bytes in every farm.
+# must be the same bytes in every farm. The farms' logs (-v) are kept in
+# target/farm-store-logs/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mib=${1:-64}
@@ -30,6 +31,7 @@ if [ "${2:-}" = --link ]; then
     [ "$(id -u)" = 0 ] || { echo "farm-store.sh: --link needs root (network namespaces)" >&2; exit 2; }
 fi
 out=target/farm-store-bench.txt
+logs=$PWD/target/farm-store-logs
 for t in gpg taskset /usr/bin/time python3; do
     command -v "$t" >/dev/null || { echo "farm-store.sh: $t is missing" >&2; exit 2; }
 done
@@ -95,7 +97,7 @@ farm() {
     local d=$work/$name
     mkdir -p "$d"
     /usr/bin/time -f "%M %e %U %S" -o "$d/coordinator.time" \
-        "$bin" coordinator --new-version 6.3 --source-versions "$sources" \
+        "$bin" -v coordinator --new-version 6.3 --source-versions "$sources" \
         --source-date-epoch 1730285444 --iso-root "$isos" --output-dir "$d/release" \
         --listen 127.0.0.1:0 --signing-key "$work/key.asc" --linger 60s "$@" \
         2> "$d/coordinator.log" &
@@ -119,7 +121,7 @@ farm() {
         local run=()
         [ -z "$link" ] || run=(ip netns exec "iukb-w$n")
         /usr/bin/time -f "%e %U %S" -o "$d/w$n.time" \
-            "${run[@]}" taskset -c $((n - 1)) "$bin" worker --name "w$n" --coordinator "$url" \
+            "${run[@]}" taskset -c $((n - 1)) "$bin" -v worker --name "w$n" --coordinator "$url" \
             --cache-dir "$d/cache-w$n" --iso-root "$isos" -j 1 --once \
             2> "$d/w$n.log" &
         pids+=($!)
@@ -139,6 +141,8 @@ farm() {
     wait "${pids[@]}"
     [ -z "$proxy_pid" ] || kill "$proxy_pid"
     wait
+    mkdir -p "$logs/$name"
+    cp "$d"/*.log "$logs/$name/"
     python3 - "$d" "$name" "$workers" "$t0" "$t1" <<'PY' | tee -a "$work/table"
 import json, sys, glob
 d, name, workers, t0, t1 = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
@@ -171,6 +175,7 @@ PY
 }
 
 : > "$work/table"
+rm -rf "$logs"
 echo "== farms (${link:-loopback}; each worker on a core of its own, -j 1)"
 farm one-worker 1 "6.0 6.1 6.2"
 farm two-shared 2 "6.0 6.1 6.2"

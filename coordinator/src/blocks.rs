@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use iukfarm_engine::blockcache::{BlockId, BlockKey, Cached, MAX_BLOCK};
 use tokio::sync::Notify;
-use tracing::warn;
+use tracing::{info, warn};
 
 /// How long a claim keeps other workers waiting for its put.
 pub const CLAIM_TTL: Duration = Duration::from_secs(20);
@@ -76,6 +76,9 @@ struct Entry {
 struct Claim {
     worker: String,
     at: Instant,
+    /// Taken by the worker's helper (for another job), not by a job of its
+    /// own: the worker's next job waits for it like anyone else's.
+    helping: bool,
 }
 
 #[derive(Default)]
@@ -187,7 +190,7 @@ impl Store {
                     return Answer::Found(form);
                 }
                 let now = Instant::now();
-                let theirs = g.claims.get(&key).filter(|c| c.worker != worker);
+                let theirs = (g.claims.get(&key)).filter(|c| c.worker != worker || c.helping);
                 match theirs {
                     Some(c) if now < c.at + CLAIM_TTL && now < asked + MAX_WAIT => {
                         (c.at + CLAIM_TTL).min(asked + MAX_WAIT)
@@ -204,6 +207,7 @@ impl Store {
                                 Claim {
                                     worker: worker.to_string(),
                                     at: now,
+                                    helping: false,
                                 },
                             );
                         }
@@ -271,6 +275,11 @@ impl Store {
             false
         } else if !g.seen.insert(key) {
             g.stats.duplicates += 1;
+            let first = g.entries.get(&key).map_or("(evicted)", |e| e.from.as_str());
+            info!(
+                "block {} compressed twice: put by {first}, then by {worker}",
+                &key.hex()[..16]
+            );
             true
         } else {
             self.insert(&mut g, worker, key, id.len, form);
@@ -374,6 +383,7 @@ impl Store {
             Claim {
                 worker: worker.to_string(),
                 at: now,
+                helping: true,
             },
         );
         true
@@ -452,6 +462,26 @@ mod tests {
         assert!(s.put("w2", &id, &form));
         assert_eq!(s.get("w1", &id).await, Answer::Found(form));
         assert_eq!(s.stats().duplicates, 0);
+    }
+
+    #[tokio::test]
+    async fn a_workers_next_job_waits_for_the_block_its_helper_is_compressing() {
+        let (_d, s) = store(1 << 30);
+        let (id, form) = block(10);
+        // w1, idle, helps w2's job with a block of the new release; then w1
+        // is given a job of its own that needs the same block.
+        assert!(s.claim("w1", &id));
+        let (got, ()) = tokio::join!(s.get("w1", &id), async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            assert!(s.put("w1", &id, &form));
+        });
+        assert_eq!(got, Answer::Found(form));
+        assert_eq!(s.stats().duplicates, 0);
+        // A claim of a job of its own is not waited for: nothing else of
+        // that worker would put it.
+        let (id2, _) = block(11);
+        assert_eq!(s.get("w1", &id2).await, Answer::Compress);
+        assert_eq!(s.get("w1", &id2).await, Answer::Compress);
     }
 
     #[tokio::test]

@@ -135,6 +135,9 @@ pub struct Archive {
     /// Recently decoded fragment blocks, most recent first: small files
     /// share them, and files are mostly read in image order.
     frag_cache: Mutex<Vec<(u32, Arc<Vec<u8>>)>>,
+    /// Fragment blocks being decompressed now, so that a second thread
+    /// asking for one waits for it rather than decompressing it again.
+    frag_flights: Mutex<HashMap<u32, Arc<Mutex<()>>>>,
     /// Fragment blocks decompressed so far (a measure, reported by builds).
     frag_decoded: std::sync::atomic::AtomicU64,
     /// Per fragment block, the distinct tails kept in it: (offset, length).
@@ -178,6 +181,7 @@ impl Archive {
             export: None,
             meta_cache: Mutex::new(HashMap::new()),
             frag_cache: Mutex::new(Vec::new()),
+            frag_flights: Mutex::new(HashMap::new()),
             frag_decoded: Default::default(),
             frag_tails: std::sync::OnceLock::new(),
             frag_stored: std::sync::OnceLock::new(),
@@ -827,13 +831,7 @@ impl Archive {
 
     fn tail_digest(&self, t: &TailState, f: &FileInode, tail: usize) -> Result<[u8; 32]> {
         use std::sync::atomic::Ordering::Relaxed;
-        let off = f.fragment_offset as usize;
-        if off
-            .checked_add(tail)
-            .is_none_or(|end| end > self.sb.block_size as usize)
-        {
-            corrupt!("file tail lies outside its fragment block");
-        }
+        tail_range(f.fragment_offset, tail, self.sb.block_size as usize)?;
         let key = (f.fragment_index, f.fragment_offset, tail as u32);
         if let Some(d) = t.kept.get(&key) {
             t.looked_up.fetch_add(1, Relaxed);
@@ -843,10 +841,8 @@ impl Archive {
             return Ok(*d);
         }
         let block = self.fragment_block(f.fragment_index)?;
-        let Some(bytes) = block.get(off..off + tail) else {
-            corrupt!("file tail lies outside its fragment block");
-        };
-        let d: [u8; 32] = Sha256::digest(bytes).into();
+        let d: [u8; 32] =
+            Sha256::digest(&block[tail_range(f.fragment_offset, tail, block.len())?]).into();
         // The block is decompressed now: hash every tail in it, so that a
         // later build needs none of it whatever pairs it compares.
         let mut found = vec![(key, d)];
@@ -877,15 +873,37 @@ impl Archive {
     /// Reads a fragment block (decompressed).
     fn fragment_block(&self, index: u32) -> Result<Arc<Vec<u8>>> {
         const KEEP: usize = 16;
-        if let Some((_, b)) = self
-            .frag_cache
-            .lock()
-            .expect("cache lock")
-            .iter()
-            .find(|(i, _)| *i == index)
-        {
-            return Ok(b.clone());
+        let cached = || {
+            (self.frag_cache.lock().expect("cache lock").iter())
+                .find(|(i, _)| *i == index)
+                .map(|(_, b)| b.clone())
+        };
+        if let Some(b) = cached() {
+            return Ok(b);
         }
+        let flight = (self.frag_flights.lock().expect("flights lock"))
+            .entry(index)
+            .or_default()
+            .clone();
+        let _turn = flight.lock().expect("flight lock");
+        // Whoever held the turn before has left the block in the cache.
+        if let Some(b) = cached() {
+            return Ok(b);
+        }
+        let result = self.decompress_fragment(index);
+        if let Ok(block) = &result {
+            let mut cache = self.frag_cache.lock().expect("cache lock");
+            cache.insert(0, (index, block.clone()));
+            cache.truncate(KEEP);
+        }
+        self.frag_flights
+            .lock()
+            .expect("flights lock")
+            .remove(&index);
+        result
+    }
+
+    fn decompress_fragment(&self, index: u32) -> Result<Arc<Vec<u8>>> {
         let &(start, size) = self
             .fragments
             .get(index as usize)
@@ -893,9 +911,6 @@ impl Archive {
         let block = Arc::new(self.data_block(start, size, self.sb.block_size as usize)?);
         self.frag_decoded
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut cache = self.frag_cache.lock().expect("cache lock");
-        cache.insert(0, (index, block.clone()));
-        cache.truncate(KEEP);
         Ok(block)
     }
 
@@ -1298,10 +1313,7 @@ impl ImageFile {
         }
         let tail = f.size - f.block_sizes.len() as u64 * bs;
         let block = self.ar.fragment_block(f.fragment_index)?;
-        match (f.fragment_offset as usize).checked_add(tail as usize) {
-            Some(end) if end <= block.len() => Ok(block[f.fragment_offset as usize..end].to_vec()),
-            _ => corrupt!("file tail lies outside its fragment block"),
-        }
+        Ok(block[tail_range(f.fragment_offset, tail as usize, block.len())?].to_vec())
     }
 
     /// Decides whether two files have the same contents by comparing how
@@ -1367,12 +1379,7 @@ impl ImageFile {
             && da == db
         {
             // Blocks stored alike under the same settings decompress alike.
-            if (a.fragment_offset as usize)
-                .checked_add(tail)
-                .is_none_or(|end| end > self.ar.sb.block_size as usize)
-            {
-                corrupt!("file tail lies outside its fragment block");
-            }
+            tail_range(a.fragment_offset, tail, self.ar.sb.block_size as usize)?;
             self.ar
                 .tails_alike
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -1385,15 +1392,19 @@ impl ImageFile {
         }
         let fa = self.ar.fragment_block(a.fragment_index)?;
         let fb = other.ar.fragment_block(b.fragment_index)?;
-        let slice = |f: &[u8], off: u32| -> Result<Vec<u8>> {
-            match (off as usize).checked_add(tail) {
-                Some(end) if end <= f.len() => Ok(f[off as usize..end].to_vec()),
-                _ => corrupt!("file tail lies outside its fragment block"),
-            }
-        };
-        Ok(Some(
-            slice(&fa, a.fragment_offset)? == slice(&fb, b.fragment_offset)?,
-        ))
+        let ra = tail_range(a.fragment_offset, tail, fa.len())?;
+        let rb = tail_range(b.fragment_offset, tail, fb.len())?;
+        Ok(Some(fa[ra] == fb[rb]))
+    }
+}
+
+/// Where a file's tail of `len` bytes at `offset` lies in a fragment block of
+/// `limit` bytes; the inode that says so is untrusted.
+fn tail_range(offset: u32, len: usize, limit: usize) -> Result<std::ops::Range<usize>> {
+    let start = offset as usize;
+    match start.checked_add(len) {
+        Some(end) if end <= limit => Ok(start..end),
+        _ => corrupt!("file tail lies outside its fragment block"),
     }
 }
 
@@ -1446,14 +1457,9 @@ impl FileReader {
         let remaining = self.file.size - self.done;
         if remaining > 0 && self.file.fragment_index != NO_FRAGMENT {
             let frag = self.ar.fragment_block(self.file.fragment_index)?;
-            let off = self.file.fragment_offset as usize;
-            match off.checked_add(remaining as usize) {
-                Some(end) if end <= frag.len() => {
-                    self.buf = frag[off..end].to_vec();
-                    self.buf_pos = 0;
-                }
-                _ => corrupt!("file tail lies outside its fragment block"),
-            }
+            let range = tail_range(self.file.fragment_offset, remaining as usize, frag.len())?;
+            self.buf = frag[range].to_vec();
+            self.buf_pos = 0;
             return Ok(());
         }
         if remaining > 0 {
@@ -1482,5 +1488,71 @@ impl Read for FileReader {
         self.buf_pos += n;
         self.done += n as u64;
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sqfs::{WriterOptions, write_image};
+    use crate::tree::{FileContent, Kind, Meta, Node};
+
+    #[test]
+    fn threads_asking_for_one_fragment_block_at_once_decompress_it_once() {
+        let meta = Meta {
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            xattrs: Vec::new(),
+        };
+        // 40 tails of 1,000 bytes: one fragment block.
+        let files = (0..40u32)
+            .map(|i| Node {
+                name: format!("f{i:02}").into_bytes(),
+                meta: meta.clone(),
+                kind: Kind::File(FileContent::from_bytes(
+                    (0..1000u32)
+                        .map(|j| ((j ^ (i << 12)).wrapping_mul(2654435761) >> 13) as u8)
+                        .collect::<Vec<u8>>(),
+                )),
+            })
+            .collect();
+        let out = tempfile::tempfile().unwrap();
+        let opts = WriterOptions::with_block_size(65536);
+        write_image(&Node::dir("", meta, files), &opts, &out, &crate::NoProgress).unwrap();
+        let ar = Archive::open(Arc::new(out)).unwrap();
+        assert_eq!(ar.fragment_reads(), (0, 1));
+        let start = std::sync::Barrier::new(8);
+        let blocks: Vec<Arc<Vec<u8>>> = std::thread::scope(|s| {
+            let asks: Vec<_> = (0..8)
+                .map(|_| {
+                    s.spawn(|| {
+                        start.wait();
+                        ar.fragment_block(0).unwrap()
+                    })
+                })
+                .collect();
+            asks.into_iter().map(|a| a.join().unwrap()).collect()
+        });
+        assert_eq!(blocks[0].len(), 40_000);
+        assert!(blocks.iter().all(|b| b == &blocks[0]));
+        assert_eq!(ar.fragment_reads(), (1, 1));
+        assert!(ar.frag_flights.lock().unwrap().is_empty());
+        assert!(
+            ar.fragment_block(1).is_err(),
+            "a fragment that does not exist"
+        );
+        assert!(ar.frag_flights.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_tail_must_lie_inside_its_block() {
+        assert_eq!(tail_range(10, 5, 15).unwrap(), 10..15);
+        assert_eq!(tail_range(0, 0, 0).unwrap(), 0..0);
+        for (offset, len, limit) in [(10, 6, 15), (u32::MAX, usize::MAX, usize::MAX), (16, 0, 15)] {
+            let e = tail_range(offset, len, limit).unwrap_err();
+            assert!(e.to_string().contains("outside its fragment block"), "{e}");
+        }
     }
 }
