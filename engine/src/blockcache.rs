@@ -878,24 +878,13 @@ mod tests {
     #[test]
     fn a_shared_store_saves_work_and_its_wrong_forms_are_not_used() {
         use crate::sqfs::{WriterOptions, write_image};
-        use crate::tree::{FileContent, Kind, Meta, Node};
-        let meta = Meta {
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            mtime: 0,
-            xattrs: Vec::new(),
-        };
-        let files = (0..6u8)
-            .map(|i| Node {
-                name: format!("f{i}").into_bytes(),
-                meta: meta.clone(),
-                kind: Kind::File(FileContent::from_bytes(
-                    [sample(i), sample(i + 10)[..5000].to_vec()].concat(),
-                )),
-            })
-            .collect();
-        let root = Node::dir("", meta, files);
+        use crate::tree::Node;
+        let root = Node::flat((0..6u8).map(|i| {
+            (
+                format!("f{i}"),
+                [sample(i), sample(i + 10)[..5000].to_vec()].concat(),
+            )
+        }));
         let write = |shared: Option<Arc<dyn SharedBlocks>>, cache: Option<Arc<BlockCache>>| {
             let mut o = WriterOptions::with_block_size(131072);
             o.threads = 2;

@@ -108,6 +108,27 @@ impl FileContent {
 }
 
 impl Node {
+    /// A root directory of regular files named as given, all with the same
+    /// metadata (mode 0644, root's, time 0): the trees unit tests write.
+    #[cfg(test)]
+    pub(crate) fn flat(files: impl IntoIterator<Item = (String, Vec<u8>)>) -> Node {
+        let meta = Meta {
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            xattrs: Vec::new(),
+        };
+        let files = (files.into_iter())
+            .map(|(name, data)| Node {
+                name: name.into_bytes(),
+                meta: meta.clone(),
+                kind: Kind::File(FileContent::from_bytes(data)),
+            })
+            .collect();
+        Node::dir("", meta, files)
+    }
+
     pub fn dir(name: impl Into<Vec<u8>>, meta: Meta, children: Vec<Node>) -> Node {
         let mut n = Node {
             name: name.into(),

@@ -1139,7 +1139,7 @@ mod tests {
     use super::*;
     use crate::blockcache::{BlockKey, Cached};
     use crate::sqfs::{WriterOptions, write_image};
-    use crate::tree::{Kind, Meta, Node};
+    use crate::tree::Node;
 
     /// Helpers for tests: honest, lying (a bit flipped in every form), or
     /// taking blocks and never compressing them.
@@ -1200,22 +1200,8 @@ mod tests {
 
     #[test]
     fn helpers_take_blocks_from_the_back_and_never_change_a_byte() {
-        let meta = Meta {
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            mtime: 0,
-            xattrs: Vec::new(),
-        };
         // 40 distinct blocks and tails, in 5 files.
-        let files = (0..5u32)
-            .map(|i| Node {
-                name: format!("f{i}").into_bytes(),
-                meta: meta.clone(),
-                kind: Kind::File(FileContent::from_bytes(data(i, 8 * 65536 + 3000))),
-            })
-            .collect();
-        let root = Node::dir("", meta, files);
+        let root = Node::flat((0..5u32).map(|i| (format!("f{i}"), data(i, 8 * 65536 + 3000))));
         let write = |shared: Option<Arc<dyn SharedBlocks>>| {
             let mut o = WriterOptions::with_block_size(65536);
             o.threads = 1;

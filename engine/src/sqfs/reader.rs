@@ -1495,32 +1495,17 @@ impl Read for FileReader {
 mod tests {
     use super::*;
     use crate::sqfs::{WriterOptions, write_image};
-    use crate::tree::{FileContent, Kind, Meta, Node};
 
     #[test]
     fn threads_asking_for_one_fragment_block_at_once_decompress_it_once() {
-        let meta = Meta {
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            mtime: 0,
-            xattrs: Vec::new(),
-        };
         // 40 tails of 1,000 bytes: one fragment block.
-        let files = (0..40u32)
-            .map(|i| Node {
-                name: format!("f{i:02}").into_bytes(),
-                meta: meta.clone(),
-                kind: Kind::File(FileContent::from_bytes(
-                    (0..1000u32)
-                        .map(|j| ((j ^ (i << 12)).wrapping_mul(2654435761) >> 13) as u8)
-                        .collect::<Vec<u8>>(),
-                )),
-            })
-            .collect();
+        let root = Node::flat((0..40u32).map(|i| {
+            let data = (0..1000u32).map(|j| ((j ^ (i << 12)).wrapping_mul(2654435761) >> 13) as u8);
+            (format!("f{i:02}"), data.collect())
+        }));
         let out = tempfile::tempfile().unwrap();
         let opts = WriterOptions::with_block_size(65536);
-        write_image(&Node::dir("", meta, files), &opts, &out, &crate::NoProgress).unwrap();
+        write_image(&root, &opts, &out, &crate::NoProgress).unwrap();
         let ar = Archive::open(Arc::new(out)).unwrap();
         assert_eq!(ar.fragment_reads(), (0, 1));
         let start = std::sync::Barrier::new(8);
