@@ -77,6 +77,9 @@ pub struct Job {
     pub built: Option<Built>,
     /// Worker names that ran (or run) it, for the reproduction rule.
     pub ran_on: Vec<String>,
+    /// Workers whose kit was proven wrong or that said it cannot be built:
+    /// it is not leased to them again (see [`Table::refuse`]).
+    pub refused_by: Vec<String>,
     pub error: String,
     /// Found built and verified in the journal of an earlier run.
     pub resumed: bool,
@@ -107,6 +110,7 @@ impl Job {
             lease: None,
             built: None,
             ran_on: Vec::new(),
+            refused_by: Vec::new(),
             error: String::new(),
             resumed: false,
             priority,
@@ -146,8 +150,12 @@ impl Table {
             .map(|(i, _)| i)
     }
 
-    /// A build and its reproduction must run on different workers.
+    /// A build and its reproduction must run on different workers, and a
+    /// job never goes back to a worker whose word on it was refused.
     fn allowed(&self, i: usize, worker: &str) -> bool {
+        if self.jobs[i].refused_by.iter().any(|w| w == worker) {
+            return false;
+        }
         let twins: Vec<usize> = match self.jobs[i].reproduction_of {
             Some(p) => vec![p],
             None => (0..self.jobs.len())
@@ -203,6 +211,42 @@ impl Table {
         j.state = JobState::Failed;
         j.error = why.to_string();
         j.note(format!("failed: {why}"));
+    }
+
+    /// One worker's word that job `i` cannot be built: a failure it calls
+    /// deterministic, or a kit that verification proved wrong. Every
+    /// worker runs the same engine on the same inputs, so another worker
+    /// would say the same unless this one is broken or lying: while one of
+    /// the `live` workers may still take the job, it is built again there
+    /// (after a backoff, within `max_attempts`); otherwise it fails for
+    /// good.
+    pub fn refuse(
+        &mut self,
+        i: usize,
+        worker: &str,
+        why: &str,
+        live: &[String],
+        max_attempts: u32,
+        now: Instant,
+    ) {
+        let j = &mut self.jobs[i];
+        j.built = None;
+        if !j.refused_by.iter().any(|w| w == worker) {
+            j.refused_by.push(worker.to_string());
+        }
+        if live.iter().any(|w| self.allowed(i, w)) {
+            self.retry(
+                i,
+                &format!("{why}; to be built by another worker"),
+                max_attempts,
+                now,
+            );
+        } else if self.jobs[i].refused_by.len() > 1 {
+            let who = self.jobs[i].refused_by.join(", ");
+            self.fail(i, &format!("{why} (found by workers {who})"));
+        } else {
+            self.fail(i, why);
+        }
     }
 
     /// Leases whose worker stopped renewing them: back to pending.
@@ -373,6 +417,48 @@ mod tests {
             "{}",
             t.jobs[0].error
         );
+    }
+
+    #[test]
+    fn one_workers_word_that_a_job_cannot_be_built_is_checked_by_another() {
+        let now = Instant::now();
+        let live = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        let mut t = table(1, now);
+        t.start(0, lease("l1", "liar", now));
+        t.jobs[0].built = Some(Built {
+            sha256: "11".into(),
+            size: 5,
+            worker: "liar".into(),
+            build_seconds: 1.0,
+            blocks: None,
+        });
+        t.refuse(0, "liar", "wrong kit", &live(&["liar", "b"]), 5, now);
+        assert_eq!(t.jobs[0].state, JobState::Pending);
+        assert!(t.jobs[0].built.is_none(), "the wrong kit is forgotten");
+        let later = now + backoff(1);
+        assert_eq!(t.pick("liar", later), None, "never back to the liar");
+        assert_eq!(t.pick("b", later), Some(0));
+        // The second worker says the same: the job cannot be built.
+        t.start(0, lease("l2", "b", later));
+        t.refuse(0, "b", "corrupt input", &live(&["liar", "b"]), 5, later);
+        assert_eq!(t.jobs[0].state, JobState::Failed);
+        assert!(
+            t.jobs[0].error.contains("found by workers liar, b"),
+            "{}",
+            t.jobs[0].error
+        );
+
+        // Alone in the farm, a worker's word ends the job at once.
+        let mut t = table(1, now);
+        t.start(0, lease("l1", "a", now));
+        t.refuse(0, "a", "corrupt input", &live(&["a"]), 5, now);
+        assert_eq!(t.jobs[0].state, JobState::Failed);
+        assert_eq!(t.jobs[0].error, "corrupt input");
+        // Attempts stay bounded.
+        let mut t = table(1, now);
+        t.start(0, lease("l1", "a", now));
+        t.refuse(0, "a", "wrong kit", &live(&["a", "b"]), 1, now);
+        assert_eq!(t.jobs[0].state, JobState::Failed);
     }
 
     #[test]

@@ -40,6 +40,21 @@ fn no_store() -> Status {
     Status::failed_precondition("this coordinator runs without a block store")
 }
 
+/// Whether a verification that failed says the kit is wrong (it cannot be
+/// read or applied), rather than that this machine could not check it (a
+/// disk or I/O error here): the inputs were checked before the release,
+/// so only the kit can be corrupt.
+fn kit_at_fault(e: &iukfarm_engine::Error) -> bool {
+    use iukfarm_engine::Error;
+    match e {
+        Error::Io { source, .. } | Error::RawIo(source) => {
+            source.kind() == std::io::ErrorKind::InvalidData
+        }
+        Error::Cancelled => false,
+        _ => true,
+    }
+}
+
 /// A block id as the wire gives it, its digests checked for length.
 fn block_id(b: Option<v1::BlockRef>) -> Result<BlockId, Status> {
     let b = b.ok_or_else(|| Status::invalid_argument("no block"))?;
@@ -457,7 +472,8 @@ impl FarmService {
 
     /// Verifies a received kit by applying it, then journals it and moves
     /// it into the output directory. A verification that could not run
-    /// (disk, I/O) is retried; only a kit proven wrong fails its IUK.
+    /// (disk, I/O) is retried; a kit proven wrong is built again by
+    /// another worker, if there is one ([`crate::jobs::Table::refuse`]).
     async fn verify_and_keep(sh: Arc<Shared>, i: usize, part: PartFile, built: Built) {
         let _slot = sh.verify_slots.acquire().await;
         let (old, new, name, old_v, job_id) = {
@@ -478,21 +494,20 @@ impl FarmService {
         let verified = tokio::task::spawn_blocking(move || {
             let scratch = tempfile::NamedTempFile::new_in(&incoming)
                 .map_err(|e| format!("scratch file in {}: {e}", incoming.display()))?;
-            iukfarm_engine::kit::verify::verify_iuk(
+            Ok(iukfarm_engine::kit::verify::verify_iuk(
                 &old,
                 &new,
                 &p,
                 scratch.as_file(),
                 &iukfarm_engine::NoProgress,
                 Some(&memo.verify_memo),
-            )
-            .map_err(|e| format!("verification could not run: {e}"))
+            ))
         })
         .await
         .unwrap_or_else(|e| Err(format!("verification crashed: {e}")));
         // Err(transient) or Ok(Err(proven wrong)).
         let kept: Result<Result<(), String>, String> = match verified {
-            Ok(v) if v.differences.is_empty() => sh
+            Ok(Ok(v)) if v.differences.is_empty() => sh
                 .journal(&Entry {
                     job: job_id,
                     name: name.clone(),
@@ -510,7 +525,7 @@ impl FarmService {
                         .map_err(|e| format!("{}: {e}", dst.display()))
                 })
                 .map(Ok),
-            Ok(v) => {
+            Ok(Ok(v)) => {
                 let shown: Vec<String> = v
                     .differences
                     .iter()
@@ -525,6 +540,8 @@ impl FarmService {
                     if v.differences.len() > 5 { "; ..." } else { "" }
                 )))
             }
+            Ok(Err(e)) if kit_at_fault(&e) => Ok(Err(format!("cannot be applied: {e}"))),
+            Ok(Err(e)) => Err(format!("verification could not run: {e}")),
             Err(e) => Err(e),
         };
         drop(part);
@@ -545,8 +562,11 @@ impl FarmService {
                     st.table.check_reproduction(i);
                 }
                 Ok(Err(e)) => {
-                    warn!("{name}: {e}");
-                    st.table.fail(i, &e);
+                    let why = format!("the kit built by {} {e}", built.worker);
+                    warn!("{name}: {why}");
+                    let live = st.live_workers(sh.cfg.lease_timeout);
+                    let (max, now) = (sh.cfg.max_attempts, Instant::now());
+                    st.table.refuse(i, &built.worker, &why, &live, max, now);
                 }
                 Err(e) => {
                     warn!("{name}: {e}; building again");
@@ -972,7 +992,9 @@ impl Farm for FarmService {
             let why = format!("{name}: {}", r.message);
             warn!("{out}: {why}");
             if r.deterministic {
-                st.table.fail(i, &why);
+                let live = st.live_workers(sh.cfg.lease_timeout);
+                let (max, now) = (sh.cfg.max_attempts, Instant::now());
+                st.table.refuse(i, &name, &why, &live, max, now);
             } else {
                 st.table.retry(i, &why, sh.cfg.max_attempts, Instant::now());
             }

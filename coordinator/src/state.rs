@@ -87,6 +87,16 @@ pub(crate) struct State {
     pub cancel_reason: Option<String>,
 }
 
+impl State {
+    /// Names of the workers heard from within `timeout` and still working.
+    pub fn live_workers(&self, timeout: std::time::Duration) -> Vec<String> {
+        (self.workers.values())
+            .filter(|w| !w.told_over && w.last_seen.elapsed() < timeout)
+            .map(|w| w.name.clone())
+            .collect()
+    }
+}
+
 pub(crate) struct Shared {
     pub cfg: Config,
     pub fingerprint: Fingerprint,

@@ -133,6 +133,12 @@ fn lying_workers_are_refused_while_the_honest_one_finishes() {
         ],
     );
     let url = format!("http://{addr}");
+    let incoming = out.join(".iukfarm/incoming");
+    let cache = d.path().join("cache");
+    let root = a.root().to_str().unwrap();
+    let token_arg = token.to_str().unwrap();
+    let honest_args = ["--once", "--iso-root", root, "--token-file", token_arg];
+    let mut honest = None;
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut refused = 0;
     rt.block_on(async {
@@ -219,29 +225,76 @@ fn lying_workers_are_refused_while_the_honest_one_finishes() {
             })
             .await
             .unwrap();
+        // The part files of every refused upload are gone.
+        wait_until("no part file is left", Duration::from_secs(10), || {
+            fs::read_dir(&incoming).unwrap().next().is_none()
+        });
+
+        // Lies that only building the IUK can expose, told while an honest
+        // worker is in the farm: a failure called deterministic, bytes that
+        // are no kit, and a well-formed kit of another IUK, their sizes and
+        // digests told truly. The three jobs go to the honest worker.
+        // The kit of an IUK from the new release to itself: well formed,
+        // and wrong for every job. (A kit from an older source would not
+        // do: it may well turn a newer source into the new release.)
+        let fake = d.path().join("fake.iuk");
+        run(Command::new(iukfarm())
+            .args(["build", "--quiet", "--source-date-epoch", SDE, "--old-iso"])
+            .arg(a.iso(a.new_version()))
+            .arg("--new-iso")
+            .arg(a.iso(a.new_version()))
+            .arg("--out")
+            .arg(&fake));
+        let wrong = liar.lease().await;
+        let garbage = liar.lease().await;
+        let failed = liar.lease().await;
+        honest = Some(worker("honest", &url, &cache, &honest_args));
+        wait_until("the honest worker is in the farm", LONG, || {
+            status(&url, &["--token-file", token.to_str().unwrap()]).is_some_and(|s| {
+                (s["workers"].as_array().unwrap().iter()).any(|w| w["name"] == "honest")
+            })
+        });
+        liar.client
+            .fail(v1::FailRequest {
+                worker_id: liar.id.clone(),
+                lease_id: failed.lease_id.clone(),
+                message: "the old ISO is corrupt".into(),
+                deterministic: true,
+            })
+            .await
+            .unwrap();
+        refused += 1;
+        let junk = vec![0x5a; 8192];
+        fs::write(d.path().join("junk"), &junk).unwrap();
+        let digest = sha256_file(&d.path().join("junk"));
+        (liar
+            .upload(vec![liar.header(&garbage, 8192, &digest, 1.0), data(junk)])
+            .await)
+            .expect("bytes with their true digest are received, then verified");
+        refused += 1;
+        let kit = fs::read(&fake).unwrap();
+        let mut msgs = vec![liar.header(&wrong, kit.len() as u64, &sha256_file(&fake), 1.0)];
+        msgs.extend(
+            kit.chunks(iukfarm_proto::CHUNK_SIZE)
+                .map(|c| data(c.to_vec())),
+        );
+        liar.upload(msgs)
+            .await
+            .expect("a well-formed kit is received, then verified");
+        refused += 1;
     });
-    // The part files of every refused upload are gone.
-    let incoming = out.join(".iukfarm/incoming");
-    wait_until("no part file is left", Duration::from_secs(10), || {
-        fs::read_dir(&incoming).unwrap().next().is_none()
-    });
-    let cache = d.path().join("cache");
-    let root = a.root().to_str().unwrap();
-    let mut w = worker(
-        "honest",
-        &url,
-        &cache,
-        &[
-            "--once",
-            "--iso-root",
-            root,
-            "--token-file",
-            token.to_str().unwrap(),
-        ],
-    );
+    let mut w = honest.expect("the honest worker was started");
     assert_eq!(code(&mut c), 0, "{}", c.log());
     assert_eq!(code(&mut w), 0, "{}", w.log());
     assert_eq!(&iuks_in(&out), local_builds());
+    // The jobs went to the honest worker: no lie failed an IUK.
+    for said in [
+        "liar: the old ISO is corrupt",
+        "the kit built by liar cannot be applied",
+        "the kit built by liar does not turn",
+    ] {
+        assert!(c.log().contains(said), "{said}: {}", c.log());
+    }
     let m: serde_json::Value =
         serde_json::from_slice(&fs::read(out.join("manifest.json")).unwrap()).unwrap();
     for k in m["iuks"].as_array().unwrap() {

@@ -32,7 +32,11 @@ use tracing::{info, warn};
 /// Blocks of each kind measured before the fallback rule is applied.
 pub const SAMPLES: u64 = 16;
 /// The longest a call may take (the store itself waits at most 10 s).
+#[cfg(not(test))]
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Short in unit tests, which cut the link on purpose.
+#[cfg(test)]
+const CALL_TIMEOUT: Duration = Duration::from_millis(500);
 
 #[derive(Default)]
 struct Costs {
@@ -380,5 +384,93 @@ impl SharedBlocks for FarmBlocks {
                 self.job
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A coordinator's address that accepts connections and never answers,
+    /// as a link cut by a partition leaves an open connection.
+    fn black_hole(rt: &tokio::runtime::Runtime) -> FarmClient {
+        let l = (rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))).expect("listen");
+        let url = format!("http://{}", l.local_addr().expect("address"));
+        rt.spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = l.accept().await {
+                held.push(s);
+            }
+        });
+        let cfg = iukfarm_proto::ClientConfig {
+            url,
+            ..Default::default()
+        };
+        rt.block_on(iukfarm_proto::connect(&cfg)).expect("connects")
+    }
+
+    fn blocks(n: u8) -> Vec<(BlockId, BlockKey)> {
+        let xz = XzConfig::for_block_size(1 << 20);
+        (0..n)
+            .map(|i| {
+                let id = BlockId::new(&xz, &[i; 1000]);
+                (id, id.key())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_cut_link_costs_a_job_one_timeout_then_it_compresses_alone() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let client = black_hole(&rt);
+        let bound = CALL_TIMEOUT * 4;
+
+        // Asking: the first get waits out its timeout, the rest do not ask.
+        let fb = FarmBlocks::new(rt.handle().clone(), client.clone(), "w1", "l1", "j1", false);
+        let t = Instant::now();
+        for (id, key) in blocks(20) {
+            assert!(fb.get(&id, &key).is_none());
+        }
+        assert!(t.elapsed() < bound, "20 gets took {:?}", t.elapsed());
+        assert_eq!((fb.lookahead(), fb.helpers()), (0, None));
+        assert!(fb.summary().ends_with("(then alone)"), "{}", fb.summary());
+
+        // Sending: the link is cut after the store answered "compress it"
+        // for every block. The puts go in the background, at most
+        // PUTS_IN_FLIGHT at once; the first timeout ends the sharing, so
+        // neither the compression threads nor the job's flush wait for
+        // more than about two timeouts, whatever the number of blocks.
+        let fb = FarmBlocks::new(rt.handle().clone(), client, "w1", "l2", "j2", false);
+        let all = blocks(40);
+        {
+            let mut c = fb.costs();
+            for (_, key) in &all {
+                c.pending.insert(*key, (Instant::now(), Duration::ZERO));
+            }
+        }
+        let t = Instant::now();
+        for (id, key) in &all {
+            fb.put(id, key, &Cached::Compressed(vec![1, 2, 3]));
+        }
+        let puts = t.elapsed();
+        rt.block_on(fb.flush());
+        let flushed = t.elapsed();
+        assert!(
+            puts < bound,
+            "40 puts held the compression threads {puts:?}"
+        );
+        assert!(flushed < bound, "the job waited {flushed:?} for its puts");
+        assert!(fb.off.load(Ordering::SeqCst));
+        assert_eq!(fb.puts.available_permits(), PUTS_IN_FLIGHT as usize);
+        assert!(
+            fb.summary()
+                .ends_with("0 compressed here and shared (then alone)"),
+            "{}",
+            fb.summary()
+        );
     }
 }
