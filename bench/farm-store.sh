@@ -168,7 +168,11 @@ print(f"{name:<14} wall {t1 - t0:7.1f} s  farm CPU {cpu:7.1f} s  compressed {com
       f"twice {st.get('duplicates', 0):4d}  network (blocks) {net:6.1f} MiB  "
       f"largest kit {largest['name']} on {largest['worker']}, {100 * share:.0f}% by helpers  "
       f"coordinator peak RSS {rss:.0f} MiB")
-json.dump({"name": name, "wall": t1 - t0, "cpu": cpu, "compressed": comp + helped,
+# Compressions: the jobs' own, plus the blocks helpers took (the store
+# hands each out once; summing the kits' "from helpers" would count a
+# block twice when two jobs used the same helper's form).
+done = comp + (st["helped"] if "helped" in st else helped)
+json.dump({"name": name, "wall": t1 - t0, "cpu": cpu, "compressed": done,
            "kits": {j["name"]: j["sha256"] for j in jobs}},
           open(f"{d}/result.json", "w"))
 PY

@@ -2,20 +2,27 @@
 # Point-release benchmark (issue 12, item 4), as root (the Tails method's
 # loop mounts):
 #
-#   sudo bench/point-release.sh [MIB]        # results in target/point-release-bench.txt
+#   sudo bench/point-release.sh [MIB [CHANGED [RELEASES]]]   # results in target/point-release-bench.txt
 #
-# Makes three Tails-like ISOs from this machine's /usr/share (MIB of files,
-# default 600: ~46,000 files, a ~200 MiB system image made by mksquashfs
-# with Tails' options): 1.0, then 1.1 and 1.2, each with 131 files changed
-# (appended to, spread through the tree like package upgrades). Builds the
-# IUKs 1.0 -> 1.1 and 1.1 -> 1.2 with the Tails method and with `iukfarm
-# build`, side by side: without a cache, with a cold block cache, with both
-# images' tail digests kept, and the next release's IUK with its old image's
-# digests kept. Prints times, ratios, whether the bytes are the same, and
-# where iukfarm's time went; fails when any bytes differ.
+# Makes Tails-like ISOs from this machine's /usr/share, then /usr/lib and
+# /usr/bin (MIB of files, default 600: ~46,000 files, a ~160 MiB system
+# image made by mksquashfs with Tails' options; 3000 gives a ~1 GiB image):
+# 1.0, then 1.1 and 1.2, each with CHANGED files changed (default 131;
+# appended to, spread evenly through the tree like package upgrades).
+# Builds the IUK 1.0 -> 1.1 with the Tails method and with `iukfarm build`,
+# side by side: without a cache, with a cold block cache, and with both
+# images' tail digests kept; then 1.1 -> 1.2, the next release's IUK with
+# its old image's digests kept. RELEASES=2 stops at 1.1 (mksquashfs takes
+# some 20 minutes per 1 GiB image on 2 cores). Prints times, ratios,
+# whether the bytes are the same, and where iukfarm's time went; fails when
+# any bytes differ.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mib=${1:-600}
+changed=${2:-131}
+releases=${3:-3}
+case $releases in 2) versions="old new" ;; 3) versions="old new next" ;; *)
+    echo "point-release.sh: RELEASES is 2 or 3" >&2; exit 2 ;; esac
 out=target/point-release-bench.txt
 for t in mksquashfs xorriso gensquashfs rsync bsdtar; do
     command -v "$t" >/dev/null || { echo "point-release.sh: $t is missing (scripts/test.sh installs the reference tools)" >&2; exit 2; }
@@ -23,7 +30,7 @@ done
 cargo build --release -q -p iukfarm
 work=$(mktemp -d /var/tmp/point-release.XXXXXX)
 trap 'rm -rf "$work"' EXIT
-python3 - "$work/old" "$mib" <<'PY'
+system=$(python3 - "$work/old" "$mib" <<'PY'
 import os, shutil, sys
 dst_root, budget = sys.argv[1], int(sys.argv[2]) << 20
 copied = files = 0
@@ -52,18 +59,27 @@ def walk(src, dst):
                 files += 1
             except OSError:
                 pass
-os.makedirs(dst_root + "/usr/share", exist_ok=True)
-walk("/usr/share", dst_root + "/usr/share")
-print(f"system: {files} files, {copied >> 20} MiB", file=sys.stderr)
+for d in ("share", "lib", "bin"):
+    os.makedirs(f"{dst_root}/usr/{d}", exist_ok=True)
+    walk(f"/usr/{d}", f"{dst_root}/usr/{d}")
+print(f"{files} files, {copied >> 20} MiB")
 PY
+)
+total=$(find "$work/old" -type f | wc -l)
+stride=$((total / changed))
+[ "$stride" -ge 2 ] || { echo "point-release.sh: $total files are too few to change $changed" >&2; exit 2; }
 cp -a "$work/old" "$work/new"
-find "$work/new" -type f | LC_ALL=C sort | awk 'NR % 240 == 7 && ++n <= 131' |
+find "$work/new" -type f | LC_ALL=C sort |
+    awk -v s="$stride" -v c="$changed" 'NR % s == 7 % s && ++n <= c' |
     while read -r f; do printf '\nupdated by a point release\n' >> "$f"; done
-# The point release after it: 131 other files.
-cp -a "$work/new" "$work/next"
-find "$work/next" -type f | LC_ALL=C sort | awk 'NR % 240 == 127 && ++n <= 131' |
-    while read -r f; do printf '\nupdated by the next point release\n' >> "$f"; done
-for v in old new next; do
+# The point release after it: as many other files.
+if [ "$releases" = 3 ]; then
+    cp -a "$work/new" "$work/next"
+    find "$work/next" -type f | LC_ALL=C sort |
+        awk -v s="$stride" -v c="$changed" 'NR % s == (s / 2 + 7) % s && ++n <= c' |
+        while read -r f; do printf '\nupdated by the next point release\n' >> "$f"; done
+fi
+for v in $versions; do
     cd_dir=$work/cd-$v
     mkdir -p "$cd_dir/live" "$cd_dir/EFI/BOOT" "$cd_dir/isolinux" "$cd_dir/utils/linux"
     echo "kernel $v" > "$cd_dir/live/vmlinuz"
@@ -72,6 +88,7 @@ for v in old new next; do
     : > "$cd_dir/utils/linux/syslinux"
     mksquashfs "$work/$v" "$cd_dir/live/filesystem.squashfs" -noappend -no-progress -quiet \
         -comp xz -Xbcj x86 -b 1M -Xdict-size 1M
+    if [ "$v" = new ]; then image_mib=$(($(stat -c %s "$cd_dir/live/filesystem.squashfs") >> 20)); fi
     xorriso -as mkisofs -quiet -R -r -J -o "$work/$v.iso" "$cd_dir" 2>/dev/null
     rm -rf "$cd_dir" "${work:?}/$v"
 done
@@ -88,7 +105,7 @@ ours() { # old new name [build options]
         --out "$work/$name.iuk" "$@" 2>"$work/$name.log"
 }
 tails old new tails-1
-tails new next tails-2
+[ "$releases" = 2 ] || tails new next tails-2
 # Without a cache: fragment blocks stored alike in both images are not
 # decompressed, every other one is.
 ours old new plain
@@ -101,9 +118,9 @@ ours old new cold --block-cache "$cache"
 ours old new warm --block-cache "$cache"
 # The next point release's IUK from this one: its old image is known (it
 # was the new image above), its new image is not.
-ours new next next --block-cache "$cache"
+[ "$releases" = 2 ] || ours new next next --block-cache "$cache"
 {
-    echo "point release: $(du -m "$work/new.iso" | cut -f1) MiB ISO, 131 files changed, IUK $(stat -c %s "$work/plain.iuk") bytes; $(nproc) cores"
+    echo "point release: system of $system, $image_mib MiB image in a $(du -m "$work/new.iso" | cut -f1) MiB ISO, $changed files changed, IUK $(stat -c %s "$work/plain.iuk") bytes; $(nproc) cores"
     printf '%-44s %8s %8s %8s %s\n' "" "wall s" "CPU s" "ratio" "same bytes"
     row() { # label time-file tails-time-file iuk tails-iuk
         read -r w u s < "$work/$2.time"
@@ -115,15 +132,17 @@ ours new next next --block-cache "$cache"
             printf "%-44s %8.1f %8.1f %7.1fx %s\n", l, w, a[1] + a[2], tw / w, same }'
     }
     row "Tails method, 1.0 -> 1.1" tails-1 tails-1 tails-1 tails-1
-    row "Tails method, 1.1 -> 1.2" tails-2 tails-2 tails-2 tails-2
+    [ "$releases" = 2 ] || row "Tails method, 1.1 -> 1.2" tails-2 tails-2 tails-2 tails-2
     row "iukfarm build 1.0 -> 1.1, no cache" plain tails-1 plain tails-1
     row "  cache: cold (both images hashed)" cold tails-1 cold tails-1
     row "  cache: both images known" warm tails-1 warm tails-1
-    row "iukfarm build 1.1 -> 1.2, 1.1 known" next tails-2 next tails-2
-    for n in plain cold warm next; do
+    [ "$releases" = 2 ] || row "iukfarm build 1.1 -> 1.2, 1.1 known" next tails-2 next tails-2
+    runs="plain cold warm"
+    [ "$releases" = 2 ] || runs="$runs next"
+    for n in $runs; do
         echo "$n:"
         grep -E '^(time|tail digests):' "$work/$n.log" | sed 's/^/  /'
     done
 } | tee "$out"
 for n in plain cold warm; do cmp -s "$work/$n.iuk" "$work/tails-1.iuk"; done
-cmp -s "$work/next.iuk" "$work/tails-2.iuk"
+[ "$releases" = 2 ] || cmp -s "$work/next.iuk" "$work/tails-2.iuk"
