@@ -564,9 +564,7 @@ impl FarmService {
                 Ok(Err(e)) => {
                     let why = format!("the kit built by {} {e}", built.worker);
                     warn!("{name}: {why}");
-                    let live = st.live_workers(sh.cfg.lease_timeout);
-                    let (max, now) = (sh.cfg.max_attempts, Instant::now());
-                    st.table.refuse(i, &built.worker, &why, &live, max, now);
+                    st.refuse(i, &built.worker, &why, &sh.cfg);
                 }
                 Err(e) => {
                     warn!("{name}: {e}; building again");
@@ -992,9 +990,7 @@ impl Farm for FarmService {
             let why = format!("{name}: {}", r.message);
             warn!("{out}: {why}");
             if r.deterministic {
-                let live = st.live_workers(sh.cfg.lease_timeout);
-                let (max, now) = (sh.cfg.max_attempts, Instant::now());
-                st.table.refuse(i, &name, &why, &live, max, now);
+                st.refuse(i, &name, &why, &sh.cfg);
             } else {
                 st.table.retry(i, &why, sh.cfg.max_attempts, Instant::now());
             }

@@ -88,12 +88,15 @@ pub(crate) struct State {
 }
 
 impl State {
-    /// Names of the workers heard from within `timeout` and still working.
-    pub fn live_workers(&self, timeout: std::time::Duration) -> Vec<String> {
-        (self.workers.values())
-            .filter(|w| !w.told_over && w.last_seen.elapsed() < timeout)
+    /// One worker's word that job `i` cannot be built ([`Table::refuse`]),
+    /// weighed against the workers heard from within the lease timeout.
+    pub fn refuse(&mut self, i: usize, worker: &str, why: &str, cfg: &Config) {
+        let live: Vec<String> = (self.workers.values())
+            .filter(|w| !w.told_over && w.last_seen.elapsed() < cfg.lease_timeout)
             .map(|w| w.name.clone())
-            .collect()
+            .collect();
+        let now = Instant::now();
+        (self.table).refuse(i, worker, why, &live, cfg.max_attempts, now);
     }
 }
 

@@ -798,25 +798,11 @@ mod tests {
     #[test]
     fn an_image_of_repeated_blocks_is_written_with_the_cache() {
         use crate::sqfs::{WriterOptions, write_image};
-        use crate::tree::{FileContent, Kind, Meta, Node};
+        use crate::tree::Node;
         let dir = tempfile::tempdir().unwrap();
-        let meta = Meta {
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            mtime: 0,
-            xattrs: Vec::new(),
-        };
         let mut block: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
         block.iter_mut().step_by(97).for_each(|b| *b = 0xE8);
-        let files = (0..12)
-            .map(|i| Node {
-                name: format!("f{i:02}").into_bytes(),
-                meta: meta.clone(),
-                kind: Kind::File(FileContent::from_bytes(block.repeat(2))),
-            })
-            .collect();
-        let root = Node::dir("", meta, files);
+        let root = Node::flat((0..12).map(|i| (format!("f{i:02}"), block.repeat(2))));
         let mut opts = WriterOptions::with_block_size(1 << 20);
         opts.xz.flags = crate::sqfs::compress::xz_flags::X86;
         opts.threads = 2;
