@@ -92,8 +92,9 @@ pub(crate) async fn run(ctx: Arc<Ctx>, client: FarmClient, worker_id: String, ru
         let compressing = tokio::task::spawn_blocking(move || {
             pool.install(|| {
                 tasks.into_par_iter().for_each(|t| {
-                    // Sequential trials: the pool's threads are the helper's.
-                    match t.xz.compress_with(&t.data, false) {
+                    // Each of the pool's threads compresses a block of its
+                    // own, so the trials of one need no other thread.
+                    match t.xz.compress_here(&t.data) {
                         Ok(Some(c)) => {
                             let _ = tx.blocking_send((t.id, Cached::Compressed(c)));
                         }

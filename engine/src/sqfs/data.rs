@@ -174,9 +174,9 @@ impl Compressor {
                 shared.rejected(&id, &key);
                 origin = Origin::CompressedRejected;
             }
-            // Sequential trials: other jobs, here or on other workers, may
-            // be waiting for this block (see `XzConfig::compress_with`).
-            let c = match self.cfg.compress_with(&data, false)? {
+            // Not on rayon: other jobs, here or on other workers, may be
+            // waiting for this block (see `XzConfig::compress_here`).
+            let c = match self.cfg.compress_here(&data)? {
                 Some(c) => Cached::Compressed(c),
                 None => Cached::Uncompressed,
             };
