@@ -14,7 +14,16 @@
 use std::path::{Path, PathBuf};
 
 use iukfarm_engine::kit::yaml::{self, Value};
+use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
+use yaml_rust2::scanner::Marker;
 use yaml_rust2::{Yaml, YamlLoader};
+
+/// Far above any UDF (one holds a few upgrades: about a kilobyte).
+pub const MAX_UDF_BYTES: usize = 1 << 20;
+/// YAML nodes a UDF may have once its aliases are expanded: the loader
+/// copies an anchored node for each alias, so ten nested aliases of ten
+/// would otherwise take 10^10 nodes of memory from a file of 200 bytes.
+const MAX_NODES: u64 = 100_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -204,9 +213,27 @@ impl Udf {
     /// the four header fields defined scalars and `upgrades`, if present,
     /// a list. Other top-level keys are dropped.
     pub fn parse(file: &Path, bytes: &[u8]) -> Result<Udf, Error> {
+        if bytes.len() > MAX_UDF_BYTES {
+            return Err(invalid(
+                file,
+                format!("{} bytes: not a UDF (at most {MAX_UDF_BYTES})", bytes.len()),
+            ));
+        }
         let text = std::str::from_utf8(bytes).map_err(|_| invalid(file, "not UTF-8 text"))?;
         if text.trim().is_empty() {
             return Err(invalid(file, "empty"));
+        }
+        let mut nodes = NodeCount::default();
+        Parser::new_from_str(text)
+            .load(&mut nodes, true)
+            .map_err(|e| invalid(file, e.to_string()))?;
+        if nodes.total > MAX_NODES {
+            return Err(invalid(
+                file,
+                format!(
+                    "more than {MAX_NODES} YAML nodes once its aliases are expanded: not a UDF"
+                ),
+            ));
         }
         let docs = YamlLoader::load_from_str(text).map_err(|e| invalid(file, e.to_string()))?;
         let Some(Yaml::Hash(h)) = docs.first() else {
@@ -395,6 +422,46 @@ fn is_prerelease(v: &str) -> bool {
         tail.strip_prefix(p)
             .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
     })
+}
+
+/// Counts the nodes a document would load into, aliases expanded, without
+/// expanding them.
+#[derive(Default)]
+struct NodeCount {
+    total: u64,
+    /// Expanded size of each anchored node, by anchor id.
+    anchored: std::collections::HashMap<usize, u64>,
+    /// Collections not yet ended: anchor id, total at their start.
+    open: Vec<(usize, u64)>,
+}
+
+impl MarkedEventReceiver for NodeCount {
+    fn on_event(&mut self, ev: Event, _: Marker) {
+        match ev {
+            Event::Scalar(_, _, anchor, _) => {
+                self.total = self.total.saturating_add(1);
+                if anchor > 0 {
+                    self.anchored.insert(anchor, 1);
+                }
+            }
+            Event::SequenceStart(anchor, _) | Event::MappingStart(anchor, _) => {
+                self.open.push((anchor, self.total));
+                self.total = self.total.saturating_add(1);
+            }
+            Event::SequenceEnd | Event::MappingEnd => {
+                if let Some((anchor, start)) = self.open.pop()
+                    && anchor > 0
+                {
+                    self.anchored.insert(anchor, self.total - start);
+                }
+            }
+            Event::Alias(id) => {
+                let n = self.anchored.get(&id).copied().unwrap_or(1);
+                self.total = self.total.saturating_add(n);
+            }
+            _ => {}
+        }
+    }
 }
 
 /// Parses a UDF and checks what an Upgrader relies on: the header, and

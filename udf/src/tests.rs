@@ -264,3 +264,27 @@ fn check_takes_the_real_file_and_names_what_an_upgrader_would_trip_on() {
     assert!(check(p, b"- a\n").is_err());
     assert!(check(p, b"{{{").is_err());
 }
+
+#[test]
+fn nested_aliases_are_refused_before_they_are_expanded() {
+    let p = Path::new("upgrades.yml");
+    // Nine levels of ten aliases: 10^9 nodes if loaded.
+    let mut bomb = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+    for i in 1..9 {
+        let prev = format!("*a{}", i - 1);
+        bomb += &format!("a{i}: &a{i} [{}]\n", vec![prev; 10].join(", "));
+    }
+    let doc = REAL_6_0_STABLE.to_string() + &bomb;
+    let e = check(p, doc.as_bytes()).unwrap_err().to_string();
+    assert!(e.contains("aliases are expanded"), "{e}");
+    // A few aliases are YAML like any other.
+    let doc = REAL_6_0_STABLE.to_string() + "x: &x [1, 2]\ny: [*x, *x]\n";
+    check(p, doc.as_bytes()).unwrap();
+    let big = REAL_6_0_STABLE.to_string() + &"#".repeat(MAX_UDF_BYTES);
+    assert!(
+        check(p, big.as_bytes())
+            .unwrap_err()
+            .to_string()
+            .contains("not a UDF")
+    );
+}
