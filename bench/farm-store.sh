@@ -1,7 +1,7 @@
 #!/bin/bash
 # The farm's block store and work sharing (issue 12, items 1 to 3):
 #
-#   bench/farm-store.sh [MIB]                 # results in target/farm-store-bench.txt
+#   bench/farm-store.sh [MIB] [--rounds N]    # results in target/farm-store-bench.txt
 #   sudo bench/farm-store.sh [MIB] --link RATE  # the workers behind a link capped at RATE
 #                                               # (tc tbf, e.g. 100mbit), in network namespaces
 #
@@ -13,23 +13,31 @@
 #   1 worker;  2 workers sharing the coordinator's block store;  2 workers
 #   without it (--block-store-size 0).
 # Then the largest IUK alone (6.0 -> 6.3), on 1 worker and on 2 workers
-# (the second one helps: work sharing).
+# (the second one helps: work sharing), N rounds (default 3) of the pair
+# one after the other: these hosts' speed drifts by 10% over minutes, so
+# the ratio reported is the median of the rounds' ratios.
 # Printed per farm: wall time, CPU seconds of the whole farm (workers and
 # coordinator), blocks compressed by the jobs and by helpers (summed over
 # the kits), blocks compressed twice, MiB of blocks that crossed the
 # network (to and from the store and the helpers; the workers have the ISO
 # archive, and kits go up either way), the coordinator's peak resident
 # memory (store index and queued offers), the ratios the issue asks for. Kits
-# must be the same bytes in every farm. The farms' logs (-v) are kept in
-# target/farm-store-logs/.
+# must be the same bytes in every farm. The farms' logs (workers -vv, with
+# each helper batch's time) are kept in target/farm-store-logs/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mib=${1:-64}
-link=
-if [ "${2:-}" = --link ]; then
-    link=${3:?--link needs a rate, e.g. 100mbit}
-    [ "$(id -u)" = 0 ] || { echo "farm-store.sh: --link needs root (network namespaces)" >&2; exit 2; }
-fi
+mib=64 link= rounds=3
+while [ $# -gt 0 ]; do
+    case $1 in
+        --link) link=${2:?--link needs a rate, e.g. 100mbit}; shift 2 ;;
+        --rounds) rounds=${2:?--rounds needs a number}; shift 2 ;;
+        [0-9]*) mib=$1; shift ;;
+        *) echo "usage: farm-store.sh [MIB] [--link RATE] [--rounds N]" >&2; exit 2 ;;
+    esac
+done
+[[ $mib =~ ^[1-9][0-9]*$ ]] || { echo "farm-store.sh: MIB is a whole number of MiB" >&2; exit 2; }
+[[ $rounds =~ ^[1-9][0-9]?$ ]] || { echo "farm-store.sh: --rounds takes 1 to 99" >&2; exit 2; }
+[ -z "$link" ] || [ "$(id -u)" = 0 ] || { echo "farm-store.sh: --link needs root (network namespaces)" >&2; exit 2; }
 out=target/farm-store-bench.txt
 logs=$PWD/target/farm-store-logs
 for t in gpg taskset /usr/bin/time python3; do
@@ -121,7 +129,7 @@ farm() {
         local run=()
         [ -z "$link" ] || run=(ip netns exec "iukb-w$n")
         /usr/bin/time -f "%e %U %S" -o "$d/w$n.time" \
-            "${run[@]}" taskset -c $((n - 1)) "$bin" -v worker --name "w$n" --coordinator "$url" \
+            "${run[@]}" taskset -c $((n - 1)) "$bin" -vv worker --name "w$n" --coordinator "$url" \
             --cache-dir "$d/cache-w$n" --iso-root "$isos" -j 1 --once \
             2> "$d/w$n.log" &
         pids+=($!)
@@ -144,7 +152,7 @@ farm() {
     mkdir -p "$logs/$name"
     cp "$d"/*.log "$logs/$name/"
     python3 - "$d" "$name" "$workers" "$t0" "$t1" <<'PY' | tee -a "$work/table"
-import json, sys, glob
+import json, sys, glob, re
 d, name, workers, t0, t1 = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
 s = json.load(open(f"{d}/status.json"))
 cpu = 0.0
@@ -163,11 +171,20 @@ lall = lb["compressed"] + lb.get("from_helpers", 0) + lb["from_cache"] + lb["fro
 share = lb.get("from_helpers", 0) / max(lall, 1)
 rss = int(open(f"{d}/coordinator.time").read().split()[-4]) / 1024
 net = (st.get("sent_bytes", 0) + st.get("received_bytes", 0) + st.get("helper_bytes", 0)) / 1048576
+# Helpers' time from their debug lines: compressing, and waiting for a batch.
+busy = idle = 0.0
+for f in glob.glob(f"{d}/w*.log"):
+    for line in open(f):
+        m = re.search(r"for another job in ([\d.]+)s, after waiting ([\d.]+)s", line)
+        if m:
+            busy += float(m.group(1))
+            idle += float(m.group(2))
+helping = f"  helpers busy {100 * busy / (busy + idle):.0f}% of {busy + idle:.1f} s" if busy else ""
 print(f"{name:<14} wall {t1 - t0:7.1f} s  farm CPU {cpu:7.1f} s  compressed {comp:5d}  "
       f"by helpers {helped:4d}  from caches {cache:5d}  from store {farm:5d}  "
       f"twice {st.get('duplicates', 0):4d}  network (blocks) {net:6.1f} MiB  "
       f"largest kit {largest['name']} on {largest['worker']}, {100 * share:.0f}% by helpers  "
-      f"coordinator peak RSS {rss:.0f} MiB")
+      f"coordinator peak RSS {rss:.0f} MiB{helping}")
 # Compressions: the jobs' own, plus the blocks helpers took (the store
 # hands each out once; summing the kits' "from helpers" would count a
 # block twice when two jobs used the same helper's form).
@@ -184,21 +201,28 @@ echo "== farms (${link:-loopback}; each worker on a core of its own, -j 1)"
 farm one-worker 1 "6.0 6.1 6.2"
 farm two-shared 2 "6.0 6.1 6.2"
 farm two-alone 2 "6.0 6.1 6.2" --block-store-size 0
-farm largest-one 1 6.0
-farm largest-two 2 6.0
+for r in $(seq "$rounds"); do
+    farm "largest-one-$r" 1 6.0
+    farm "largest-two-$r" 2 6.0
+done
 
-python3 - "$work" "$mib" "${link:-loopback}" <<'PY' | tee "$out"
-import json, sys
-work, mib, link = sys.argv[1], sys.argv[2], sys.argv[3]
+python3 - "$work" "$mib" "${link:-loopback}" "$rounds" <<'PY' | tee "$out"
+import json, statistics, sys
+work, mib, link, rounds = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 r = {n: json.load(open(f"{work}/{n}/result.json")) for n in ["one-worker", "two-shared", "two-alone"]}
-l1, l2 = (json.load(open(f"{work}/{n}/result.json")) for n in ["largest-one", "largest-two"])
+pairs = [tuple(json.load(open(f"{work}/largest-{k}-{i}/result.json")) for k in ["one", "two"])
+         for i in range(1, rounds + 1)]
 print(f"farm-store bench: 3 sources, a {mib} MiB library changed in every release, link {link}")
 print(open(f"{work}/table").read().rstrip())
 same = len({json.dumps(v["kits"], sort_keys=True) for v in r.values()}) == 1
-same = same and l1["kits"] == l2["kits"] and all(r["one-worker"]["kits"].get(k) == v for k, v in l1["kits"].items())
-print(f"kits identical in all five farms: {'yes' if same else 'NO'}")
-print(f"the largest IUK alone, wall 1 worker / 2 workers: {l1['wall'] / l2['wall']:.2f}x "
-      f"(farm CPU 2 / 1: {l2['cpu'] / l1['cpu']:.2f}x)")
+same = same and all(l1["kits"] == l2["kits"] and all(r["one-worker"]["kits"].get(k) == v for k, v in l1["kits"].items())
+                    for l1, l2 in pairs)
+print(f"kits identical in all {3 + 2 * rounds} farms: {'yes' if same else 'NO'}")
+walls = [l1["wall"] / l2["wall"] for l1, l2 in pairs]
+cpus = [l2["cpu"] / l1["cpu"] for l1, l2 in pairs]
+print(f"the largest IUK alone, wall 1 worker / 2 workers: {statistics.median(walls):.2f}x, median of "
+      f"{rounds} ({', '.join(f'{w:.2f}' for w in walls)}); farm CPU 2 / 1: {statistics.median(cpus):.2f}x "
+      f"({', '.join(f'{c:.2f}' for c in cpus)})")
 o, s, a = r["one-worker"], r["two-shared"], r["two-alone"]
 print(f"farm CPU, 2 workers / 1 worker: with the store {s['cpu'] / o['cpu']:.2f}x, without {a['cpu'] / o['cpu']:.2f}x")
 print(f"wall, 1 worker / 2 workers:     with the store {o['wall'] / s['wall']:.2f}x, without {o['wall'] / a['wall']:.2f}x")

@@ -17,7 +17,8 @@ mod samples;
     about = "Build Tails Incremental Upgrade Kits, reproducibly"
 )]
 struct Cli {
-    /// More log output (-v: info, -vv: debug, -vvv: trace).
+    /// More log output (-v: info, -vv: iukfarm's debug, -vvv: its trace and
+    /// its libraries' debug; IUKFARM_LOG=<tracing filter> overrides).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
     #[command(subcommand)]
@@ -88,8 +89,9 @@ fn main() -> ExitCode {
         0 if daemon => "warn,iukfarm_coordinator=info,iukfarm_worker=info",
         0 => "warn",
         1 => "info",
-        2 => "debug",
-        _ => "trace",
+        // The libraries' debug output (every HTTP/2 frame) would bury ours.
+        2 => "info,iukfarm=debug",
+        _ => "debug,iukfarm=trace",
     };
     tracing_subscriber::fmt()
         .with_env_filter(

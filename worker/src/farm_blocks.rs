@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use iukfarm_engine::blockcache::{BlockId, BlockKey, Cached, SharedBlocks};
 use iukfarm_engine::sqfs::XzConfig;
 use iukfarm_proto::{FarmClient, v1};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// Blocks of each kind measured before the fallback rule is applied.
 pub const SAMPLES: u64 = 16;
@@ -346,6 +346,7 @@ impl SharedBlocks for FarmBlocks {
                 })
                 .collect(),
         };
+        let offered = Instant::now();
         let Some(r) = self.call("offer", client.offer_blocks(req)) else {
             return forms;
         };
@@ -373,6 +374,14 @@ impl SharedBlocks for FarmBlocks {
                 });
             }
         }
+        debug!(
+            "{}: offered {} blocks, helpers took {} and sent {} back in {:.2}s",
+            self.job,
+            blocks.len(),
+            r.taken.iter().filter(|&&t| t).count(),
+            forms.iter().flatten().count(),
+            offered.elapsed().as_secs_f64()
+        );
         forms
     }
 

@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use iukfarm_engine::blockcache::{BlockId, Cached, MAX_BLOCK};
 use iukfarm_engine::sqfs::XzConfig;
@@ -59,6 +59,7 @@ pub(crate) async fn run(ctx: Arc<Ctx>, client: FarmClient, worker_id: String, ru
             tokio::time::sleep(Duration::from_millis(500)).await;
             continue;
         }
+        let asked = Instant::now();
         let taken = match next.take() {
             Some(mut h) => (&mut h.0).await.unwrap_or(Taken::Retry),
             None => take(client.clone(), worker_id.clone(), threads).await,
@@ -82,11 +83,14 @@ pub(crate) async fn run(ctx: Arc<Ctx>, client: FarmClient, worker_id: String, ru
                 threads,
             ))));
         }
+        let waited = asked.elapsed();
         let tasks: Vec<Task> = batch.into_iter().filter_map(check).collect();
         if tasks.is_empty() {
             continue;
         }
         let n = tasks.len();
+        let bytes: usize = tasks.iter().map(|t| t.data.len()).sum();
+        let started = Instant::now();
         let (tx, mut rx) = tokio::sync::mpsc::channel::<(BlockId, Cached)>(n);
         let pool = pool.clone();
         let compressing = tokio::task::spawn_blocking(move || {
@@ -143,6 +147,12 @@ pub(crate) async fn run(ctx: Arc<Ctx>, client: FarmClient, worker_id: String, ru
             }
         }));
         let _ = compressing.await;
+        debug!(
+            "compressed {n} blocks ({:.1} MiB) for another job in {:.2}s, after waiting {:.2}s for them",
+            bytes as f64 / 1048576.0,
+            started.elapsed().as_secs_f64(),
+            waited.as_secs_f64()
+        );
         // At most one earlier batch still sending: memory stays bounded.
         while sending.len() > 2 {
             if let Some(h) = sending.pop_front() {
