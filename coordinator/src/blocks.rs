@@ -39,6 +39,9 @@ pub enum Answer {
     Found(Cached),
     /// Compress it here (the caller holds the claim, if it may have one).
     Compress,
+    /// Another worker holds the claim: ask again later (only from
+    /// [`Store::get_unless_busy`]).
+    Busy,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -174,6 +177,16 @@ impl Store {
 
     /// The stored form of `id`, or a claim on it for `worker`.
     pub async fn get(&self, worker: &str, id: &BlockId) -> Answer {
+        self.lookup(worker, id, true).await
+    }
+
+    /// [`Store::get`], except that a block another worker has claimed is
+    /// [`Answer::Busy`] at once rather than waited for.
+    pub async fn get_unless_busy(&self, worker: &str, id: &BlockId) -> Answer {
+        self.lookup(worker, id, false).await
+    }
+
+    async fn lookup(&self, worker: &str, id: &BlockId, wait: bool) -> Answer {
         if id.len == 0 || id.len > MAX_BLOCK {
             return Answer::Compress;
         }
@@ -192,6 +205,7 @@ impl Store {
                 let now = Instant::now();
                 let theirs = (g.claims.get(&key)).filter(|c| c.worker != worker || c.helping);
                 match theirs {
+                    Some(c) if now < c.at + CLAIM_TTL && !wait => return Answer::Busy,
                     Some(c) if now < c.at + CLAIM_TTL && now < asked + MAX_WAIT => {
                         (c.at + CLAIM_TTL).min(asked + MAX_WAIT)
                     }
@@ -450,6 +464,20 @@ mod tests {
             (1, 2, 1, 0)
         );
         assert_eq!(st.served_bytes, 2 * id.len);
+    }
+
+    #[tokio::test]
+    async fn a_block_claimed_elsewhere_is_busy_for_those_who_will_not_wait() {
+        let (_d, s) = store(1 << 20);
+        let (id, form) = block(7);
+        assert_eq!(s.get_unless_busy("w1", &id).await, Answer::Compress);
+        let t = Instant::now();
+        assert_eq!(s.get_unless_busy("w2", &id).await, Answer::Busy);
+        assert!(t.elapsed() < Duration::from_millis(100), "it waited");
+        // The claimant's own ask is not busy, nor is a stored block.
+        assert_eq!(s.get_unless_busy("w1", &id).await, Answer::Compress);
+        assert!(s.put("w1", &id, &form));
+        assert_eq!(s.get_unless_busy("w2", &id).await, Answer::Found(form));
     }
 
     #[tokio::test]

@@ -1010,21 +1010,29 @@ impl Farm for FarmService {
         let store = self.sh.blocks.as_ref().ok_or_else(no_store)?;
         let id = block_id(r.block)?;
         let asked = Instant::now();
-        let answer = store.get(&name, &id).await;
+        let answer = if r.unless_busy {
+            store.get_unless_busy(&name, &id).await
+        } else {
+            store.get(&name, &id).await
+        };
         let waited_ms = asked.elapsed().as_millis().min(u32::MAX as u128) as u32;
         let reply = match answer {
             Answer::Compress => v1::GetBlockReply::default(),
+            Answer::Busy => v1::GetBlockReply {
+                busy: true,
+                ..Default::default()
+            },
             Answer::Found(Cached::Uncompressed) => v1::GetBlockReply {
                 found: true,
                 uncompressed: true,
-                compressed: Vec::new(),
                 waited_ms,
+                ..Default::default()
             },
             Answer::Found(Cached::Compressed(b)) => v1::GetBlockReply {
                 found: true,
-                uncompressed: false,
                 compressed: b,
                 waited_ms,
+                ..Default::default()
             },
         };
         Ok(Response::new(reply))

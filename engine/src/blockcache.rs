@@ -174,6 +174,16 @@ pub enum Cached {
     Uncompressed,
 }
 
+/// What [`SharedBlocks::get_unless_busy`] answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    Found(Cached),
+    /// Compress it here, then [`put`](SharedBlocks::put) it.
+    Compress,
+    /// Another process is compressing it: ask again later.
+    Busy,
+}
+
 /// A store of compressed blocks shared beyond this process: the blocks
 /// every worker of a farm compressed for a release. Consulted when the local
 /// cache misses, before compressing; whatever it returns is checked with
@@ -185,6 +195,15 @@ pub trait SharedBlocks: Send + Sync + std::fmt::Debug {
     /// The stored form of the block, or `None`: compress it here, then
     /// [`put`](SharedBlocks::put) it.
     fn get(&self, id: &BlockId, key: &BlockKey) -> Option<Cached>;
+    /// [`get`](SharedBlocks::get), except that when another process is
+    /// compressing the block it answers [`Lookup::Busy`] at once rather than
+    /// wait for it: the caller may do other blocks first.
+    fn get_unless_busy(&self, id: &BlockId, key: &BlockKey) -> Lookup {
+        match self.get(id, key) {
+            Some(v) => Lookup::Found(v),
+            None => Lookup::Compress,
+        }
+    }
     /// What this process stored for a block `get` did not give.
     fn put(&self, id: &BlockId, key: &BlockKey, value: &Cached);
     /// A form `get` returned failed its check and was not used.
@@ -361,12 +380,12 @@ impl BlockCache {
     /// `compress` must not block or enter rayon (whose work stealing could
     /// run a task waiting on this very block on this thread): it runs while
     /// others may wait for it.
-    pub fn get_or_insert_with(
+    pub fn get_or_insert_with<E>(
         &self,
         key: &BlockKey,
         data: &[u8],
-        compress: impl FnOnce() -> Result<Cached>,
-    ) -> Result<(Cached, bool)> {
+        compress: impl FnOnce() -> Result<Cached, E>,
+    ) -> Result<(Cached, bool), E> {
         if let Some(c) = self.lookup(key, data) {
             self.count(true, data.len());
             return Ok((c, true));
@@ -766,7 +785,7 @@ mod tests {
                     .get_or_insert_with(&key, &data, || {
                         calls.fetch_add(1, Ordering::SeqCst);
                         std::thread::sleep(std::time::Duration::from_millis(300));
-                        Ok(Cached::Compressed(cfg.compress(&data)?.unwrap()))
+                        Ok::<_, Error>(Cached::Compressed(cfg.compress(&data)?.unwrap()))
                     })
                     .unwrap()
             };
@@ -786,7 +805,7 @@ mod tests {
         assert!(failed.is_err());
         let (got, spared) = cache
             .get_or_insert_with(&key, &other, || {
-                Ok(Cached::Compressed(cfg.compress(&other)?.unwrap()))
+                Ok::<_, Error>(Cached::Compressed(cfg.compress(&other)?.unwrap()))
             })
             .unwrap();
         assert!(!spared && matches!(got, Cached::Compressed(_)));

@@ -975,6 +975,7 @@ fn certificates_say_who_is_who() {
             .get_block(v1::GetBlockRequest {
                 worker_id: w1_id.clone(),
                 block: Some(block.clone()),
+                unless_busy: false,
             })
             .await
             .unwrap_err();
@@ -1009,6 +1010,7 @@ fn certificates_say_who_is_who() {
                     settings: vec![1; 5],
                     ..block.clone()
                 }),
+                unless_busy: false,
             })
             .await
             .unwrap_err();

@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use iukfarm_engine::blockcache::{BlockId, BlockKey, Cached, SharedBlocks};
+use iukfarm_engine::blockcache::{BlockId, BlockKey, Cached, Lookup, SharedBlocks};
 use iukfarm_engine::sqfs::XzConfig;
 use iukfarm_proto::{FarmClient, v1};
 use tracing::{debug, info, warn};
@@ -225,34 +225,55 @@ pub(crate) fn block_ref(id: &BlockId) -> v1::BlockRef {
     }
 }
 
-impl SharedBlocks for FarmBlocks {
-    fn get(&self, id: &BlockId, key: &BlockKey) -> Option<Cached> {
+impl FarmBlocks {
+    fn ask(&self, id: &BlockId, key: &BlockKey, unless_busy: bool) -> Lookup {
         if self.off.load(Ordering::SeqCst) {
-            return None;
+            return Lookup::Compress;
         }
         let t = Instant::now();
         let mut client = self.client.clone();
         let req = v1::GetBlockRequest {
             worker_id: self.worker_id.clone(),
             block: Some(block_ref(id)),
+            unless_busy,
         };
-        let r = self.call("get", client.get_block(req))?;
+        let Some(r) = self.call("get", client.get_block(req)) else {
+            return Lookup::Compress;
+        };
         let took = t.elapsed();
         let mut c = self.costs();
         if !r.found {
+            // Asked to wait, a busy answer is the coordinator's mistake:
+            // compress it here.
+            if r.busy && unless_busy {
+                return Lookup::Busy;
+            }
             c.pending.insert(*key, (Instant::now(), took));
-            return None;
+            return Lookup::Compress;
         }
         let waited = Duration::from_millis(r.waited_ms.into());
         c.found += 1;
         c.found_bytes += id.len;
         c.found_ns += took.saturating_sub(waited).as_nanos();
         self.judge(&c);
-        Some(if r.uncompressed {
+        Lookup::Found(if r.uncompressed {
             Cached::Uncompressed
         } else {
             Cached::Compressed(r.compressed)
         })
+    }
+}
+
+impl SharedBlocks for FarmBlocks {
+    fn get(&self, id: &BlockId, key: &BlockKey) -> Option<Cached> {
+        match self.ask(id, key, false) {
+            Lookup::Found(v) => Some(v),
+            Lookup::Compress | Lookup::Busy => None,
+        }
+    }
+
+    fn get_unless_busy(&self, id: &BlockId, key: &BlockKey) -> Lookup {
+        self.ask(id, key, true)
     }
 
     fn put(&self, id: &BlockId, key: &BlockKey, value: &Cached) {
@@ -361,6 +382,7 @@ impl SharedBlocks for FarmBlocks {
             let req = v1::GetBlockRequest {
                 worker_id: self.worker_id.clone(),
                 block: Some(block_ref(id)),
+                unless_busy: false,
             };
             let Some(r) = self.call("get", client.get_block(req)) else {
                 break;

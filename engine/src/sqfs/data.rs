@@ -30,7 +30,7 @@ use sha2::{Digest, Sha256};
 use super::compress::XzConfig;
 use super::format::{BLOCK_UNCOMPRESSED, NO_FRAGMENT};
 use super::reader::ImageFile;
-use crate::blockcache::{BlockCache, BlockId, Cached, SharedBlocks};
+use crate::blockcache::{BlockCache, BlockId, Cached, Lookup, SharedBlocks};
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::tree::{FileContent, Source};
@@ -148,31 +148,70 @@ struct Compressor {
     cache: Option<Arc<BlockCache>>,
     shared: Option<Arc<dyn SharedBlocks>>,
     skip_incompressible: bool,
+    /// How far back in the queue a block another worker is compressing
+    /// goes: past what the other threads here take meanwhile.
+    defer_by: usize,
+}
+
+/// How many times a block may go back in the queue because another
+/// worker is compressing it; then the thread waits for that worker's form.
+/// Two jobs that need the same blocks in the same order thus split them
+/// between them rather than one waiting on the other.
+const MAX_DEFERRALS: u8 = 2;
+
+/// What a compression task did with its block.
+enum Outcome {
+    Stored(Stored),
+    /// Another worker is compressing it: do it later.
+    Busy(Vec<u8>),
+}
+
+/// Why a block got no form.
+enum Missed {
+    Busy,
+    Failed(Error),
+}
+
+impl From<Error> for Missed {
+    fn from(e: Error) -> Missed {
+        Missed::Failed(e)
+    }
 }
 
 impl Compressor {
-    fn store(&self, data: Vec<u8>) -> Result<Stored> {
+    /// The block's stored form; with `may_defer`, [`Outcome::Busy`] rather
+    /// than wait for a form another worker is making.
+    fn store(&self, data: Vec<u8>, may_defer: bool) -> Result<Outcome> {
         if self.skip_incompressible && looks_incompressible(&data) {
-            return Ok(Stored::new(data, false, Origin::Skipped));
+            return Ok(Outcome::Stored(Stored::new(data, false, Origin::Skipped)));
         }
         if self.cache.is_none() && self.shared.is_none() {
-            return Ok(match self.cfg.compress(&data)? {
+            return Ok(Outcome::Stored(match self.cfg.compress(&data)? {
                 Some(c) => Stored::new(c, true, Origin::Compressed),
                 None => Stored::new(data, false, Origin::Compressed),
-            });
+            }));
         }
         let id = BlockId::new(&self.cfg, &data);
         let key = id.key();
-        let obtain = || -> Result<(Cached, Origin)> {
+        let obtain = || -> Result<(Cached, Origin), Missed> {
             let mut origin = Origin::Compressed;
-            if let Some(shared) = &self.shared
-                && let Some(v) = shared.get(&id, &key)
-            {
-                if id.admits(&v) {
-                    return Ok((v, Origin::Shared));
+            if let Some(shared) = &self.shared {
+                let found = if may_defer {
+                    match shared.get_unless_busy(&id, &key) {
+                        Lookup::Found(v) => Some(v),
+                        Lookup::Compress => None,
+                        Lookup::Busy => return Err(Missed::Busy),
+                    }
+                } else {
+                    shared.get(&id, &key)
+                };
+                if let Some(v) = found {
+                    if id.admits(&v) {
+                        return Ok((v, Origin::Shared));
+                    }
+                    shared.rejected(&id, &key);
+                    origin = Origin::CompressedRejected;
                 }
-                shared.rejected(&id, &key);
-                origin = Origin::CompressedRejected;
             }
             // Not on rayon: other jobs, here or on other workers, may be
             // waiting for this block (see `XzConfig::compress_here`).
@@ -185,20 +224,53 @@ impl Compressor {
             }
             Ok((c, origin))
         };
-        let (value, origin) = match &self.cache {
-            None => obtain()?,
+        let got = match &self.cache {
+            None => obtain(),
             Some(cache) => {
                 let mut origin = Origin::Cache;
-                let (value, spared) = cache.get_or_insert_with(&key, &data, || {
-                    let (v, o) = obtain()?;
-                    origin = o;
-                    Ok(v)
-                })?;
-                // A job that waited for another's compression was spared it.
-                (value, if spared { Origin::Cache } else { origin })
+                cache
+                    .get_or_insert_with(&key, &data, || {
+                        let (v, o) = obtain()?;
+                        origin = o;
+                        Ok(v)
+                    })
+                    // A job that waited for another's compression was spared it.
+                    .map(|(value, spared)| (value, if spared { Origin::Cache } else { origin }))
             }
         };
-        Ok(Stored::from_cached(value, data, origin))
+        match got {
+            Ok((value, origin)) => Ok(Outcome::Stored(Stored::from_cached(value, data, origin))),
+            Err(Missed::Busy) => Ok(Outcome::Busy(data)),
+            Err(Missed::Failed(e)) => Err(e),
+        }
+    }
+
+    /// Compresses the block at the front of `queue`. One that another
+    /// worker is compressing goes back a little way, and this thread does
+    /// the next one first.
+    fn take_front(self, queue: Arc<Queue>) {
+        let Some(p) = queue.pop_front() else {
+            return;
+        };
+        match self.store(p.data, p.deferred < MAX_DEFERRALS) {
+            Ok(Outcome::Stored(s)) => {
+                let _ = p.result.send(Ok(s));
+            }
+            Ok(Outcome::Busy(data)) => {
+                let p = Pending {
+                    data,
+                    result: p.result,
+                    deferred: p.deferred + 1,
+                };
+                queue.insert(self.defer_by, p);
+                // Its task, run after the tasks already queued (the pool
+                // here is this thread's).
+                rayon::spawn(move || self.take_front(queue));
+            }
+            Err(e) => {
+                let _ = p.result.send(Err(e));
+            }
+        }
     }
 }
 
@@ -322,6 +394,8 @@ pub struct DataWriter<'a> {
 struct Pending {
     data: Vec<u8>,
     result: mpsc::SyncSender<Result<Stored>>,
+    /// Times it went back in the queue (see `MAX_DEFERRALS`).
+    deferred: u8,
 }
 
 /// Blocks not yet started, in output order. The compression threads take
@@ -360,6 +434,15 @@ impl Queue {
 
     fn pop_front(&self) -> Option<Pending> {
         self.lock().blocks.pop_front()
+    }
+
+    /// Puts `p` after the first `at` blocks (at the back if fewer wait).
+    fn insert(&self, at: usize, p: Pending) {
+        let mut g = self.lock();
+        let at = at.min(g.blocks.len());
+        g.blocks.insert(at, p);
+        drop(g);
+        self.changed.notify_all();
     }
 
     fn close(&self) {
@@ -437,12 +520,17 @@ impl DataWriter<'_> {
             cache: self.cache.clone(),
             shared: self.shared.clone(),
             skip_incompressible: self.skip_incompressible,
+            defer_by: self.pool.current_num_threads(),
         }
     }
 
     fn spawn_store(&self, data: Vec<u8>) -> mpsc::Receiver<Result<Stored>> {
         let (tx, rx) = mpsc::sync_channel(1);
-        self.queue.push_back(Pending { data, result: tx });
+        self.queue.push_back(Pending {
+            data,
+            result: tx,
+            deferred: 0,
+        });
         self.spawn_taker();
         rx
     }
@@ -450,11 +538,7 @@ impl DataWriter<'_> {
     /// A pool task that compresses the block at the front of the queue.
     fn spawn_taker(&self) {
         let (c, queue) = (self.compressor(), self.queue.clone());
-        self.pool.spawn(move || {
-            if let Some(p) = queue.pop_front() {
-                let _ = p.result.send(c.store(p.data));
-            }
-        });
+        self.pool.spawn(move || c.take_front(queue));
     }
 
     /// Work sharing: while the writer runs, hands blocks from the back of
@@ -1189,6 +1273,71 @@ mod tests {
                 forms.truncate(blocks.len() / 2);
             }
             forms
+        }
+    }
+
+    /// A store where every block is being compressed by another worker,
+    /// once (then it is this job's) or for good.
+    #[derive(Debug)]
+    struct Busy {
+        for_good: bool,
+        asks: Mutex<HashMap<BlockKey, u8>>,
+        waited: AtomicU64,
+    }
+
+    impl SharedBlocks for Busy {
+        fn get(&self, _: &BlockId, _: &BlockKey) -> Option<Cached> {
+            self.waited.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+        fn get_unless_busy(&self, _: &BlockId, key: &BlockKey) -> Lookup {
+            let mut asks = self.asks.lock().unwrap();
+            let n = asks.entry(*key).or_default();
+            *n += 1;
+            if self.for_good || *n == 1 {
+                Lookup::Busy
+            } else {
+                Lookup::Compress
+            }
+        }
+        fn put(&self, _: &BlockId, _: &BlockKey, _: &Cached) {}
+        fn rejected(&self, _: &BlockId, _: &BlockKey) {}
+    }
+
+    #[test]
+    fn blocks_another_worker_is_compressing_are_done_later_and_waited_for_at_last() {
+        let root = Node::flat((0..4u32).map(|i| (format!("f{i}"), data(i, 6 * 65536 + 3000))));
+        for threads in [1, 2] {
+            let write = |shared: Option<Arc<dyn SharedBlocks>>| {
+                let mut o = WriterOptions::with_block_size(65536);
+                o.threads = threads;
+                o.shared = shared;
+                let out = tempfile::tempfile().unwrap();
+                let r = write_image(&root, &o, &out, &crate::NoProgress).unwrap();
+                let mut v = Vec::new();
+                (&out).read_to_end(&mut v).unwrap();
+                (v, r.data)
+            };
+            let (plain, p) = write(None);
+            for for_good in [false, true] {
+                let busy = Arc::new(Busy {
+                    for_good,
+                    asks: Mutex::new(HashMap::new()),
+                    waited: AtomicU64::new(0),
+                });
+                let (bytes, s) = write(Some(busy.clone()));
+                assert!(bytes == plain, "{threads} threads: other bytes");
+                assert_eq!(s.compressed_blocks, p.compressed_blocks);
+                let asks = busy.asks.lock().unwrap();
+                assert_eq!(asks.len() as u64, p.compressed_blocks);
+                let (times, waited) = if for_good {
+                    (MAX_DEFERRALS, p.compressed_blocks)
+                } else {
+                    (2, 0)
+                };
+                assert!(asks.values().all(|&n| n == times), "{asks:?}");
+                assert_eq!(busy.waited.load(Ordering::Relaxed), waited);
+            }
         }
     }
 
