@@ -263,8 +263,8 @@ impl Compressor {
                     deferred: p.deferred + 1,
                 };
                 queue.insert(self.defer_by, p);
-                // Its task, run after the tasks already queued (the pool
-                // here is this thread's).
+                // A task for it (on this thread's pool): every task takes
+                // whatever block is at the front.
                 rayon::spawn(move || self.take_front(queue));
             }
             Err(e) => {
@@ -1308,16 +1308,8 @@ mod tests {
     fn blocks_another_worker_is_compressing_are_done_later_and_waited_for_at_last() {
         let root = Node::flat((0..4u32).map(|i| (format!("f{i}"), data(i, 6 * 65536 + 3000))));
         for threads in [1, 2] {
-            let write = |shared: Option<Arc<dyn SharedBlocks>>| {
-                let mut o = WriterOptions::with_block_size(65536);
-                o.threads = threads;
-                o.shared = shared;
-                let out = tempfile::tempfile().unwrap();
-                let r = write_image(&root, &o, &out, &crate::NoProgress).unwrap();
-                let mut v = Vec::new();
-                (&out).read_to_end(&mut v).unwrap();
-                (v, r.data)
-            };
+            let write =
+                |shared: Option<Arc<dyn SharedBlocks>>| write_shared(&root, threads, shared);
             let (plain, p) = write(None);
             for for_good in [false, true] {
                 let busy = Arc::new(Busy {
@@ -1341,6 +1333,22 @@ mod tests {
         }
     }
 
+    /// `root` written with 64 KiB blocks: the image and its data statistics.
+    fn write_shared(
+        root: &Node,
+        threads: usize,
+        shared: Option<Arc<dyn SharedBlocks>>,
+    ) -> (Vec<u8>, DataStats) {
+        let mut o = WriterOptions::with_block_size(65536);
+        o.threads = threads;
+        o.shared = shared;
+        let out = tempfile::tempfile().unwrap();
+        let r = write_image(root, &o, &out, &crate::NoProgress).unwrap();
+        let mut v = Vec::new();
+        (&out).read_to_end(&mut v).unwrap();
+        (v, r.data)
+    }
+
     fn data(seed: u32, len: usize) -> Vec<u8> {
         (0..len as u32)
             .map(|i| ((i ^ seed).wrapping_mul(2654435761) >> 13) as u8 % 11)
@@ -1351,16 +1359,7 @@ mod tests {
     fn helpers_take_blocks_from_the_back_and_never_change_a_byte() {
         // 40 distinct blocks and tails, in 5 files.
         let root = Node::flat((0..5u32).map(|i| (format!("f{i}"), data(i, 8 * 65536 + 3000))));
-        let write = |shared: Option<Arc<dyn SharedBlocks>>| {
-            let mut o = WriterOptions::with_block_size(65536);
-            o.threads = 1;
-            o.shared = shared;
-            let out = tempfile::tempfile().unwrap();
-            let r = write_image(&root, &o, &out, &crate::NoProgress).unwrap();
-            let mut v = Vec::new();
-            (&out).read_to_end(&mut v).unwrap();
-            (v, r.data)
-        };
+        let write = |shared: Option<Arc<dyn SharedBlocks>>| write_shared(&root, 1, shared);
         let (plain, p) = write(None);
         let all = p.compressed_blocks;
         assert!(all >= 40, "{p:?}");
