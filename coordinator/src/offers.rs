@@ -35,7 +35,7 @@ pub const MAX_QUEUED_BYTES: u64 = 256 << 20;
 /// gRPC messages are bounded at 16 MiB).
 pub const MAX_BATCH_BYTES: u64 = 8 << 20;
 /// At most this many blocks in one offer or one batch.
-pub const MAX_BLOCKS: usize = 8;
+pub const MAX_BLOCKS: usize = iukfarm_proto::MAX_BLOCKS_PER_CALL;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct OfferStats {

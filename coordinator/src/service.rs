@@ -58,50 +58,16 @@ fn kit_at_fault(e: &iukfarm_engine::Error) -> bool {
 /// A block id as the wire gives it, its digests checked for length.
 fn block_id(b: Option<v1::BlockRef>) -> Result<BlockId, Status> {
     let b = b.ok_or_else(|| Status::invalid_argument("no block"))?;
-    let digest = |v: Vec<u8>, what: &str| {
-        <[u8; 32]>::try_from(v)
-            .map_err(|_| Status::invalid_argument(format!("{what}: not 32 bytes")))
-    };
-    Ok(BlockId {
-        settings: digest(b.settings, "settings")?,
-        len: b.len,
-        data: digest(b.data_sha256, "data_sha256")?,
-    })
+    BlockId::try_from(&b).map_err(Status::invalid_argument)
 }
 
 /// xz settings from the wire, for work sharing.
 fn xz_config(x: Option<v1::XzSettings>) -> Result<XzConfig, Status> {
     let x = x.ok_or_else(|| Status::invalid_argument("no xz settings"))?;
-    let cfg = XzConfig {
-        level: x.level,
-        dict_size: x.dict_size,
-        lc: x.lc,
-        lp: x.lp,
-        pb: x.pb,
-        flags: x.flags,
-    };
+    let cfg = XzConfig::from(&x);
     cfg.validate_shared()
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
     Ok(cfg)
-}
-
-fn xz_settings(c: &XzConfig) -> v1::XzSettings {
-    v1::XzSettings {
-        level: c.level,
-        dict_size: c.dict_size,
-        lc: c.lc,
-        lp: c.lp,
-        pb: c.pb,
-        flags: c.flags,
-    }
-}
-
-fn block_ref(id: &BlockId) -> v1::BlockRef {
-    v1::BlockRef {
-        settings: id.settings.to_vec(),
-        len: id.len,
-        data_sha256: id.data.to_vec(),
-    }
 }
 
 /// The blocks of an offer, each checked to be the block its id names
@@ -1130,8 +1096,8 @@ impl Farm for FarmService {
         let blocks = batch
             .into_iter()
             .map(|o| v1::TakenBlock {
-                block: Some(block_ref(&o.id)),
-                xz: Some(xz_settings(&o.xz)),
+                block: Some((&o.id).into()),
+                xz: Some((&o.xz).into()),
                 data: o.data,
             })
             .collect();

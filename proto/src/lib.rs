@@ -17,11 +17,18 @@ pub mod v1 {
     tonic::include_proto!("iukfarm.v1");
 }
 
+mod blocks;
+
 /// Bumped on any incompatible change of the contract; workers send theirs.
 pub const PROTOCOL_VERSION: u32 = 1;
 
 /// Size of the data chunks of ISO and kit transfers.
 pub const CHUNK_SIZE: usize = 1 << 20;
+
+/// At most this many blocks in one offer or one helper's batch: with
+/// blocks of at most 1 MiB, a message stays within the 16 MiB that both
+/// ends decode.
+pub const MAX_BLOCKS_PER_CALL: usize = 8;
 
 /// The coordinator's default port.
 pub const DEFAULT_PORT: u16 = 7447;

@@ -9,7 +9,9 @@
 //!   one here (time spent waiting for another worker's compression does
 //!   not count: that is work saved, not network), or
 //! * the store's overhead on blocks compressed here (asking, then sending
-//!   the result) exceeds half of the time compressing them.
+//!   the result, and the asks answered "busy": another worker was
+//!   compressing the block, so the job did another first) exceeds half of
+//!   the time compressing them.
 //!
 //! A call that fails (the coordinator gone, the link cut) also ends the
 //! sharing for this job: the build goes on alone.
@@ -51,6 +53,8 @@ struct Costs {
     compressed_bytes: u64,
     compress_ns: u128,
     overhead_ns: u128,
+    /// Asks answered "busy" (the block done later).
+    busy: u64,
     /// Blocks asked for and missed, with the time of the answer.
     pending: HashMap<BlockKey, (Instant, Duration)>,
 }
@@ -179,11 +183,15 @@ impl FarmBlocks {
     pub fn summary(&self) -> String {
         let c = self.costs();
         format!(
-            "block store: {} blocks taken ({:.1} MiB), {} compressed by helpers, {} compressed here and shared{}{}",
+            "block store: {} blocks taken ({:.1} MiB), {} compressed by helpers, {} compressed here and shared{}{}{}",
             c.found,
             c.found_bytes as f64 / 1048576.0,
             self.helped.load(Ordering::Relaxed),
             c.compressed,
+            match c.busy {
+                0 => String::new(),
+                n => format!(", {n} asks answered busy (another worker was compressing the block)"),
+            },
             match self.rejected.load(Ordering::Relaxed) {
                 0 => String::new(),
                 n => format!(", {n} wrong forms received and not used"),
@@ -206,25 +214,6 @@ fn mb_per_s(bytes: u64, ns: u128) -> f64 {
     bytes as f64 * 1000.0 / ns.max(1) as f64
 }
 
-pub(crate) fn xz_settings(c: &XzConfig) -> v1::XzSettings {
-    v1::XzSettings {
-        level: c.level,
-        dict_size: c.dict_size,
-        lc: c.lc,
-        lp: c.lp,
-        pb: c.pb,
-        flags: c.flags,
-    }
-}
-
-pub(crate) fn block_ref(id: &BlockId) -> v1::BlockRef {
-    v1::BlockRef {
-        settings: id.settings.to_vec(),
-        len: id.len,
-        data_sha256: id.data.to_vec(),
-    }
-}
-
 impl FarmBlocks {
     fn ask(&self, id: &BlockId, key: &BlockKey, unless_busy: bool) -> Lookup {
         if self.off.load(Ordering::SeqCst) {
@@ -234,7 +223,7 @@ impl FarmBlocks {
         let mut client = self.client.clone();
         let req = v1::GetBlockRequest {
             worker_id: self.worker_id.clone(),
-            block: Some(block_ref(id)),
+            block: Some(id.into()),
             unless_busy,
         };
         let Some(r) = self.call("get", client.get_block(req)) else {
@@ -246,6 +235,9 @@ impl FarmBlocks {
             // Asked to wait, a busy answer is the coordinator's mistake:
             // compress it here.
             if r.busy && unless_busy {
+                c.busy += 1;
+                c.overhead_ns += took.as_nanos();
+                self.judge(&c);
                 return Lookup::Busy;
             }
             c.pending.insert(*key, (Instant::now(), took));
@@ -295,7 +287,7 @@ impl SharedBlocks for FarmBlocks {
         }
         let req = v1::PutBlockRequest {
             worker_id: self.worker_id.clone(),
-            block: Some(block_ref(id)),
+            block: Some(id.into()),
             uncompressed,
             compressed,
         };
@@ -347,7 +339,9 @@ impl SharedBlocks for FarmBlocks {
             blocks: Vec::new(),
         };
         let r = self.call("offer", client.offer_blocks(req))?;
-        Some(r.wanted as usize)
+        // More in one offer than the coordinator takes would only end the
+        // sharing: a number from the coordinator is taken within bounds.
+        Some((r.wanted as usize).min(iukfarm_proto::MAX_BLOCKS_PER_CALL))
     }
 
     fn outsource(&self, cfg: &XzConfig, blocks: &[(BlockId, &[u8])]) -> Vec<Option<Cached>> {
@@ -359,10 +353,10 @@ impl SharedBlocks for FarmBlocks {
         let req = v1::OfferBlocksRequest {
             worker_id: self.worker_id.clone(),
             lease_id: self.lease_id.clone(),
-            xz: Some(xz_settings(cfg)),
+            xz: Some(cfg.into()),
             blocks: (blocks.iter())
                 .map(|(id, data)| v1::OfferedBlock {
-                    block: Some(block_ref(id)),
+                    block: Some(id.into()),
                     data: data.to_vec(),
                 })
                 .collect(),
@@ -381,7 +375,7 @@ impl SharedBlocks for FarmBlocks {
             }
             let req = v1::GetBlockRequest {
                 worker_id: self.worker_id.clone(),
-                block: Some(block_ref(id)),
+                block: Some(id.into()),
                 unless_busy: false,
             };
             let Some(r) = self.call("get", client.get_block(req)) else {

@@ -21,7 +21,6 @@ use tonic::Code;
 use tracing::{debug, info, warn};
 
 use crate::Ctx;
-use crate::farm_blocks::block_ref;
 use crate::job::JobProgress;
 
 type Running = Arc<Mutex<HashMap<String, Arc<JobProgress>>>>;
@@ -131,7 +130,7 @@ pub(crate) async fn run(ctx: Arc<Ctx>, client: FarmClient, worker_id: String, ru
                 }
                 let req = v1::PutBlockRequest {
                     worker_id: worker_id2.clone(),
-                    block: Some(block_ref(&id)),
+                    block: Some((&id).into()),
                     uncompressed,
                     compressed,
                 };
@@ -203,15 +202,7 @@ async fn take(mut client: FarmClient, worker_id: String, threads: usize) -> Take
 /// A block of a batch if its settings are within bounds and its bytes are
 /// what its id names.
 fn check(b: v1::TakenBlock) -> Option<Task> {
-    let x = b.xz?;
-    let xz = XzConfig {
-        level: x.level,
-        dict_size: x.dict_size,
-        lc: x.lc,
-        lp: x.lp,
-        pb: x.pb,
-        flags: x.flags,
-    };
+    let xz = XzConfig::from(&b.xz?);
     let r = b.block?;
     let ok = xz.validate_shared().is_ok()
         && !b.data.is_empty()
@@ -236,13 +227,12 @@ fn check(b: v1::TakenBlock) -> Option<Task> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::farm_blocks::xz_settings;
 
     fn taken(xz: &XzConfig, data: Vec<u8>, id_of: &[u8]) -> v1::TakenBlock {
         let id = BlockId::new(xz, id_of);
         v1::TakenBlock {
-            block: Some(block_ref(&id)),
-            xz: Some(xz_settings(xz)),
+            block: Some((&id).into()),
+            xz: Some(xz.into()),
             data,
         }
     }
@@ -259,7 +249,7 @@ mod tests {
         let mut x86 = xz;
         x86.flags = iukfarm_engine::sqfs::compress::xz_flags::X86;
         let mut b = taken(&xz, data.clone(), &data);
-        b.xz = Some(xz_settings(&x86));
+        b.xz = Some((&x86).into());
         assert!(check(b).is_none());
         // Settings out of bounds: a dictionary that would need gigabytes.
         let mut huge = xz;
