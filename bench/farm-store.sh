@@ -1,7 +1,8 @@
 #!/bin/bash
 # The farm's block store and work sharing (issue 12, items 1 to 3):
 #
-#   bench/farm-store.sh [MIB] [--rounds N]    # results in target/farm-store-bench.txt
+#   bench/farm-store.sh [MIB] [--rounds N] [--largest-only]
+#                                  # results in target/farm-store-bench.txt
 #   sudo bench/farm-store.sh [MIB] --link RATE  # the workers behind a link capped at RATE
 #                                               # (tc tbf, e.g. 100mbit), in network namespaces
 #
@@ -13,9 +14,14 @@
 #   1 worker;  2 workers sharing the coordinator's block store;  2 workers
 #   without it (--block-store-size 0).
 # Then the largest IUK alone (6.0 -> 6.3), on 1 worker and on 2 workers
-# (the second one helps: work sharing), N rounds (default 3) of the pair
-# one after the other: these hosts' speed drifts by 10% over minutes, so
-# the ratio reported is the median of the rounds' ratios.
+# (the second one helps: work sharing), N rounds (default 5) of the pair
+# one after the other, the pair's order swapped every round: these hosts'
+# speed drifts by 10 to 20% over a minute, so the ratio reported is the
+# median of the rounds' ratios, and every round's walls and CPU seconds
+# are printed. --largest-only runs only these rounds. Before and after the
+# rounds, the host's own scaling: the same IUK built by `iukfarm build
+# --threads 1` (no farm) alone on core 0, then twice at once on cores 0 and
+# 1 -- what two independent single-core builders would give here.
 # Printed per farm: wall time, CPU seconds of the whole farm (workers and
 # coordinator), blocks compressed by the jobs and by helpers (summed over
 # the kits), blocks compressed twice, MiB of blocks that crossed the
@@ -26,13 +32,14 @@
 # each helper batch's time) are kept in target/farm-store-logs/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mib=64 link= rounds=3
+mib=64 link= rounds=5 release=yes
 while [ $# -gt 0 ]; do
     case $1 in
         --link) link=${2:?--link needs a rate, e.g. 100mbit}; shift 2 ;;
         --rounds) rounds=${2:?--rounds needs a number}; shift 2 ;;
+        --largest-only) release=; shift ;;
         [0-9]*) mib=$1; shift ;;
-        *) echo "usage: farm-store.sh [MIB] [--link RATE] [--rounds N]" >&2; exit 2 ;;
+        *) echo "usage: farm-store.sh [MIB] [--link RATE] [--rounds N] [--largest-only]" >&2; exit 2 ;;
     esac
 done
 [[ $mib =~ ^[1-9][0-9]*$ ]] || { echo "farm-store.sh: MIB is a whole number of MiB" >&2; exit 2; }
@@ -109,6 +116,7 @@ farm() {
         --source-date-epoch 1730285444 --iso-root "$isos" --output-dir "$d/release" \
         --listen 127.0.0.1:0 --signing-key "$work/key.asc" --linger 60s "$@" \
         2> "$d/coordinator.log" &
+    local coordinator=$!
     local port=
     for _ in $(seq 600); do
         port=$(sed -n 's/.*listening on 127.0.0.1:\([0-9]*\).*/\1/p' "$d/coordinator.log" | head -1)
@@ -134,17 +142,28 @@ farm() {
             2> "$d/w$n.log" &
         pids+=($!)
     done
-    while ! "$bin" status --json --coordinator "http://127.0.0.1:$port" > "$d/status.json" 2>/dev/null ||
-        ! grep -q '"state": "succeeded"' "$d/status.json"; do
-        if grep -q '"state": "failed"' "$d/status.json" 2>/dev/null ||
-            ! kill -0 "${pids[@]}" 2>/dev/null; then
+    # The end is the coordinator's own log line, watched with grep rather
+    # than polled through `iukfarm status`: on 2 cores, a client process
+    # every 0.2 s took CPU from the workers (about 2 s per farm), which a
+    # one-worker farm absorbed on its idle core and a two-worker farm did not.
+    while ! grep -q "release over; serving" "$d/coordinator.log"; do
+        # Workers (--once) leave when told the release is over, which can
+        # be just before the coordinator says so.
+        if ! kill -0 "$coordinator" 2>/dev/null || { ! kill -0 "${pids[@]}" 2>/dev/null &&
+            ! grep -q "IUKs built, verified and signed" "$d/coordinator.log"; }; then
             tail -20 "$d/coordinator.log" "$d"/w*.log >&2
             exit 1
         fi
         sleep 0.2
     done
     local t1
-    t1=$(date +%s.%N)
+    t1=$(sed -n 's/^\([0-9T:.-]*Z\) .*IUKs built, verified and signed.*/\1/p' "$d/coordinator.log")
+    if [ -z "$t1" ]; then
+        tail -20 "$d/coordinator.log" "$d"/w*.log >&2
+        exit 1
+    fi
+    t1=$(date -d "$t1" +%s.%N)
+    "$bin" status --json --coordinator "http://127.0.0.1:$port" > "$d/status.json"
     "$bin" cancel --coordinator "http://127.0.0.1:$port" >/dev/null
     wait "${pids[@]}"
     [ -z "$proxy_pid" ] || kill "$proxy_pid"
@@ -198,36 +217,86 @@ PY
 : > "$work/table"
 rm -rf "$logs"
 echo "== farms (${link:-loopback}; each worker on a core of its own, -j 1)"
-farm one-worker 1 "6.0 6.1 6.2"
-farm two-shared 2 "6.0 6.1 6.2"
-farm two-alone 2 "6.0 6.1 6.2" --block-store-size 0
-for r in $(seq "$rounds"); do
-    farm "largest-one-$r" 1 6.0
-    farm "largest-two-$r" 2 6.0
-done
+# scaling NAME: the largest IUK built alone on core 0, then twice at once.
+scaling() {
+    local d=$work/$1
+    mkdir -p "$d"
+    b() {
+        /usr/bin/time -f "%e %U %S" -o "$d/$1.time" taskset -c "$2" "$bin" build -q \
+            --old-iso "$isos/tails-amd64-6.0/tails-amd64-6.0.iso" \
+            --new-iso "$isos/tails-amd64-6.3/tails-amd64-6.3.iso" \
+            --source-date-epoch 1730285444 --threads 1 --out "$d/$1.iuk"
+    }
+    b alone 0
+    b first 0 &
+    b second 1 &
+    wait
+    python3 - "$d" "$1" <<'PY' | tee -a "$work/table"
+import sys, hashlib
+d, name = sys.argv[1], sys.argv[2]
+wall = {k: float(open(f"{d}/{k}.time").read().split()[-3]) for k in ["alone", "first", "second"]}
+digests = {hashlib.sha256(open(f"{d}/{k}.iuk", "rb").read()).hexdigest() for k in wall}
+same = len(digests) == 1
+open(f"{d}/sha256", "w").write(" ".join(sorted(digests)))
+both = max(wall["first"], wall["second"])
+print(f"{name:<14} iukfarm build --threads 1: alone {wall['alone']:.1f} s; two at once "
+      f"{wall['first']:.1f} and {wall['second']:.1f} s: two single-core builders here do "
+      f"{2 * wall['alone'] / both:.2f}x the work of one{'' if same else '  KITS DIFFER'}")
+PY
+    rm -f "$d"/*.iuk
+}
 
-python3 - "$work" "$mib" "${link:-loopback}" "$rounds" <<'PY' | tee "$out"
+if [ -n "$release" ]; then
+    farm one-worker 1 "6.0 6.1 6.2"
+    farm two-shared 2 "6.0 6.1 6.2"
+    farm two-alone 2 "6.0 6.1 6.2" --block-store-size 0
+fi
+scaling scaling-before
+for r in $(seq "$rounds"); do
+    if [ $((r % 2)) = 1 ]; then
+        farm "largest-one-$r" 1 6.0
+        farm "largest-two-$r" 2 6.0
+    else
+        farm "largest-two-$r" 2 6.0
+        farm "largest-one-$r" 1 6.0
+    fi
+done
+scaling scaling-after
+
+python3 - "$work" "$mib" "${link:-loopback}" "$rounds" "$release" <<'PY' | tee "$out"
 import json, statistics, sys
-work, mib, link, rounds = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-r = {n: json.load(open(f"{work}/{n}/result.json")) for n in ["one-worker", "two-shared", "two-alone"]}
+work, mib, link, rounds, release = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+names = ["one-worker", "two-shared", "two-alone"] if release else []
+r = {n: json.load(open(f"{work}/{n}/result.json")) for n in names}
 pairs = [tuple(json.load(open(f"{work}/largest-{k}-{i}/result.json")) for k in ["one", "two"])
          for i in range(1, rounds + 1)]
 print(f"farm-store bench: 3 sources, a {mib} MiB library changed in every release, link {link}")
 print(open(f"{work}/table").read().rstrip())
-same = len({json.dumps(v["kits"], sort_keys=True) for v in r.values()}) == 1
-same = same and all(l1["kits"] == l2["kits"] and all(r["one-worker"]["kits"].get(k) == v for k, v in l1["kits"].items())
-                    for l1, l2 in pairs)
-print(f"kits identical in all {3 + 2 * rounds} farms: {'yes' if same else 'NO'}")
+kits = [v["kits"] for v in r.values()] + [l["kits"] for pair in pairs for l in pair]
+# The largest kit's digest must be the same everywhere; so must every kit
+# of the release farms.
+same = len({json.dumps(v["kits"], sort_keys=True) for v in r.values()}) <= 1
+same = same and len({json.dumps(k, sort_keys=True) for k in kits[len(r):]}) == 1
+same = same and all(kits[-1].items() <= k.items() for k in kits)
+builds = [open(f"{work}/scaling-{w}/sha256").read() for w in ["before", "after"]]
+same = same and all(b == next(iter(kits[-1].values())) for b in builds)
+print(f"kits identical in all {len(kits)} farms and the 6 builds alone: {'yes' if same else 'NO'}")
 walls = [l1["wall"] / l2["wall"] for l1, l2 in pairs]
 cpus = [l2["cpu"] / l1["cpu"] for l1, l2 in pairs]
+for i, (l1, l2) in enumerate(pairs, 1):
+    first = "1 worker first" if i % 2 else "2 workers first"
+    print(f"  round {i} ({first}): 1 worker {l1['wall']:.1f} s wall, {l1['cpu']:.1f} s CPU; "
+          f"2 workers {l2['wall']:.1f} s wall, {l2['cpu']:.1f} s CPU; {walls[i - 1]:.2f}x")
 print(f"the largest IUK alone, wall 1 worker / 2 workers: {statistics.median(walls):.2f}x, median of "
-      f"{rounds} ({', '.join(f'{w:.2f}' for w in walls)}); farm CPU 2 / 1: {statistics.median(cpus):.2f}x "
-      f"({', '.join(f'{c:.2f}' for c in cpus)})")
-o, s, a = r["one-worker"], r["two-shared"], r["two-alone"]
-print(f"farm CPU, 2 workers / 1 worker: with the store {s['cpu'] / o['cpu']:.2f}x, without {a['cpu'] / o['cpu']:.2f}x")
-print(f"wall, 1 worker / 2 workers:     with the store {o['wall'] / s['wall']:.2f}x, without {o['wall'] / a['wall']:.2f}x")
-print(f"wall, 2 workers without / with the store: {a['wall'] / s['wall']:.2f}x")
-print(f"blocks compressed beyond the one-worker farm's {o['compressed']}: with the store "
-      f"{s['compressed'] - o['compressed']}, without {a['compressed'] - o['compressed']}")
+      f"{rounds} ({', '.join(f'{w:.2f}' for w in walls)}); median wall 1 worker / median wall 2 workers: "
+      f"{statistics.median(l1['wall'] for l1, _ in pairs) / statistics.median(l2['wall'] for _, l2 in pairs):.2f}x; "
+      f"farm CPU 2 / 1: {statistics.median(cpus):.2f}x ({', '.join(f'{c:.2f}' for c in cpus)})")
+if release:
+    o, s, a = r["one-worker"], r["two-shared"], r["two-alone"]
+    print(f"farm CPU, 2 workers / 1 worker: with the store {s['cpu'] / o['cpu']:.2f}x, without {a['cpu'] / o['cpu']:.2f}x")
+    print(f"wall, 1 worker / 2 workers:     with the store {o['wall'] / s['wall']:.2f}x, without {o['wall'] / a['wall']:.2f}x")
+    print(f"wall, 2 workers without / with the store: {a['wall'] / s['wall']:.2f}x")
+    print(f"blocks compressed beyond the one-worker farm's {o['compressed']}: with the store "
+          f"{s['compressed'] - o['compressed']}, without {a['compressed'] - o['compressed']}")
 sys.exit(0 if same else 1)
 PY
