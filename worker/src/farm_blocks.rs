@@ -157,6 +157,13 @@ impl FarmBlocks {
         }
     }
 
+    /// An ask answered busy costs a round trip: the store's overhead.
+    fn answered_busy(&self, c: &mut Costs, took: Duration) {
+        c.busy += 1;
+        c.overhead_ns += took.as_nanos();
+        self.judge(c);
+    }
+
     /// Applies the fallback rule (see the module documentation).
     fn judge(&self, c: &Costs) {
         if c.found >= SAMPLES && c.compressed >= SAMPLES {
@@ -235,9 +242,7 @@ impl FarmBlocks {
             // Asked to wait, a busy answer is the coordinator's mistake:
             // compress it here.
             if r.busy && unless_busy {
-                c.busy += 1;
-                c.overhead_ns += took.as_nanos();
-                self.judge(&c);
+                self.answered_busy(&mut c, took);
                 return Lookup::Busy;
             }
             c.pending.insert(*key, (Instant::now(), took));
@@ -442,6 +447,42 @@ mod tests {
                 (id, id.key())
             })
             .collect()
+    }
+
+    #[test]
+    fn asks_answered_busy_count_against_the_store_and_can_end_the_sharing() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let fb = FarmBlocks::new(
+            rt.handle().clone(),
+            black_hole(&rt),
+            "w1",
+            "l1",
+            "j1",
+            false,
+        );
+        let mut c = fb.costs();
+        // 16 blocks compressed here in 1.6 s, their asks and puts 0.4 s.
+        c.compressed = SAMPLES;
+        c.compressed_bytes = SAMPLES << 20;
+        c.compress_ns = Duration::from_millis(1600).as_nanos();
+        c.overhead_ns = Duration::from_millis(400).as_nanos();
+        // Busy answers up to half the compression time leave sharing on.
+        for _ in 0..4 {
+            fb.answered_busy(&mut c, Duration::from_millis(100));
+        }
+        assert!(!fb.off.load(Ordering::SeqCst));
+        // One more, and the store costs more than it saves.
+        fb.answered_busy(&mut c, Duration::from_millis(100));
+        assert!(fb.off.load(Ordering::SeqCst));
+        drop(c);
+        assert!(
+            fb.summary().contains(", 5 asks answered busy ("),
+            "{}",
+            fb.summary()
+        );
     }
 
     #[test]

@@ -213,7 +213,7 @@ fn check(b: v1::TakenBlock) -> Option<Task> {
         return None;
     }
     let id = BlockId::new(&xz, &b.data);
-    if id.settings[..] != r.settings[..] || id.data[..] != r.data_sha256[..] {
+    if BlockId::try_from(&r) != Ok(id) {
         warn!("the coordinator offered a block that is not the block its id names: skipped");
         return None;
     }
