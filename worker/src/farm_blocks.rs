@@ -439,6 +439,169 @@ mod tests {
         rt.block_on(iukfarm_proto::connect(&cfg)).expect("connects")
     }
 
+    /// A coordinator that lies within the contract: every block is
+    /// "busy", even to an ask that waits; it wants a thousand blocks; and
+    /// it answers an offer of n blocks with n + 1 "taken" flags.
+    struct Liar;
+
+    type Chunks = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<v1::Chunk, tonic::Status>> + Send>,
+    >;
+    type Statuses = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<v1::ReleaseStatus, tonic::Status>> + Send>,
+    >;
+
+    fn no<T>() -> Result<tonic::Response<T>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
+
+    #[tonic::async_trait]
+    impl v1::farm_server::Farm for Liar {
+        async fn get_block(
+            &self,
+            _: tonic::Request<v1::GetBlockRequest>,
+        ) -> Result<tonic::Response<v1::GetBlockReply>, tonic::Status> {
+            Ok(tonic::Response::new(v1::GetBlockReply {
+                busy: true,
+                ..Default::default()
+            }))
+        }
+
+        async fn offer_blocks(
+            &self,
+            req: tonic::Request<v1::OfferBlocksRequest>,
+        ) -> Result<tonic::Response<v1::OfferBlocksReply>, tonic::Status> {
+            let n = req.into_inner().blocks.len();
+            Ok(tonic::Response::new(v1::OfferBlocksReply {
+                wanted: if n == 0 { 1000 } else { 0 },
+                taken: vec![true; n + 1],
+            }))
+        }
+
+        async fn register(
+            &self,
+            _: tonic::Request<v1::RegisterRequest>,
+        ) -> Result<tonic::Response<v1::RegisterReply>, tonic::Status> {
+            no()
+        }
+        async fn lease(
+            &self,
+            _: tonic::Request<v1::LeaseRequest>,
+        ) -> Result<tonic::Response<v1::LeaseReply>, tonic::Status> {
+            no()
+        }
+        async fn heartbeat(
+            &self,
+            _: tonic::Request<v1::HeartbeatRequest>,
+        ) -> Result<tonic::Response<v1::HeartbeatReply>, tonic::Status> {
+            no()
+        }
+        type FetchIsoStream = Chunks;
+        async fn fetch_iso(
+            &self,
+            _: tonic::Request<v1::FetchIsoRequest>,
+        ) -> Result<tonic::Response<Chunks>, tonic::Status> {
+            no()
+        }
+        async fn upload(
+            &self,
+            _: tonic::Request<tonic::Streaming<v1::UploadMessage>>,
+        ) -> Result<tonic::Response<v1::UploadReply>, tonic::Status> {
+            no()
+        }
+        async fn fail(
+            &self,
+            _: tonic::Request<v1::FailRequest>,
+        ) -> Result<tonic::Response<v1::FailReply>, tonic::Status> {
+            no()
+        }
+        async fn put_block(
+            &self,
+            _: tonic::Request<v1::PutBlockRequest>,
+        ) -> Result<tonic::Response<v1::PutBlockReply>, tonic::Status> {
+            no()
+        }
+        async fn take_blocks(
+            &self,
+            _: tonic::Request<v1::TakeBlocksRequest>,
+        ) -> Result<tonic::Response<v1::TakeBlocksReply>, tonic::Status> {
+            no()
+        }
+        async fn status(
+            &self,
+            _: tonic::Request<v1::StatusRequest>,
+        ) -> Result<tonic::Response<v1::ReleaseStatus>, tonic::Status> {
+            no()
+        }
+        type WatchStream = Statuses;
+        async fn watch(
+            &self,
+            _: tonic::Request<v1::StatusRequest>,
+        ) -> Result<tonic::Response<Statuses>, tonic::Status> {
+            no()
+        }
+        async fn cancel(
+            &self,
+            _: tonic::Request<v1::CancelRequest>,
+        ) -> Result<tonic::Response<v1::CancelReply>, tonic::Status> {
+            no()
+        }
+        type DownloadStream = Chunks;
+        async fn download(
+            &self,
+            _: tonic::Request<v1::DownloadRequest>,
+        ) -> Result<tonic::Response<Chunks>, tonic::Status> {
+            no()
+        }
+    }
+
+    fn liar(rt: &tokio::runtime::Runtime) -> FarmClient {
+        let l = (rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))).expect("listen");
+        let url = format!("http://{}", l.local_addr().expect("address"));
+        rt.spawn(
+            tonic::transport::Server::builder()
+                .add_service(v1::farm_server::FarmServer::new(Liar))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)),
+        );
+        let cfg = iukfarm_proto::ClientConfig {
+            url,
+            ..Default::default()
+        };
+        rt.block_on(iukfarm_proto::connect(&cfg)).expect("connects")
+    }
+
+    #[test]
+    fn a_lying_coordinator_is_taken_within_bounds() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let fb = FarmBlocks::new(rt.handle().clone(), liar(&rt), "w1", "l1", "j1", false);
+        let [(id, key), ..] = blocks(1)[..] else {
+            unreachable!()
+        };
+        // "Busy" to an ask that waits: compressed here, and put.
+        assert_eq!(fb.ask(&id, &key, false), Lookup::Compress);
+        assert!(fb.costs().pending.contains_key(&key));
+        // To an ask that may defer: done later.
+        assert_eq!(fb.ask(&id, &key, true), Lookup::Busy);
+        // A thousand blocks wanted: an offer the coordinator takes at most.
+        assert_eq!(fb.helpers(), Some(iukfarm_proto::MAX_BLOCKS_PER_CALL));
+        assert!(!fb.off.load(Ordering::SeqCst));
+        // An answer that does not match the offer: nothing used, sharing
+        // over for this job.
+        let xz = XzConfig::for_block_size(1 << 20);
+        let data = [vec![1u8; 1000], vec![2u8; 1000]];
+        let offer: Vec<(BlockId, &[u8])> = data
+            .iter()
+            .map(|d| (BlockId::new(&xz, d), &d[..]))
+            .collect();
+        assert_eq!(fb.outsource(&xz, &offer), vec![None, None]);
+        assert!(fb.off.load(Ordering::SeqCst));
+        assert_eq!(fb.helpers(), None);
+    }
+
     fn blocks(n: u8) -> Vec<(BlockId, BlockKey)> {
         let xz = XzConfig::for_block_size(1 << 20);
         (0..n)
