@@ -144,7 +144,7 @@ farm() {
     done
     # The end is the coordinator's own log line, watched with grep rather
     # than polled through `iukfarm status`: on 2 cores, a client process
-    # every 0.2 s took CPU from the workers (about 2 s per farm), which a
+    # every 0.2 s took CPU from the workers (1 to 2 s per farm), which a
     # one-worker farm absorbed on its idle core and a two-worker farm did not.
     while ! grep -q "release over; serving" "$d/coordinator.log"; do
         # Workers (--once) leave when told the release is over, which can
@@ -228,9 +228,14 @@ scaling() {
             --source-date-epoch 1730285444 --threads 1 --out "$d/$1.iuk"
     }
     b alone 0
+    # Each waited for by its pid: a plain `wait` would not fail with them.
+    local first second
     b first 0 &
+    first=$!
     b second 1 &
-    wait
+    second=$!
+    wait "$first"
+    wait "$second"
     python3 - "$d" "$1" <<'PY' | tee -a "$work/table"
 import sys, hashlib
 d, name = sys.argv[1], sys.argv[2]
