@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite. Installs the reference tools the tests compare
-# against (with apt-get, when missing), then runs `cargo test --workspace`.
-# Extra arguments go to cargo test.
+# against (with apt-get, when missing; trixie's squashfs-tools-ng 1.3.2,
+# which Tails 7 pins, beside bookworm's 1.2.0 with debootstrap, once), then
+# runs `cargo test --workspace`. Extra arguments go to cargo test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,12 +19,14 @@ declare -A tools=(
   [bsdtar]=libarchive-tools
   [gpg]=gnupg
   [sqv]=sqv
+  [sqop]=sqop
   [ip]=iproute2
   [tc]=iproute2
   [nft]=nftables
   [ssh]=openssh-client
   [ssh-keygen]=openssh-client
   [pkill]=procps
+  [debootstrap]=debootstrap
 )
 missing=()
 for t in "${!tools[@]}"; do
@@ -46,5 +49,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   # shellcheck disable=SC2086
   apt-get install -y -qq $pkgs >/dev/null
 fi
+
+IUKFARM_TRIXIE_BIN=$(./scripts/trixie-sqfs-tools.sh)
+export IUKFARM_TRIXIE_BIN
 
 exec cargo test --workspace "$@"

@@ -5,6 +5,12 @@
 //! a big diff (most of the system changed) and a point release (a few files
 //! changed). Prints wall time, CPU time, peak memory and the ratios, and
 //! checks that both IUKs are the same bytes. Needs root.
+//!
+//! `--tails 7` (the default) makes Tails 7 releases: zstd system images
+//! (level 22, 1 MiB blocks, no export table), a GRUB module directory of 280
+//! files, versions 7.x, and the Tails method runs trixie's gensquashfs 1.3.2
+//! (`scripts/trixie-sqfs-tools.sh`); `--tails 6`: xz images, versions 6.x,
+//! bookworm's gensquashfs 1.2.0.
 
 use std::fs;
 use std::io::Write;
@@ -23,6 +29,10 @@ struct Args {
     /// The iukfarm binary (default: the one next to this one).
     #[arg(long)]
     iukfarm: Option<PathBuf>,
+    /// Which Tails' releases and toolchain: 7 (zstd images, gensquashfs 1.3.2) or 6 (xz,
+    /// gensquashfs 1.2.0).
+    #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(u8).range(6..=7))]
+    tails: u8,
     /// Also write the results here.
     #[arg(long, default_value = "target/iuk-bench.txt")]
     out: PathBuf,
@@ -36,10 +46,19 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-fn make_iso(work: &Path, version: &str, sys: &Path, kernel: &[u8]) -> Result<PathBuf> {
+fn make_iso(work: &Path, tails: u8, version: &str, sys: &Path, kernel: &[u8]) -> Result<PathBuf> {
     let cd = work.join(format!("cd-{version}"));
     for d in ["live", "EFI/BOOT", "isolinux", "utils/linux"] {
         fs::create_dir_all(cd.join(d))?;
+    }
+    if tails >= 7 {
+        let grub = cd.join("EFI/BOOT/grub/x86_64-efi");
+        fs::create_dir_all(&grub)?;
+        for i in 0..280usize {
+            let mut body = format!("GRUB module {i} ").repeat(20 + i % 50).into_bytes();
+            body.extend_from_slice(kernel);
+            fs::write(grub.join(format!("module{i:03}.mod")), body)?;
+        }
     }
     fs::write(cd.join("live/vmlinuz"), kernel)?;
     fs::write(cd.join("EFI/BOOT/bootx64.efi"), b"efi")?;
@@ -48,22 +67,17 @@ fn make_iso(work: &Path, version: &str, sys: &Path, kernel: &[u8]) -> Result<Pat
         b"kernel /live/vmlinuz\nappend /isolinux/x\n",
     )?;
     fs::write(cd.join("utils/linux/syslinux"), b"")?;
+    // Tails 7's auto/build, or Tails 6's.
+    let comp: &[&str] = if tails >= 7 {
+        &["-comp", "zstd", "-Xcompression-level", "22", "-no-exports"]
+    } else {
+        &["-comp", "xz", "-Xbcj", "x86", "-Xdict-size", "1M"]
+    };
     run(Command::new("mksquashfs")
         .arg(sys)
         .arg(cd.join("live/filesystem.squashfs"))
-        .args([
-            "-noappend",
-            "-no-progress",
-            "-quiet",
-            "-comp",
-            "xz",
-            "-Xbcj",
-            "x86",
-            "-b",
-            "1M",
-            "-Xdict-size",
-            "1M",
-        ]))?;
+        .args(["-noappend", "-no-progress", "-quiet", "-b", "1M"])
+        .args(comp))?;
     let iso = work.join(format!("tails-amd64-{version}.iso"));
     run(Command::new("xorriso")
         .args(["-as", "mkisofs", "-quiet", "-R", "-r", "-J", "-o"])
@@ -114,6 +128,23 @@ fn main() -> Result<()> {
     };
     let reference =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/reference/tails-create-iuk.sh");
+    // The gensquashfs Tails pins for these releases.
+    let gensquashfs = if args.tails >= 7 {
+        let dir = std::env::var_os("IUKFARM_TRIXIE_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/var/cache/iukfarm-tests/trixie/bin"));
+        let g = dir.join("gensquashfs");
+        if !g.is_file() {
+            bail!(
+                "{} is missing: run scripts/trixie-sqfs-tools.sh (trixie's gensquashfs 1.3.2)",
+                g.display()
+            );
+        }
+        g
+    } else {
+        PathBuf::from("gensquashfs")
+    };
+    let major = args.tails;
     let tmp = tempfile::tempdir()?;
     let work = tmp.path();
     let old_sys = work.join("old");
@@ -121,7 +152,7 @@ fn main() -> Result<()> {
     let sources = vec!["/usr/lib".to_string(), "/usr/share".to_string()];
     let (bytes, files) = build_tree(&old_sys, &sources, args.size_mb << 20)?;
     eprintln!("system: {files} files, {:.1} MiB", bytes as f64 / 1048576.0);
-    let old_iso = make_iso(work, "6.0", &old_sys, b"kernel 1")?;
+    let old_iso = make_iso(work, major, &format!("{major}.0"), &old_sys, b"kernel 1")?;
 
     let mut rows = Vec::new();
     for (pair, every) in [("point release", 200usize), ("big diff", 1usize)] {
@@ -133,7 +164,13 @@ fn main() -> Result<()> {
             "{pair}: {:.1} MiB in changed files",
             changed as f64 / 1048576.0
         );
-        let new_iso = make_iso(work, &format!("6.{every}"), &new_sys, b"kernel 2")?;
+        let new_iso = make_iso(
+            work,
+            major,
+            &format!("{major}.{every}"),
+            &new_sys,
+            b"kernel 2",
+        )?;
         fs::remove_dir_all(&new_sys)?;
         let theirs = work.join("tails.iuk");
         let ours = work.join("ours.iuk");
@@ -145,6 +182,7 @@ fn main() -> Result<()> {
                 .arg(&new_iso)
                 .arg("6.1.squashfs")
                 .arg(&theirs)
+                .env("GENSQUASHFS", &gensquashfs)
                 .env("SOURCE_DATE_EPOCH", "1730285444"),
         )?;
         eprintln!("{pair}: running iukfarm build...");
@@ -177,7 +215,8 @@ fn main() -> Result<()> {
     }
 
     let mut report = format!(
-        "system {:.1} MiB, {files} files; {} cores\n{:<14} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>12} {:>5}\n",
+        "Tails {major} releases (gensquashfs {}): system {:.1} MiB, {files} files; {} cores\n{:<14} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>12} {:>5}\n",
+        if major >= 7 { "1.3.2" } else { "1.2.0" },
         bytes as f64 / 1048576.0,
         std::thread::available_parallelism().map_or(1, |n| n.get()),
         "pair",

@@ -26,6 +26,7 @@ pub struct ReleaseFile {
     pub product: Option<String>,
     pub build_target: Option<String>,
     pub profile: Option<String>,
+    pub gensquashfs: Option<String>,
     pub engine_options: Option<Vec<String>>,
     pub require_engine: Option<String>,
     pub listen: Option<String>,
@@ -102,6 +103,8 @@ pub struct Config {
     pub output_dir: PathBuf,
     pub product: String,
     pub build_target: String,
+    /// Always holds `gensquashfs=…`: every job of a release is written
+    /// alike ([`Config::gensquashfs`]).
     pub engine_options: Vec<String>,
     /// `VERSION` or `VERSION@COMMIT` workers must run (default: ours).
     pub require_engine: Option<String>,
@@ -129,6 +132,26 @@ pub struct Config {
 }
 
 pub const DEFAULT_ISO_PATTERN: &str = "tails-amd64-{version}/tails-amd64-{version}.iso";
+
+/// The writer a release uses: the RM's choice, else the one Tails pins for
+/// the new version.
+pub fn resolve_gensquashfs(
+    chosen: Option<&str>,
+    new_version: &str,
+) -> Result<iukfarm_engine::sqfs::Gensquashfs, Error> {
+    use iukfarm_engine::sqfs::Gensquashfs;
+    match chosen {
+        Some(g) => g
+            .parse::<Gensquashfs>()
+            .map_err(|e| Error::Config(format!("--gensquashfs: {e}"))),
+        None => Gensquashfs::for_release(new_version).ok_or_else(|| {
+            Error::Config(format!(
+                "cannot tell from version {new_version:?} which gensquashfs Tails pins for it: \
+                 pass --gensquashfs 1.3.2 (Tails 7 and later) or 1.2.0 (Tails 6 and before)"
+            ))
+        }),
+    }
+}
 
 /// Splits versions as the RM pastes them: separated by spaces and/or commas.
 pub fn parse_versions(text: &str) -> Result<Vec<String>, Error> {
@@ -182,6 +205,14 @@ pub fn check_file_name(what: &str, s: &str) -> Result<(), Error> {
 }
 
 impl Config {
+    /// The gensquashfs whose bytes every kit of the release has.
+    pub fn gensquashfs(&self) -> Result<iukfarm_engine::sqfs::Gensquashfs, Error> {
+        iukfarm_engine::kit::parse_options(&self.engine_options)
+            .map_err(|e| Error::Config(e.to_string()))?
+            .gensquashfs
+            .ok_or_else(|| Error::Config("the engine options name no gensquashfs version".into()))
+    }
+
     /// Checks what can be checked without reading the ISOs.
     pub fn validate(&self) -> Result<(), Error> {
         check_version(self.new_version.clone())?;
@@ -210,8 +241,7 @@ impl Config {
                 self.iso_pattern
             )));
         }
-        iukfarm_engine::kit::parse_options(&self.engine_options)
-            .map_err(|e| Error::Config(e.to_string()))?;
+        self.gensquashfs()?;
         if self.max_attempts == 0 || self.verify_jobs == 0 {
             return Err(Error::Config(
                 "--max-attempts and --verify-jobs must be at least 1".into(),

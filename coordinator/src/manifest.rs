@@ -23,11 +23,20 @@ pub struct Manifest {
     pub new_version: String,
     pub source_date_epoch: u32,
     pub engine: Engine,
+    /// Whose bytes every kit is: the gensquashfs version (also among the
+    /// engine options). Manifests written before the choice existed were
+    /// all 1.2.0's.
+    #[serde(default = "gensquashfs_before_the_choice")]
+    pub gensquashfs: String,
     pub engine_options: Vec<String>,
     /// The new release's ISO, then the sources', in the RM's order.
     pub inputs: Vec<Input>,
     /// Sorted by name.
     pub iuks: Vec<Iuk>,
+}
+
+fn gensquashfs_before_the_choice() -> String {
+    "1.2.0".into()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -77,9 +77,13 @@ fn lock_dir(state_dir: &Path) -> Result<std::fs::File, Error> {
 /// `listener` (or `cfg.listen`). Bad input fails here, before any work.
 pub async fn start(cfg: Config, listener: Option<TcpListener>) -> Result<Running, Error> {
     cfg.validate()?;
-    cfg.signing
-        .certificate()
+    let (_, expiring) = cfg
+        .signing
+        .certificate_and_warning()
         .map_err(|e| Error::Config(e.to_string()))?;
+    if let Some(w) = expiring {
+        warn!("the manifest's signing key: {w}");
+    }
     let own = iukfarm_engine::fingerprint::fingerprint();
     let (required_version, required_commit) = required(&cfg, &own);
 
@@ -166,6 +170,7 @@ pub async fn start(cfg: Config, listener: Option<TcpListener>) -> Result<Running
         verify_slots: Semaphore::new(cfg.verify_jobs),
         verify_memo: Default::default(),
         fingerprint: own,
+        gensquashfs: cfg.gensquashfs()?,
         required_version,
         required_commit,
         state: Mutex::new(State {
@@ -455,13 +460,14 @@ impl Running {
         let mut st = sh.lock();
         st.phase = Phase::Succeeded;
         st.message = format!(
-            "{} IUKs built, verified and signed in {}",
+            "{} IUKs built, verified and signed in {} (gensquashfs {}'s bytes)",
             st.table
                 .jobs
                 .iter()
                 .filter(|j| j.reproduction_of.is_none())
                 .count(),
-            sh.cfg.output_dir.display()
+            sh.cfg.output_dir.display(),
+            sh.gensquashfs
         );
         info!("{}", st.message);
         Ok(Outcome::Succeeded)
@@ -738,6 +744,7 @@ impl Running {
                     liblzma_version: fp.liblzma_version.clone(),
                     iuk_format: fp.iuk_format,
                 },
+                gensquashfs: sh.gensquashfs.to_string(),
                 engine_options: cfg.engine_options.clone(),
                 inputs: st
                     .inputs

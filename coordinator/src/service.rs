@@ -226,6 +226,7 @@ pub(crate) fn status(sh: &Shared) -> v1::ReleaseStatus {
             git_commit: fp.git_commit.clone(),
             liblzma_version: fp.liblzma_version.clone(),
             iuk_format: fp.iuk_format,
+            gensquashfs: fp.gensquashfs.clone(),
         }),
         output_dir: sh.cfg.output_dir.display().to_string(),
         block_store: sh.blocks.as_ref().map(|b| {
@@ -567,16 +568,22 @@ impl Farm for FarmService {
         let fp = r.fingerprint.unwrap_or_default();
         let own = &self.sh.fingerprint;
         let theirs = format!(
-            "iukfarm-engine {} (git {}, liblzma {}, IUK format {})",
-            fp.engine_version, fp.git_commit, fp.liblzma_version, fp.iuk_format
+            "iukfarm-engine {} (git {}, liblzma {}, IUK format {}, gensquashfs {})",
+            fp.engine_version,
+            fp.git_commit,
+            fp.liblzma_version,
+            fp.iuk_format,
+            fp.gensquashfs.join("/")
         );
+        let gensquashfs = self.sh.gensquashfs.as_str();
         let ok = fp.engine_version == self.sh.required_version
             && (self.sh.required_commit.is_empty() || fp.git_commit == self.sh.required_commit)
             && fp.liblzma_version == own.liblzma_version
-            && fp.iuk_format == own.iuk_format;
+            && fp.iuk_format == own.iuk_format
+            && fp.gensquashfs.iter().any(|g| g == gensquashfs);
         if !ok {
             let want = format!(
-                "iukfarm-engine {}{} (liblzma {}, IUK format {})",
+                "iukfarm-engine {}{} (liblzma {}, IUK format {}, gensquashfs {gensquashfs})",
                 self.sh.required_version,
                 if self.sh.required_commit.is_empty() {
                     String::new()

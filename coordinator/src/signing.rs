@@ -45,9 +45,24 @@ fn pgp(what: &str, e: impl std::fmt::Display) -> Error {
 }
 
 impl SigningKey {
-    /// Checks up front that the key can sign, and returns its public
-    /// certificate (armored), which [`verify`] takes.
+    /// Checks up front that the key can sign (and has not expired), and
+    /// returns its public certificate (armored), which [`verify`] takes.
     pub fn certificate(&self) -> Result<Vec<u8>, Error> {
+        let cert = self.certificate_unchecked()?;
+        expiry_warning(&cert, std::time::SystemTime::now())?;
+        Ok(cert)
+    }
+
+    /// [`SigningKey::certificate`], and a warning to show the RM when the
+    /// key, or the (sub)key that signs, expires within
+    /// [`EXPIRY_WARNING_DAYS`].
+    pub fn certificate_and_warning(&self) -> Result<(Vec<u8>, Option<String>), Error> {
+        let cert = self.certificate_unchecked()?;
+        let warning = expiry_warning(&cert, std::time::SystemTime::now())?;
+        Ok((cert, warning))
+    }
+
+    fn certificate_unchecked(&self) -> Result<Vec<u8>, Error> {
         match self {
             SigningKey::Gpg(key) => {
                 let out = Command::new("gpg")
@@ -118,6 +133,89 @@ impl SigningKey {
             }
         }
     }
+}
+
+/// How long before a signing key expires the RM is warned.
+pub const EXPIRY_WARNING_DAYS: u64 = 60;
+
+fn day(t: std::time::SystemTime) -> String {
+    chrono::DateTime::<chrono::Utc>::from(t)
+        .format("%Y-%m-%d")
+        .to_string()
+}
+
+/// Refuses a certificate whose primary key, or every signing (sub)key, has
+/// expired or been revoked at `now`; warns when the primary key, or the
+/// (sub)key that signs (the newest valid one, as gpg picks), expires
+/// within [`EXPIRY_WARNING_DAYS`]. Tails' signing key and all its signing
+/// subkeys expire on 2027-01-13: a release signed with it after that date
+/// would not verify.
+pub fn expiry_warning(cert: &[u8], now: std::time::SystemTime) -> Result<Option<String>, Error> {
+    let policy = StandardPolicy::new();
+    let mut warnings = Vec::new();
+    for cert in parse_certs(cert)? {
+        let fpr = cert.fingerprint();
+        let vc = cert
+            .with_policy(&policy, now)
+            .map_err(|e| Error::Signing(format!("key {fpr} is not valid on {}: {e}", day(now))))?;
+        let primary_expiry = vc.primary_key().key_expiration_time();
+        if vc.alive().is_err() {
+            return Err(Error::Signing(format!(
+                "key {fpr} expired on {}: extend its expiry (gpg --quick-set-expire) and \
+                 export it again",
+                primary_expiry.map_or_else(|| "an unknown date".into(), day)
+            )));
+        }
+        let signer = vc
+            .keys()
+            .supported()
+            .alive()
+            .revoked(false)
+            .for_signing()
+            .max_by_key(|k| k.key().creation_time())
+            .ok_or_else(|| {
+                let expired: Vec<String> = vc
+                    .keys()
+                    .for_signing()
+                    .filter_map(|k| {
+                        k.key_expiration_time()
+                            .map(|t| format!("{} on {}", k.key().fingerprint(), day(t)))
+                    })
+                    .collect();
+                Error::Signing(format!(
+                    "key {fpr} has no valid signing (sub)key on {} (expired: {}): extend the \
+                     signing subkey's expiry (gpg --quick-set-expire KEY 1y '*')",
+                    day(now),
+                    if expired.is_empty() {
+                        "none; revoked or unsupported?".into()
+                    } else {
+                        expired.join(", ")
+                    }
+                ))
+            })?;
+        let soon = now + std::time::Duration::from_secs(EXPIRY_WARNING_DAYS * 86_400);
+        let mut ends = Vec::new();
+        if let Some(t) = primary_expiry.filter(|&t| t <= soon) {
+            ends.push((t, format!("key {fpr}")));
+        }
+        if signer.key().fingerprint() != fpr
+            && let Some(t) = signer.key_expiration_time().filter(|&t| t <= soon)
+        {
+            ends.push((
+                t,
+                format!("its signing subkey {}", signer.key().fingerprint()),
+            ));
+        }
+        if let Some((t, what)) = ends.into_iter().min_by_key(|(t, _)| *t) {
+            let days = t.duration_since(now).map_or(0, |d| d.as_secs() / 86_400);
+            warnings.push(format!(
+                "{what} expires on {} (in {days} days): signatures made after that will not \
+                 verify; extend it (gpg --quick-set-expire) and publish the new certificate",
+                day(t)
+            ));
+        }
+    }
+    Ok((!warnings.is_empty()).then(|| warnings.join("; ")))
 }
 
 fn signing_keypair(cert: &Cert) -> Result<openpgp::crypto::KeyPair, Error> {
@@ -258,6 +356,65 @@ pub fn verify_reader<R: std::io::Read + Send + Sync>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A key made `age` ago, its primary valid for `primary` and a signing
+    /// subkey for `subkey` (None: no expiry).
+    fn aged_key(
+        age_days: u64,
+        primary: Option<u64>,
+        subkey: Option<u64>,
+    ) -> (Vec<u8>, std::time::SystemTime) {
+        use openpgp::types::KeyFlags;
+        let day = std::time::Duration::from_secs(86_400);
+        let now = std::time::SystemTime::now();
+        let (cert, _) = CertBuilder::new()
+            .add_userid("aged <a@example.invalid>")
+            .set_creation_time(now - day * age_days as u32)
+            .set_validity_period(primary.map(|d| day * d as u32))
+            .add_subkey(
+                KeyFlags::empty().set_signing(),
+                subkey.map(|d| day * d as u32),
+                None,
+            )
+            .generate()
+            .unwrap();
+        (public_armored(&cert).unwrap(), now)
+    }
+
+    #[test]
+    fn expired_keys_are_refused_and_keys_about_to_expire_named() {
+        // Valid for years: nothing to say.
+        let (c, now) = aged_key(10, None, Some(3650));
+        assert_eq!(expiry_warning(&c, now).unwrap(), None);
+        // The primary key expired (as Tails' will on 2027-01-13).
+        let (c, now) = aged_key(400, Some(365), None);
+        let e = expiry_warning(&c, now).unwrap_err().to_string();
+        assert!(
+            e.contains("expired on") && e.contains("quick-set-expire"),
+            "{e}"
+        );
+        // The primary is fine, its only signing subkey expired.
+        let (c, now) = aged_key(100, None, Some(30));
+        let e = expiry_warning(&c, now).unwrap_err().to_string();
+        assert!(e.contains("no valid signing (sub)key"), "{e}");
+        // The signing subkey expires in 20 days: warned, with the date.
+        let (c, now) = aged_key(10, None, Some(30));
+        let w = expiry_warning(&c, now).unwrap().expect("a warning");
+        let when = day(now + std::time::Duration::from_secs(20 * 86_400));
+        assert!(
+            w.contains("signing subkey")
+                && w.contains(&when)
+                && (w.contains("in 19 days") || w.contains("in 20 days")),
+            "{w}"
+        );
+        // The primary expires in 50 days, the subkey never: warned.
+        let (c, now) = aged_key(10, Some(60), None);
+        let w = expiry_warning(&c, now).unwrap().expect("a warning");
+        assert!(w.starts_with("key "), "{w}");
+        // 61 days left: not yet.
+        let (c, now) = aged_key(0, Some(62), None);
+        assert_eq!(expiry_warning(&c, now).unwrap(), None);
+    }
 
     #[test]
     fn sign_and_verify_round_trip() {

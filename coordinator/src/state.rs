@@ -103,6 +103,8 @@ impl State {
 pub(crate) struct Shared {
     pub cfg: Config,
     pub fingerprint: Fingerprint,
+    /// Whose bytes every kit is; a worker's engine must write them.
+    pub gensquashfs: iukfarm_engine::sqfs::Gensquashfs,
     pub required_version: String,
     pub required_commit: String,
     pub state: Mutex<State>,

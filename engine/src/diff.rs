@@ -31,7 +31,7 @@ use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::tree::{FileContent, Kind, Meta, Node, Source, Xattr};
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DiffOptions {
     /// `--ignore-if-same-content` globs (relative to the diff's root, shell
     /// syntax): matching files whose contents did not change are left out

@@ -13,14 +13,20 @@ pub struct Fingerprint {
     pub git_commit: String,
     pub liblzma_version: String,
     pub iuk_format: u32,
+    /// The gensquashfs versions whose bytes the writer reproduces.
+    pub gensquashfs: Vec<String>,
 }
 
 impl fmt::Display for Fingerprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "iukfarm-engine {} (git {}, liblzma {}, IUK format {})",
-            self.engine_version, self.git_commit, self.liblzma_version, self.iuk_format
+            "iukfarm-engine {} (git {}, liblzma {}, IUK format {}, gensquashfs {})",
+            self.engine_version,
+            self.git_commit,
+            self.liblzma_version,
+            self.iuk_format,
+            self.gensquashfs.join("/")
         )
     }
 }
@@ -37,6 +43,10 @@ pub fn fingerprint() -> Fingerprint {
             .ok()
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(0),
+        gensquashfs: crate::sqfs::Gensquashfs::ALL
+            .iter()
+            .map(|g| g.to_string())
+            .collect(),
     }
 }
 
@@ -48,5 +58,6 @@ mod tests {
         assert_eq!(f.liblzma_version, "5.8.4");
         assert_eq!(f.iuk_format, 2);
         assert!(f.to_string().contains("liblzma 5.8.4"));
+        assert_eq!(f.gensquashfs, ["1.2.0", "1.3.2"]);
     }
 }

@@ -94,6 +94,17 @@ fn sample_image() -> Vec<u8> {
         }],
     );
     files.push(sub);
+    // A directory of 300 entries: gensquashfs 1.3.2 (the writer's default)
+    // gives it an extended inode with a directory index, which the
+    // mutations below then damage too.
+    let wide = (0..300)
+        .map(|i| Node {
+            name: format!("entry-{i:03}").into_bytes(),
+            meta: meta(0o644),
+            kind: Kind::File(FileContent::from_bytes(vec![i as u8; i % 7])),
+        })
+        .collect();
+    files.push(Node::dir("wide", meta(0o755), wide));
     let root = Node::dir("", meta(0o755), files);
     let f = tempfile::tempfile().unwrap();
     let mut opts = WriterOptions::with_block_size(65536);

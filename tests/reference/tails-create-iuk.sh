@@ -7,7 +7,10 @@
 # FORMAT and control.yml, gensquashfs for the kit.
 #
 # usage: SOURCE_DATE_EPOCH=N tails-create-iuk.sh OLD.iso NEW.iso DIFF_NAME OUT.iuk
+# GENSQUASHFS names the gensquashfs to run (default: the one on PATH): Tails
+# pins 1.2.0 up to 6.x and trixie's 1.3.2 from 7.0 on.
 set -euo pipefail
+gensquashfs=${GENSQUASHFS:-gensquashfs}
 old_iso=$(realpath "$1"); new_iso=$(realpath "$2"); diff_name=$3; out=$(realpath -m "$4")
 : "${SOURCE_DATE_EPOCH:?SOURCE_DATE_EPOCH must be set}"
 here=$(dirname "$(realpath "$0")")
@@ -49,7 +52,7 @@ for d, dirs, files in os.walk(root):
         strip(os.path.join(d, n))
 PY
 
-gensquashfs --keep-xattr --quiet --comp-extra x86,dictsize=1024K --block-size 1048576 \
+"$gensquashfs" --keep-xattr --quiet --comp-extra x86,dictsize=1024K --block-size 1048576 \
     --pack-dir "$T/union/rw" "$T/src/overlay/live/$diff_name"
 
 cd "$T/src/overlay"
@@ -72,4 +75,4 @@ cd "$T/src"
 printf 2 > FORMAT
 perl "$here/iso-lists.pl" control-yml "$old_iso" "$new_iso" > control.yml
 rm -f "$out"
-gensquashfs --keep-xattr --quiet --all-root --pack-dir "$T/src" "$out"
+"$gensquashfs" --keep-xattr --quiet --all-root --pack-dir "$T/src" "$out"

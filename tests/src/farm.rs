@@ -127,6 +127,9 @@ pub struct Gpg {
     pub home: tempfile::TempDir,
     pub secret_key: PathBuf,
     pub cert: PathBuf,
+    /// `gpg --export-options export-minimal`, as Tails publishes
+    /// `tails-signing-minimal.key`.
+    pub minimal_cert: PathBuf,
     pub fingerprint: String,
 }
 
@@ -159,6 +162,22 @@ impl Gpg {
             .and_then(|l| l.split(':').nth(9))
             .expect("a fingerprint")
             .to_string();
+        // Like Tails' key: signatures come from an Ed25519 signing subkey,
+        // so that a minimal export must carry it for them to verify.
+        g(&["--quick-add-key", &fingerprint, "ed25519", "sign", "never"]);
+        let minimal_cert = home.path().join("cert-minimal.asc");
+        fs::write(
+            &minimal_cert,
+            g(&[
+                "--armor",
+                "--export-options",
+                "export-minimal",
+                "--export",
+                &fingerprint,
+            ])
+            .stdout,
+        )
+        .unwrap();
         let secret_key = home.path().join("secret.asc");
         fs::write(
             &secret_key,
@@ -171,6 +190,7 @@ impl Gpg {
             home,
             secret_key,
             cert,
+            minimal_cert,
             fingerprint,
         };
         // Statics are never dropped: stop the agent key generation started.
@@ -185,6 +205,29 @@ impl Gpg {
             .env("GNUPGHOME", self.home.path())
             .args(["--kill", "all"])
             .status();
+    }
+
+    /// Checks a detached signature as Tails' CI and Upgrader do (sqopv, the
+    /// verify-only Sequoia SOP; here `sqop verify`, the same code), against
+    /// the full certificate and the minimal export.
+    pub fn sop_verify(&self, signature: &Path, data: &Path) {
+        crate::require_tool("sqop");
+        for cert in [&self.cert, &self.minimal_cert] {
+            let out = Command::new("sqop")
+                .arg("verify")
+                .arg(signature)
+                .arg(cert)
+                .stdin(fs::File::open(data).unwrap())
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "sqop verify {} against {}: {}",
+                signature.display(),
+                cert.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
     }
 
     pub fn cmd(&self, program: &str) -> Command {

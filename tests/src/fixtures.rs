@@ -88,6 +88,47 @@ pub fn fixtures() -> Vec<(&'static str, Build)> {
                 t.file(format!("d/a-rather-long-file-name-number-{i:06}"), b"");
             }
         }),
+        // libsquashfs 1.3 indexes directories of 256 entries or more: one
+        // each side of the threshold, of every inode type, with xattrs on
+        // some (the directory's own among them) and hard links across.
+        ("dir-255-256-257", |t| {
+            for (dir, n) in [("a255", 255), ("b256", 256), ("c257", 257)] {
+                for i in 0..n {
+                    let p = format!("{dir}/e{i:04}");
+                    match i % 7 {
+                        0 => {
+                            t.dir(&p);
+                        }
+                        1 => {
+                            t.symlink(&p, "target");
+                        }
+                        2 => {
+                            t.node(&p, libc::S_IFCHR, 1, 3);
+                        }
+                        3 => {
+                            t.node(&p, libc::S_IFIFO, 0, 0);
+                        }
+                        4 if i == 4 => {
+                            t.file(&p, b"linked");
+                        }
+                        4 => {
+                            t.hardlink(&p, &format!("{dir}/e0004"));
+                        }
+                        _ => {
+                            t.file(&p, format!("{i}").as_bytes());
+                        }
+                    }
+                }
+            }
+            t.xattr("b256", "user.dir", b"on the directory")
+                .xattr("c257/e0005", "user.f", b"on a file")
+                .xattr("a255/e0006", "user.f", b"on a file");
+        }),
+        ("dir-255-only", |t| {
+            for i in 0..255 {
+                t.file(format!("d/f{i}"), b"");
+            }
+        }),
         ("twenty-thousand-entries", |t| {
             for i in 0..20000 {
                 t.file(format!("d{}/e{i}", i % 7), b"x");

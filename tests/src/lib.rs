@@ -66,6 +66,53 @@ pub fn require_tools(tools: &[&str]) {
     }
 }
 
+/// The reference writer whose bytes `version` stands for: bookworm's own
+/// `gensquashfs` (1.2.0) on PATH, or trixie's 1.3.2 that
+/// `scripts/trixie-sqfs-tools.sh` installs beside it. Fails the test when
+/// it is missing or is another version.
+pub fn gensquashfs(version: iukfarm_engine::sqfs::Gensquashfs) -> Command {
+    Command::new(reference_tool("gensquashfs", version))
+}
+
+/// Where [`gensquashfs`]'s `rdsquashfs` (`sqfsdiff`, `gensquashfs`) of the
+/// same release is.
+pub fn reference_tool(tool: &str, version: iukfarm_engine::sqfs::Gensquashfs) -> PathBuf {
+    use iukfarm_engine::sqfs::Gensquashfs;
+    let path = match version {
+        Gensquashfs::V1_2_0 => {
+            require_tool(tool);
+            PathBuf::from(tool)
+        }
+        Gensquashfs::V1_3_2 => {
+            let dir = std::env::var_os("IUKFARM_TRIXIE_BIN")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("/var/cache/iukfarm-tests/trixie/bin"));
+            let p = dir.join(tool);
+            assert!(
+                p.is_file(),
+                "trixie's {tool} 1.3.2 (what Tails 7 pins) is missing from {}: run \
+                 ./scripts/test.sh, which installs it with scripts/trixie-sqfs-tools.sh",
+                dir.display()
+            );
+            p
+        }
+    };
+    static CHECKED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+    let mut checked = CHECKED.lock().unwrap_or_else(|e| e.into_inner());
+    if !checked.contains(&path) {
+        let out = run(Command::new(&path).arg("--version"));
+        let first = String::from_utf8_lossy(&out.stdout);
+        let first = first.lines().next().unwrap_or_default();
+        assert!(
+            first.ends_with(&format!(" {version}")),
+            "{} is {first:?}, not version {version}",
+            path.display()
+        );
+        checked.push(path.clone());
+    }
+    path
+}
+
 /// `iukfarm sqfs ls [extra…] IMAGE` as text.
 pub fn sqfs_ls(image: &Path, extra: &[&str]) -> String {
     let out = run(Command::new(iukfarm())

@@ -30,26 +30,69 @@ pub fn boot_files(cd: &Tree, kernel: &[u8], old_extras: bool) {
     }
 }
 
+/// How a release's system image is compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Tails 6: xz with the x86 filter, 1 MiB blocks.
+    Tails6,
+    /// Tails 7 (`auto/build`): zstd level 22, 1 MiB blocks, no export table.
+    Tails7,
+}
+
+/// The GRUB module directory of a Tails 7 ISO: about 280 files in
+/// `EFI/BOOT/grub/x86_64-efi/`, so that the kit holds a directory that
+/// gensquashfs 1.3 indexes. `release` changes a few modules.
+pub fn grub_modules(cd: &Tree, release: u64) {
+    let mut r = Rng::new(31);
+    for i in 0..280u64 {
+        let mut body = r.bytes(200 + (i as usize * 37) % 3000);
+        if i % 40 == 0 {
+            body.extend(release.to_le_bytes());
+        }
+        cd.file(format!("EFI/BOOT/grub/x86_64-efi/module{i:03}.mod"), &body);
+    }
+}
+
+/// Adds to a system a library directory of 300 files whose contents
+/// depend on `content`: two systems made with different ones give an IUK
+/// whose diff holds a directory of 256 entries or more.
+pub fn wide_directory(sys: &Path, content: &[u8]) {
+    let t = Tree::new(sys);
+    for i in 0..300 {
+        t.file(
+            format!("usr/lib/x86_64-linux-gnu/libwide{i:03}.so.1"),
+            &[content, format!("{i}").as_bytes()].concat(),
+        );
+    }
+}
+
 /// Writes `work/cd-<version>/` (the system image made by mksquashfs, the
 /// boot files from `boot`) and the ISO `work/tails-amd64-<version>.iso`.
 pub fn make_iso(work: &Path, version: &str, sys: &Path, boot: &dyn Fn(&Tree)) -> PathBuf {
+    make_iso_as(Layout::Tails6, work, version, sys, boot)
+}
+
+/// [`make_iso`] with the system image compressed as `layout` says.
+pub fn make_iso_as(
+    layout: Layout,
+    work: &Path,
+    version: &str,
+    sys: &Path,
+    boot: &dyn Fn(&Tree),
+) -> PathBuf {
     let cd = work.join(format!("cd-{version}"));
     let t = Tree::new(&cd);
     boot(&t);
+    let comp: &[&str] = match layout {
+        Layout::Tails6 => &["-comp", "xz", "-Xbcj", "x86"],
+        Layout::Tails7 => &["-comp", "zstd", "-Xcompression-level", "22", "-no-exports"],
+    };
     run(Command::new("mksquashfs")
         .arg(sys)
         .arg(cd.join("live/filesystem.squashfs"))
-        .args([
-            "-noappend",
-            "-no-progress",
-            "-quiet",
-            "-comp",
-            "xz",
-            "-Xbcj",
-            "x86",
-            "-b",
-            "1M",
-        ]));
+        .args(["-noappend", "-no-progress", "-quiet"])
+        .args(comp)
+        .args(["-b", "1M"]));
     let iso = work.join(format!("tails-amd64-{version}.iso"));
     run(Command::new("xorriso")
         .args([

@@ -142,6 +142,7 @@ fn release_over_three_workers_matches_local_builds_and_is_signed() {
         .arg(&g.cert)
         .arg(out.join("manifest.json.asc"))
         .arg(out.join("manifest.json")));
+    g.sop_verify(&out.join("manifest.json.asc"), &out.join("manifest.json"));
     let ok = run(Command::new(iukfarm())
         .arg("verify")
         .arg(&out)
@@ -154,6 +155,18 @@ fn release_over_three_workers_matches_local_builds_and_is_signed() {
     assert_eq!(m["iuks"].as_array().unwrap().len(), 4);
     assert_eq!(m["inputs"].as_array().unwrap().len(), 5);
     assert_eq!(m["source_date_epoch"], SDE.parse::<u64>().unwrap());
+    // A 6.x release: gensquashfs 1.2.0's bytes, as Tails pinned then, named
+    // in the manifest and in every job's options.
+    assert_eq!(m["gensquashfs"], "1.2.0");
+    assert_eq!(
+        m["engine_options"],
+        serde_json::json!(["gensquashfs=1.2.0"])
+    );
+    assert!(
+        c.log().contains("gensquashfs 1.2.0's bytes"),
+        "the coordinator does not say whose bytes:\n{}",
+        c.log()
+    );
     let xml = fs::read_to_string(&junit).unwrap();
     assert_eq!(xml.matches("<testcase ").count(), 4, "{xml}");
     assert!(!xml.contains("<failure"), "{xml}");
@@ -806,6 +819,18 @@ fn unknown_engine_options_and_missing_keys_are_refused_up_front() {
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("unknown engine option \"compression=gzip\"")
     );
+    for bad in [
+        &["--gensquashfs", "1.3.1"][..],
+        &["--engine-option", "gensquashfs=4.6"],
+    ] {
+        let o = base(&[&["--signing-key", &key][..], bad].concat());
+        assert_eq!(o.status.code(), Some(2), "{bad:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("unknown gensquashfs version") && err.contains("1.2.0 or 1.3.2"),
+            "{bad:?}: {err}"
+        );
+    }
     let o = base(&[]);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("must be signed"));

@@ -54,6 +54,7 @@ impl Liar {
                     git_commit: fp.git_commit,
                     liblzma_version: fp.liblzma_version,
                     iuk_format: fp.iuk_format,
+                    gensquashfs: fp.gensquashfs.clone(),
                 }),
                 slots: 4,
                 memory_bytes: 64 << 30,
@@ -695,6 +696,14 @@ fn build_is_held_to_the_coordinators_rules() {
         assert!(e.contains(says), "{cmd:?}: {e}");
     };
     refused(
+        &mut build(&["--source-date-epoch", SDE, "--gensquashfs", "1.3"]),
+        "expected 1.2.0 or 1.3.2",
+    );
+    refused(
+        &mut build(&["--source-date-epoch", SDE, "--new-version", "next"]),
+        "pass --gensquashfs 1.3.2",
+    );
+    refused(
         &mut build(&["--source-date-epoch", SDE, "--product", "../../x"]),
         "invalid product",
     );
@@ -991,6 +1000,7 @@ fn certificates_say_who_is_who() {
                     git_commit: fp.git_commit,
                     liblzma_version: fp.liblzma_version,
                     iuk_format: fp.iuk_format,
+                    gensquashfs: fp.gensquashfs.clone(),
                 }),
                 slots: 1,
                 memory_bytes: 1 << 30,

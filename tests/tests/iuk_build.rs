@@ -6,7 +6,9 @@ use std::path::Path;
 use std::process::Command;
 
 use iukfarm_tests::fixtures::random_tree;
-use iukfarm_tests::releases::{boot_files, make_iso, systems};
+use iukfarm_tests::releases::{
+    Layout, boot_files, grub_modules, make_iso, make_iso_as, systems, wide_directory,
+};
 use iukfarm_tests::{
     Mount, Rng, Tree, diff_listings, disk_listing, iukfarm, require_root, require_tools, run,
     sha256_file, sqfs_ls,
@@ -603,6 +605,77 @@ fn block_cache_and_fast_profile() {
         (fast_size / exact_size - 1.0).abs() <= 0.02,
         "fast kit {fast_size} bytes vs exact {exact_size}"
     );
+}
+
+/// Tails 7's inputs: zstd system images. The block cache gives the same
+/// bytes cold and warm; the fast profile cannot copy zstd blocks into the
+/// xz diff, so it compresses them as the tails profile does (0 copied) and
+/// only stores the kit's incompressible blocks as they are; its kit applies
+/// exactly. The version picks gensquashfs 1.3.2, and the report says so.
+#[test]
+fn tails7_zstd_images_with_the_block_cache_and_the_fast_profile() {
+    require_root("fixtures with owners");
+    require_tools(&["mksquashfs", "xorriso"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path();
+    let (old_sys, new_sys) = (work.join("sys-7.0"), work.join("sys-7.1"));
+    for (sys, seed, content) in [(&old_sys, 41, b"a"), (&new_sys, 42, b"b")] {
+        random_tree(&Tree::new(sys), seed);
+        wide_directory(sys, content);
+    }
+    let old = make_iso_as(Layout::Tails7, work, "7.0", &old_sys, &|t| {
+        boot_files(t, b"k7.0", true);
+        grub_modules(t, 70);
+    });
+    let new = make_iso_as(Layout::Tails7, work, "7.1", &new_sys, &|t| {
+        boot_files(t, b"k7.1", false);
+        grub_modules(t, 71);
+    });
+    let cache = work.join("cache");
+    let kit = |name: &str, extra: &[&str]| {
+        let out = work.join(name);
+        let res = Command::new(iukfarm())
+            .env("SOURCE_DATE_EPOCH", SDE)
+            .args(["build", "--force", "--old-iso"])
+            .arg(&old)
+            .arg("--new-iso")
+            .arg(&new)
+            .arg("--out")
+            .arg(&out)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert_built(&res);
+        let says = String::from_utf8_lossy(&res.stderr).into_owned();
+        (sha256_file(&out), block_counts(&res.stderr), out, says)
+    };
+    let (plain, _, plain_kit, says) = kit("plain.iuk", &[]);
+    assert!(says.contains("gensquashfs 1.3.2's bytes"), "{says}");
+    let c = cache.to_str().unwrap();
+    let (cold, (compressed, ..), ..) = kit("cold.iuk", &["--block-cache", c]);
+    let (warm, (again, hits, ..), ..) = kit("warm.iuk", &["--block-cache", c]);
+    assert_eq!(
+        (cold.as_str(), warm.as_str()),
+        (plain.as_str(), plain.as_str())
+    );
+    assert!(
+        compressed > 0 && again == 0 && hits > 0,
+        "{compressed} {again} {hits}"
+    );
+    let (_, (_, _, copied, fragments), fast_kit, _) = kit("fast.iuk", &["--profile", "fast"]);
+    assert_eq!(
+        (copied, fragments),
+        (0, 0),
+        "zstd blocks copied into an xz diff"
+    );
+    for k in [&plain_kit, &fast_kit] {
+        run(Command::new(iukfarm())
+            .args(["verify-iuk", "-q", "--old-iso"])
+            .arg(&old)
+            .arg("--new-iso")
+            .arg(&new)
+            .arg(k));
+    }
 }
 
 /// The numbers of a line of `iukfarm build`'s report that starts with `head`.

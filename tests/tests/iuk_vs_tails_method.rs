@@ -1,21 +1,30 @@
 //! `iukfarm build` must write the same bytes as the Tails method, re-enacted
 //! by `tests/reference/tails-create-iuk.sh` with loop mounts, overlayfs,
 //! rsync, gensquashfs, bsdtar, libcdio and YAML::XS, on release pairs that
-//! cover the cases of tails-iuk.md §2.2 and §7.1.
+//! cover the cases of tails-iuk.md §2.2 and §7.1: Tails 6 releases with
+//! bookworm's gensquashfs 1.2.0, Tails 7 ones (zstd system images, a GRUB
+//! module directory, a diff with a directory of 300 entries) with trixie's
+//! 1.3.2, as Tails pins them, and with 1.2.0 when the RM asks for it.
 
 use std::path::Path;
 use std::process::Command;
 
+use iukfarm_engine::sqfs::Gensquashfs::{self, V1_2_0, V1_3_2};
 use iukfarm_tests::fixtures::random_tree;
-use iukfarm_tests::releases::{boot_files, make_iso, systems};
-use iukfarm_tests::{Tree, iukfarm, require_root, require_tools, run, sha256_file, sqfs_ls};
+use iukfarm_tests::releases::{
+    Layout, boot_files, grub_modules, make_iso, make_iso_as, systems, wide_directory,
+};
+use iukfarm_tests::{
+    Tree, iukfarm, reference_tool, require_root, require_tools, run, sha256_file, sqfs_ls,
+};
 
 /// The demo uses the same SOURCE_DATE_EPOCH.
 const SDE: &str = "1730285444";
 
-fn reference(old: &Path, new: &Path, diff_name: &str, out: &Path) {
+fn reference(v: Gensquashfs, old: &Path, new: &Path, diff_name: &str, out: &Path) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("reference/tails-create-iuk.sh");
     run(Command::new("bash")
+        .env("GENSQUASHFS", reference_tool("gensquashfs", v))
         .arg(script)
         .arg(old)
         .arg(new)
@@ -24,16 +33,13 @@ fn reference(old: &Path, new: &Path, diff_name: &str, out: &Path) {
         .env("SOURCE_DATE_EPOCH", SDE));
 }
 
-fn ours(old: &Path, new: &Path, diff_name: &str, out: &Path) {
+/// `iukfarm build`; `v` passed as --gensquashfs, else the version decides.
+fn ours(v: Option<Gensquashfs>, old: &Path, new: &Path, diff_name: &str, out: &Path) {
     run(Command::new(iukfarm())
         .env("SOURCE_DATE_EPOCH", SDE)
-        .args([
-            "build",
-            "-q",
-            "--squashfs-diff-name",
-            diff_name,
-            "--old-iso",
-        ])
+        .args(["build", "-q", "--squashfs-diff-name", diff_name])
+        .args(v.map(|v| format!("--gensquashfs={v}")))
+        .arg("--old-iso")
         .arg(old)
         .arg("--new-iso")
         .arg(new)
@@ -115,22 +121,54 @@ fn same_bytes_as_the_tails_method() {
             .file("isolinux/live.cfg", b"new /isolinux/ config\n");
     });
 
+    // 3. Tails 7: zstd system images, the GRUB module directory (a few
+    //    modules changed), a library directory of 300 changed files.
+    let (sys7a, sys7b) = (work.join("sys-7.0"), work.join("sys-7.1"));
+    for (from, to, content) in [(&old_sys, &sys7a, b"a"), (&new_sys, &sys7b, b"b")] {
+        run(Command::new("cp").arg("-a").arg(from).arg(to));
+        wide_directory(to, content);
+    }
+    let v70 = make_iso_as(Layout::Tails7, work, "7.0", &sys7a, &|t| {
+        boot_files(t, b"kernel 7.0", true);
+        grub_modules(t, 70);
+    });
+    let v71 = make_iso_as(Layout::Tails7, work, "7.1", &sys7b, &|t| {
+        boot_files(t, b"kernel 7.1", false);
+        grub_modules(t, 71);
+    });
+
     let mut failures = Vec::new();
-    let cases: [(&str, &Path, &Path); 4] = [
-        ("changes", &old, &new),
-        ("identical", &new, &new),
-        ("kernel-added", &new, &v3),
-        ("two-releases", &old, &v3),
+    // (name, old, new, the gensquashfs the reference runs, what we are told)
+    type Case<'a> = (
+        &'a str,
+        &'a Path,
+        &'a Path,
+        Gensquashfs,
+        Option<Gensquashfs>,
+    );
+    let cases: [Case; 7] = [
+        ("changes", &old, &new, V1_2_0, None),
+        ("identical", &new, &new, V1_2_0, None),
+        ("kernel-added", &new, &v3, V1_2_0, None),
+        ("two-releases", &old, &v3, V1_2_0, None),
+        ("tails7", &v70, &v71, V1_3_2, None),
+        ("tails7-identical", &v71, &v71, V1_3_2, None),
+        ("tails7-asked-1.2.0", &v70, &v71, V1_2_0, Some(V1_2_0)),
     ];
-    for (name, a, b) in cases {
+    let mut kits = std::collections::BTreeMap::new();
+    for (name, a, b, reference_v, asked) in cases {
         let diff_name = format!("{name}.squashfs");
         let r = work.join(format!("{name}.reference.iuk"));
         let o = work.join(format!("{name}.ours.iuk"));
-        reference(a, b, &diff_name, &r);
-        ours(a, b, &diff_name, &o);
+        reference(reference_v, a, b, &diff_name, &r);
+        ours(asked, a, b, &diff_name, &o);
         if sha256_file(&r) != sha256_file(&o) {
-            failures.push(format!("{name}: {}", explain(&r, &o, &diff_name)));
+            failures.push(format!(
+                "{name} (gensquashfs {reference_v}): {}",
+                explain(&r, &o, &diff_name)
+            ));
         }
+        kits.insert(name, o.clone());
         let v = Command::new(iukfarm())
             .args(["verify-iuk", "-q", "--old-iso"])
             .arg(a)
@@ -147,6 +185,18 @@ fn same_bytes_as_the_tails_method() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // The Tails 7 pair must show what changed between the two writers.
+    let (k13, k12) = (&kits["tails7"], &kits["tails7-asked-1.2.0"]);
+    let kit = run(Command::new(iukfarm()).args(["sqfs", "ls"]).arg(k13)).stdout;
+    assert!(
+        String::from_utf8_lossy(&kit).contains("module279.mod"),
+        "the Tails 7 kit lacks its GRUB modules"
+    );
+    assert_ne!(
+        sha256_file(k13),
+        sha256_file(k12),
+        "gensquashfs 1.2.0 and 1.3.2 gave the same Tails 7 kit: the pair no longer shows the difference"
+    );
 }
 
 /// The demo's natively written ISOs (no xorriso) are read by libcdio, bsdtar
@@ -171,7 +221,7 @@ fn demo_isos_and_iuks_match_the_tails_method() {
     let old = out.join("isos/tails-amd64-6.0/tails-amd64-6.0.iso");
     let new = out.join("isos/tails-amd64-6.1/tails-amd64-6.1.iso");
     let r = tmp.path().join("reference.iuk");
-    reference(&old, &new, "6.1.squashfs", &r);
+    reference(V1_2_0, &old, &new, "6.1.squashfs", &r);
     assert_eq!(
         sha256_file(&r),
         sha256_file(&out.join("release/Tails_amd64_6.0_to_6.1.iuk"))

@@ -253,6 +253,29 @@ fn publish_checks_on_the_server_resumes_a_cut_copy_and_promotes() {
         trace
     );
 
+    // Only some source versions (Tails 7's release process passes the new
+    // major's): the others, and the RM's lines for them, are left alone.
+    let only = |re: &str| {
+        let mut args = promote.to_vec();
+        args.extend(["--source-version-regexp", re]);
+        output(publish(&release, &sshd, &wrong_sums, &server, &args))
+    };
+    let (code, out) = only("6[.]0");
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("1 IUKs from source versions matching \"6[.]0\"; 1 left alone"),
+        "{out}"
+    );
+    assert!(out.contains("already published"), "{out}");
+    let (code, out) = only("6[.]1");
+    assert_eq!(code, 3, "the wrong line of 6.1 is checked: {out}");
+    assert!(out.contains(&rm[1].0), "{out}");
+    let (code, out) = only("7[.].*");
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("matches none"), "{out}");
+    let (code, out) = only("6[.");
+    assert_eq!(code, 2, "{out}");
+
     // Straight from the running coordinator, lingering once the release is
     // signed (here: restarted on the same directory, it resumes every kit
     // from its journal): fetched, checked, already published.

@@ -1,14 +1,16 @@
 //! Our reader and our images against what no one here wrote: the kernel's
 //! squashfs driver, unsquashfs 4.5.1, rdsquashfs and sqfsdiff 1.2.0, on our
-//! images and on images made by mksquashfs and gensquashfs.
+//! images and on images made by mksquashfs (Tails 7's zstd options among
+//! them) and gensquashfs 1.2.0 and 1.3.2.
 
 use std::path::Path;
 use std::process::Command;
 
+use iukfarm_engine::sqfs::Gensquashfs;
 use iukfarm_tests::fixtures::{fixtures, random_tree};
 use iukfarm_tests::{
-    Mount, Tree, diff_listings, disk_listing, image_listing, iukfarm, link_groups, open_image,
-    require_root, require_tool, run, without_empty_xattrs,
+    Mount, Tree, diff_listings, disk_listing, gensquashfs, image_listing, iukfarm, link_groups,
+    open_image, require_root, require_tool, run, without_empty_xattrs,
 };
 
 const DIFF_OPTS: &[&str] = &[
@@ -71,7 +73,6 @@ fn reads_foreign_images_like_unsquashfs() {
     require_root("mknod, chown, trusted.* xattrs and extracting them");
     require_tool("mksquashfs");
     require_tool("unsquashfs");
-    require_tool("gensquashfs");
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
     let t = Tree::new(&src);
@@ -84,6 +85,7 @@ fn reads_foreign_images_like_unsquashfs() {
                 | "fully-sparse"
                 | "duplicate-tails"
                 | "special-modes"
+                | "dir-255-256-257"
         ) {
             build(&Tree::new(&src.join(name)));
         }
@@ -108,13 +110,31 @@ fn reads_foreign_images_like_unsquashfs() {
         ),
         ("mksquashfs-gzip", vec!["-comp", "gzip"]),
         ("mksquashfs-zstd", vec!["-comp", "zstd", "-b", "64K"]),
+        // Tails 7's system image (auto/build).
+        (
+            "mksquashfs-zstd-tails7",
+            vec![
+                "-comp",
+                "zstd",
+                "-Xcompression-level",
+                "22",
+                "-b",
+                "1M",
+                "-no-exports",
+            ],
+        ),
         ("gensquashfs", vec![]),
+        ("gensquashfs-1.3.2", vec![]),
     ];
     let mut problems = Vec::new();
     for (name, opts) in makers {
         let img = tmp.path().join(format!("{name}.sqfs"));
-        if name == "gensquashfs" {
-            run(Command::new("gensquashfs")
+        if let Some(v) = name.strip_prefix("gensquashfs") {
+            let v = match v {
+                "" => Gensquashfs::V1_2_0,
+                _ => Gensquashfs::V1_3_2,
+            };
+            run(gensquashfs(v)
                 .args(["--quiet", "--keep-xattr", "--pack-dir"])
                 .arg(&src)
                 .arg(&img));
@@ -142,7 +162,7 @@ fn reads_foreign_images_like_unsquashfs() {
                 link_groups(&extracted)
             ));
         }
-        if name != "gensquashfs" && link_groups(&ours) != link_groups(&source) {
+        if !name.starts_with("gensquashfs") && link_groups(&ours) != link_groups(&source) {
             problems.push(format!("{name}: hard links of the source not seen"));
         }
         std::fs::remove_dir_all(&out).unwrap();

@@ -1,12 +1,14 @@
-//! `iukfarm sqfs pack` must write exactly the bytes gensquashfs 1.2.0 writes,
-//! for both option sets Tails uses, on trees covering every feature of the
-//! format, and whatever the number of threads.
+//! `iukfarm sqfs pack` must write exactly the bytes gensquashfs writes, 1.2.0
+//! (bookworm, Tails 6) and 1.3.2 (trixie, Tails 7) alike, for both option
+//! sets Tails uses, on trees covering every feature of the format, and
+//! whatever the number of threads.
 
 use std::path::Path;
 use std::process::Command;
 
+use iukfarm_engine::sqfs::Gensquashfs;
 use iukfarm_tests::fixtures::{fixtures, random_tree};
-use iukfarm_tests::{Tree, iukfarm, require_root, require_tool, run, sha256_file};
+use iukfarm_tests::{Tree, gensquashfs, iukfarm, require_root, run, sha256_file};
 
 const SDE: &str = "1730285444";
 /// The diff inside an IUK and the outer kit, as tails-create-iuk runs gensquashfs.
@@ -21,8 +23,8 @@ const OPTION_SETS: [&[&str]; 2] = [
     &["--keep-xattr", "--all-root"],
 ];
 
-fn gensquashfs(src: &Path, out: &Path, opts: &[&str]) {
-    run(Command::new("gensquashfs")
+fn reference(v: Gensquashfs, src: &Path, out: &Path, opts: &[&str]) {
+    run(gensquashfs(v)
         .env("SOURCE_DATE_EPOCH", SDE)
         .arg("--quiet")
         .args(opts)
@@ -31,10 +33,11 @@ fn gensquashfs(src: &Path, out: &Path, opts: &[&str]) {
         .arg(out));
 }
 
-fn ours(src: &Path, out: &Path, opts: &[&str], jobs: &str) {
+fn ours(v: Gensquashfs, src: &Path, out: &Path, opts: &[&str], jobs: &str) {
     run(Command::new(iukfarm())
         .env("SOURCE_DATE_EPOCH", SDE)
         .args(["sqfs", "pack", "--quiet", "-j", jobs])
+        .args(["--gensquashfs", v.as_str()])
         .args(opts)
         .arg("--pack-dir")
         .arg(src)
@@ -44,28 +47,55 @@ fn ours(src: &Path, out: &Path, opts: &[&str], jobs: &str) {
 #[test]
 fn byte_identical_to_gensquashfs() {
     require_root("fixtures need mknod, chown and trusted.* xattrs");
-    require_tool("gensquashfs");
     let tmp = tempfile::tempdir().unwrap();
     let all = fixtures();
     assert!(all.len() >= 30);
     let mut failures = Vec::new();
+    // Where the two versions' images differ: the fixtures must exercise
+    // what changed, or this test proves nothing about it.
+    let mut differ = Vec::new();
     for (name, build) in all {
         let src = tmp.path().join(name);
         build(&Tree::new(&src));
         for (k, opts) in OPTION_SETS.iter().enumerate() {
-            let g = tmp.path().join(format!("{name}.{k}.gen.sqfs"));
-            let o = tmp.path().join(format!("{name}.{k}.ours.sqfs"));
-            gensquashfs(&src, &g, opts);
-            ours(&src, &o, opts, "2");
-            let (hg, ho) = (sha256_file(&g), sha256_file(&o));
-            if hg != ho {
-                failures.push(format!("{name} with {opts:?}: gensquashfs {hg}, ours {ho}"));
+            let mut by_version = Vec::new();
+            for v in Gensquashfs::ALL {
+                let g = tmp.path().join(format!("{name}.{k}.{v}.gen.sqfs"));
+                let o = tmp.path().join(format!("{name}.{k}.{v}.ours.sqfs"));
+                reference(v, &src, &g, opts);
+                ours(v, &src, &o, opts, "2");
+                let (hg, ho) = (sha256_file(&g), sha256_file(&o));
+                if hg != ho {
+                    failures.push(format!(
+                        "{name} with {opts:?}: gensquashfs {v} {hg}, ours {ho}"
+                    ));
+                }
+                by_version.push(hg);
+                std::fs::remove_file(&g).unwrap();
+                std::fs::remove_file(&o).unwrap();
             }
-            std::fs::remove_file(&g).unwrap();
-            std::fs::remove_file(&o).unwrap();
+            if by_version[0] != by_version[1] {
+                differ.push(format!("{name}.{k}"));
+            }
         }
         std::fs::remove_dir_all(&src).unwrap();
     }
+    for must in [
+        "dir-255-256-257.0",
+        "dir-255-256-257.1",
+        "big-directory.0",
+        "twenty-thousand-entries.0",
+    ] {
+        assert!(
+            differ.iter().any(|d| d == must),
+            "{must}: 1.2.0 and 1.3.2 wrote the same image; the fixture no longer shows \
+             the change (differing: {differ:?})"
+        );
+    }
+    assert!(
+        !differ.iter().any(|d| d.starts_with("dir-255-only")),
+        "a directory of 255 entries differs between 1.2.0 and 1.3.2: {differ:?}"
+    );
     assert!(
         failures.is_empty(),
         "images differ:\n{}",
@@ -82,12 +112,14 @@ fn thread_count_never_changes_the_bytes() {
     let mut hashes = Vec::new();
     for jobs in ["1", "2", "8"] {
         for (k, opts) in OPTION_SETS.iter().enumerate() {
-            let o = tmp.path().join(format!("out.{jobs}.{k}"));
-            ours(&src, &o, opts, jobs);
-            hashes.push((k, sha256_file(&o)));
+            for (n, v) in Gensquashfs::ALL.into_iter().enumerate() {
+                let o = tmp.path().join(format!("out.{jobs}.{k}.{v}"));
+                ours(v, &src, &o, opts, jobs);
+                hashes.push((k * 2 + n, sha256_file(&o)));
+            }
         }
     }
-    for k in 0..OPTION_SETS.len() {
+    for k in 0..OPTION_SETS.len() * 2 {
         let set: std::collections::BTreeSet<_> =
             hashes.iter().filter(|h| h.0 == k).map(|h| &h.1).collect();
         assert_eq!(
@@ -101,7 +133,6 @@ fn thread_count_never_changes_the_bytes() {
 #[test]
 fn unsupported_xattr_namespace_is_refused_like_gensquashfs() {
     require_root("setting a POSIX ACL xattr");
-    require_tool("gensquashfs");
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
     // user::rw-, user:1000:r--, group::r--, mask::r--, other::r-- (an ACL
@@ -121,13 +152,18 @@ fn unsupported_xattr_namespace_is_refused_like_gensquashfs() {
     Tree::new(&src)
         .file("f", b"x")
         .xattr("f", "system.posix_acl_access", &acl);
-    let g = Command::new("gensquashfs")
-        .args(["--quiet", "--keep-xattr", "--pack-dir"])
-        .arg(&src)
-        .arg(tmp.path().join("g"))
-        .output()
-        .unwrap();
-    assert!(!g.status.success(), "gensquashfs accepted a system.* xattr");
+    for v in Gensquashfs::ALL {
+        let g = gensquashfs(v)
+            .args(["--quiet", "--keep-xattr", "--pack-dir"])
+            .arg(&src)
+            .arg(tmp.path().join("g"))
+            .output()
+            .unwrap();
+        assert!(
+            !g.status.success(),
+            "gensquashfs {v} accepted a system.* xattr"
+        );
+    }
     let out = tmp.path().join("o");
     let o = Command::new(iukfarm())
         .args(["sqfs", "pack", "--keep-xattr", "--pack-dir"])
@@ -151,4 +187,39 @@ fn unsupported_xattr_namespace_is_refused_like_gensquashfs() {
         leftovers.is_empty(),
         "temporary files left behind: {leftovers:?}"
     );
+}
+
+/// `sqfs pack` says whose bytes it wrote (1.3.2, what Tails 7 pins, unless
+/// told otherwise) and refuses a version it does not reproduce.
+#[test]
+fn pack_says_whose_bytes_it_wrote() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    Tree::new(&src).file("f", b"x");
+    let pack = |extra: &[&str], out: &str| {
+        Command::new(iukfarm())
+            .args(["sqfs", "pack", "--pack-dir"])
+            .arg(&src)
+            .arg(tmp.path().join(out))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    for (extra, says) in [(&[][..], "1.3.2"), (&["--gensquashfs", "1.2.0"], "1.2.0")] {
+        let o = pack(extra, says);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains(&format!("gensquashfs {says}'s bytes")),
+            "{err}"
+        );
+    }
+    let o = pack(&["--gensquashfs", "1.3.1"], "bad");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("expected 1.2.0 or 1.3.2"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(!tmp.path().join("bad").exists());
 }

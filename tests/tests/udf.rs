@@ -1,5 +1,7 @@
 //! `iukfarm udf` against Tails' generator re-enacted in Perl with YAML::XS
-//! (`reference/udf-generate.pl`), against sqv and gpg for the signatures,
+//! (`reference/udf-generate.pl`), against sqv, gpg and sqop (what Tails 7's
+//! CI and Upgrader run, as sqopv, against the full and the minimal export of
+//! the key) for the signatures,
 //! and fed from the farm's signed manifest.
 
 use std::collections::BTreeMap;
@@ -171,6 +173,41 @@ fn generate_writes_what_the_generator_writes_byte_for_byte() {
             vec!["7.0", "7.0~rc1", "7.1"],
             vec!["7.0", "7.1"],
         ),
+        // Tails 7's release process: every (N+1).0~{beta,rc}{1,2,3} besides
+        // the real next versions; a major's first RC has no IUK at all
+        // (its previous major's UDFs get the full ISO only).
+        (
+            "7.0~rc1",
+            "alpha",
+            vec![
+                "7.0~rc2",
+                "7.0",
+                "8.0~beta1",
+                "8.0~beta2",
+                "8.0~beta3",
+                "8.0~rc1",
+                "8.0~rc2",
+                "8.0~rc3",
+            ],
+            vec!["6.18", "6.19"],
+            vec![],
+        ),
+        (
+            "7.6.1",
+            "stable",
+            vec![
+                "7.6.2",
+                "7.7",
+                "8.0~beta1",
+                "8.0~beta2",
+                "8.0~beta3",
+                "8.0~rc1",
+                "8.0~rc2",
+                "8.0~rc3",
+            ],
+            vec!["7.0~rc1", "7.0~rc2", "7.0", "7.3.1", "7.6", "6.19"],
+            vec!["7.0~rc1", "7.0~rc2", "7.0", "7.3.1", "7.6"],
+        ),
     ] {
         let dir = d.path().join(version);
         let (a, b) = (dir.join("ours"), dir.join("reference"));
@@ -244,6 +281,7 @@ fn signed_udfs_verify_with_sqv_and_gpg_and_check_names_what_is_wrong() {
             .arg(f));
         let v = run(g.cmd("gpg").args(["--batch", "--verify"]).arg(&sig).arg(f));
         assert!(String::from_utf8_lossy(&v.stderr).contains("Good signature"));
+        g.sop_verify(&sig, f);
     }
     let check = |files: &[PathBuf]| {
         Command::new(iukfarm())
@@ -310,6 +348,8 @@ fn signed_udfs_verify_with_sqv_and_gpg_and_check_names_what_is_wrong() {
         .arg(&g.cert)
         .arg(format!("{}.pgp", f.display()))
         .arg(&f));
+    // gpg signs with the signing subkey: the minimal export verifies it too.
+    g.sop_verify(Path::new(&format!("{}.pgp", f.display())), &f);
 
     // A key that cannot sign (a public certificate) is bad usage, found
     // before anything is written.
@@ -462,6 +502,7 @@ fn the_release_writes_and_signs_its_udfs_once_signed() {
             .arg(&g.cert)
             .arg(&sig)
             .arg(web.join(p)));
+        g.sop_verify(Path::new(&sig), &web.join(p));
     }
     // Run again: resumed from the journal, the UDFs unchanged, not signed again.
     let r = release(&[]);

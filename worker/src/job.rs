@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use iukfarm_engine::kit::{BuildOptions, build_iuk, parse_options};
 use iukfarm_engine::sqfs::DataStats;
+use iukfarm_engine::sqfs::Gensquashfs;
 use iukfarm_proto::{CHUNK_SIZE, FarmClient, v1};
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
@@ -136,7 +137,18 @@ async fn build_and_upload(
     let dir = JobDir(ctx.cfg.cache_dir.join("jobs").join(&job.lease_id));
     std::fs::create_dir_all(&dir.0)
         .map_err(|e| JobError::Transient(format!("{}: {e}", dir.0.display())))?;
-    let (diff, profile) = parse_options(&job.engine_options)?;
+    let engine = parse_options(&job.engine_options)?;
+    // The coordinator always names the writer; a job without it is from a
+    // coordinator that predates the choice, whose release's version decides.
+    let gensquashfs = engine
+        .gensquashfs
+        .or_else(|| Gensquashfs::for_release(&job.new_version))
+        .ok_or_else(|| {
+            JobError::Bad(format!(
+                "the job names no gensquashfs version and {:?} does not tell one",
+                job.new_version
+            ))
+        })?;
 
     let delay = ctx.cfg.test.job_delay;
     let t0 = Instant::now();
@@ -169,8 +181,9 @@ async fn build_and_upload(
         diff_name: job.diff_name.clone(),
         sde: job.source_date_epoch + u32::from(ctx.cfg.test.perturb),
         threads,
-        diff,
-        profile,
+        diff: engine.diff,
+        profile: engine.profile,
+        gensquashfs,
         cache: if job.reproduction {
             None
         } else {

@@ -165,6 +165,7 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> Result<(), Err
                         git_commit: fp.git_commit,
                         liblzma_version: fp.liblzma_version,
                         iuk_format: fp.iuk_format,
+                        gensquashfs: fp.gensquashfs,
                     }),
                     slots: ctx.cfg.slots,
                     memory_bytes: ctx.cfg.memory,

@@ -11,6 +11,7 @@ use iukfarm_coordinator::config;
 use iukfarm_coordinator::inputs::Authority;
 use iukfarm_engine::diff::DiffOptions;
 use iukfarm_engine::kit::{BuildOptions, Profile, build_iuk};
+use iukfarm_engine::sqfs::Gensquashfs;
 
 use super::{Usage, usage};
 use crate::output::{persist, temp_next_to};
@@ -72,6 +73,10 @@ pub struct Args {
     /// image's compressed blocks (reproducible, not tails-create-iuk's bytes).
     #[arg(long, default_value = "tails", value_name = "tails|fast")]
     profile: Profile,
+    /// Whose bytes the IUK is: the gensquashfs Tails pins for the new version
+    /// [default: 1.3.2 for 7.0 and later, 1.2.0 before].
+    #[arg(long, value_name = "1.2.0|1.3.2")]
+    gensquashfs: Option<Gensquashfs>,
     /// Look up and keep compressed blocks here (shared with later builds; a hit gives
     /// the very bytes compressing would).
     #[arg(long, value_name = "DIR")]
@@ -148,6 +153,20 @@ pub fn run(a: Args) -> Result<ExitCode> {
         ),
     };
     config::check_file_name("diff name", &diff_name).map_err(bad)?;
+    let gensquashfs = match a.gensquashfs {
+        Some(g) => g,
+        None => {
+            let v = match (a.new_version.clone(), version_from_iso(&a.new_iso)) {
+                (Some(v), _) | (None, Some(v)) => v,
+                (None, None) => usage!(
+                    "cannot tell the new version from {}: pass --new-version, or \
+                     --gensquashfs 1.3.2 (Tails 7 and later) or 1.2.0 (Tails 6 and before)",
+                    a.new_iso.display()
+                ),
+            };
+            config::resolve_gensquashfs(None, &v).map_err(bad)?
+        }
+    };
     let out = match &a.out {
         Some(p) => p.clone(),
         None => {
@@ -197,6 +216,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
             ignore_if_same_content: a.ignore_if_same_content.clone(),
         },
         profile: a.profile,
+        gensquashfs,
         cache: match &a.block_cache {
             Some(dir) => super::open_block_cache(dir, a.block_cache_size)?,
             None => None,
@@ -221,7 +241,8 @@ pub fn run(a: Args) -> Result<ExitCode> {
     persist(kit, &out, a.force)?;
     if !a.quiet {
         eprintln!(
-            "{}: {} bytes ({} changed files, {} whiteouts, {} kernels, {} deletions) in {:.1}s",
+            "{}: {} bytes, gensquashfs {gensquashfs}'s bytes ({} changed files, {} whiteouts, \
+             {} kernels, {} deletions) in {:.1}s",
             out.display(),
             report.kit_size,
             report.diff.changed_files,

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
-use iukfarm_coordinator::config::{Config, DEFAULT_ISO_PATTERN, Reproduce};
+use iukfarm_coordinator::config::{self, Config, DEFAULT_ISO_PATTERN, Reproduce};
 use iukfarm_coordinator::manifest;
 use iukfarm_coordinator::signing::{self, SigningKey};
 
@@ -160,6 +160,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
         sources.join(", "),
         a.workers
     );
+    let gensquashfs = config::resolve_gensquashfs(None, &new_v)?;
     let cfg = Config {
         new_version: new_v,
         source_versions: sources,
@@ -171,7 +172,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
         output_dir: release_dir.clone(),
         product: "Tails".into(),
         build_target: "amd64".into(),
-        engine_options: Vec::new(),
+        engine_options: vec![format!("gensquashfs={gensquashfs}")],
         require_engine: None,
         listen: "127.0.0.1:0".parse().expect("literal address"),
         tls: None,
@@ -316,6 +317,7 @@ fn end_of_release(
             threads: 0,
             diff: Default::default(),
             profile: iukfarm_engine::kit::Profile::Tails,
+            gensquashfs: config::resolve_gensquashfs(None, new_v)?,
             cache: None,
             shared: None,
         };
@@ -375,6 +377,10 @@ fn end_of_release(
         trace_file: Some(s(&trace)),
         sudo: false,
         bwlimit: None,
+        // As Tails 7's release process verifies: the new version's major only.
+        source_version_regexp: new_v
+            .split_once('.')
+            .map(|(major, _)| format!("{major}[.].*")),
         fetch: false,
         conn: Default::default(),
     };

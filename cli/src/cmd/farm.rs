@@ -66,6 +66,10 @@ pub struct ReleaseArgs {
     /// new image's compressed blocks (reproducible, not tails-create-iuk's bytes) [default: tails].
     #[arg(long, value_name = "tails|fast")]
     profile: Option<String>,
+    /// Whose bytes the IUKs are: the gensquashfs Tails pins for the new version
+    /// [default: 1.3.2 for 7.0 and later, 1.2.0 before].
+    #[arg(long, value_name = "1.2.0|1.3.2")]
+    gensquashfs: Option<String>,
     /// Engine option for every job, e.g. ignore-if-same-content=GLOB. Repeatable.
     #[arg(long = "engine-option", value_name = "NAME=VALUE")]
     engine_options: Vec<String>,
@@ -204,11 +208,20 @@ impl ReleaseArgs {
                 engine_options.push(format!("profile={p}"));
             }
         }
+        let new_version =
+            config::check_version(need(self.new_version.or(f.new_version), "--new-version")?)?;
+        // The writer travels as an engine option too, always written out, so
+        // that every job of the release, its id and the manifest name it.
+        let given = iukfarm_engine::kit::parse_options(&engine_options)
+            .map_err(|e| E::Config(e.to_string()))?
+            .gensquashfs
+            .map(|g| g.to_string());
+        let chosen = self.gensquashfs.or(f.gensquashfs).or(given);
+        let gensquashfs = config::resolve_gensquashfs(chosen.as_deref(), &new_version)?;
+        engine_options.retain(|o| !o.starts_with("gensquashfs="));
+        engine_options.push(format!("gensquashfs={gensquashfs}"));
         Ok(Config {
-            new_version: config::check_version(need(
-                self.new_version.or(f.new_version),
-                "--new-version",
-            )?)?,
+            new_version,
             source_versions,
             source_date_epoch: sde,
             iso_root: need(self.iso_root.or(f.iso_root), "--iso-root")?,
@@ -316,11 +329,16 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<ExitCode> {
     let udf = a.udf.plan(&cfg)?;
     let output_dir = cfg.output_dir.clone();
     let code = super::block_on(async move {
+        let gensquashfs = cfg.gensquashfs();
         let running = match iukfarm_coordinator::start(cfg, None).await {
             Ok(r) => r,
             Err(e) => return Ok(failed(e)),
         };
-        eprintln!("iukfarm coordinator: listening on {}", running.addr());
+        eprintln!(
+            "iukfarm coordinator: listening on {}; IUKs with gensquashfs {}'s bytes",
+            running.addr(),
+            gensquashfs.map_or_else(|e| e.to_string(), |g| g.to_string())
+        );
         on_signal(running.canceller());
         Ok(match running.wait().await {
             Ok(o) => outcome(o),
@@ -447,10 +465,14 @@ pub async fn embedded(
             "in-process workers talk over loopback: TLS applies to `iukfarm coordinator`".into(),
         )));
     }
+    let gensquashfs = cfg.gensquashfs();
     let running: Running = match iukfarm_coordinator::start(cfg, None).await {
         Ok(r) => r,
         Err(e) => return Ok(failed(e)),
     };
+    if let Ok(g) = gensquashfs {
+        eprintln!("iukfarm release: IUKs with gensquashfs {g}'s bytes");
+    }
     let addr = running.addr();
     let url = format!("http://127.0.0.1:{}", addr.port());
     let cancel = running.canceller();

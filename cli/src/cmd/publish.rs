@@ -74,6 +74,12 @@ pub struct Args {
     /// Cap the copy's bandwidth (KiB/s).
     #[arg(long, value_name = "KIB")]
     pub(crate) bwlimit: Option<u32>,
+    /// Only the IUKs whose source version matches this regular expression (whole
+    /// version), as copy-iuks-to-rsync-server-and-verify's option: Tails 7's release
+    /// process passes "${VERSION%%.*}[.].*" (the same major). The others, and their
+    /// lines in --rm-sums, are left alone.
+    #[arg(long, value_name = "REGEXP")]
+    pub(crate) source_version_regexp: Option<String>,
     /// First download the release from the running coordinator (--coordinator and its
     /// credentials) into RELEASE_DIR, as `iukfarm fetch` does; kits already there are kept.
     #[arg(long)]
@@ -160,8 +166,37 @@ pub fn publish_release(a: &Args, remote: &Remote) -> Result<()> {
         &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
     )
     .with_context(|| format!("{}", path.display()))?;
-    let kits: Vec<Kit> = m
-        .iuks
+    let filter = match &a.source_version_regexp {
+        Some(r) => Some(
+            regex::Regex::new(&format!("^(?:{r})$"))
+                .map_err(|e| Error::Usage(format!("--source-version-regexp {r:?}: {e}")))?,
+        ),
+        None => None,
+    };
+    let (iuks, left_out): (Vec<_>, Vec<_>) = m.iuks.iter().partition(|k| {
+        filter
+            .as_ref()
+            .is_none_or(|f| f.is_match(&k.source_version))
+    });
+    if let Some(r) = &a.source_version_regexp {
+        if iuks.is_empty() {
+            return Err(Error::Usage(format!(
+                "--source-version-regexp {r:?} matches none of the release's source versions ({})",
+                m.iuks
+                    .iter()
+                    .map(|k| k.source_version.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+            .into());
+        }
+        println!(
+            "{} IUKs from source versions matching {r:?}; {} left alone",
+            iuks.len(),
+            left_out.len()
+        );
+    }
+    let kits: Vec<Kit> = iuks
         .iter()
         .map(|k| Kit {
             name: k.name.clone(),
@@ -174,10 +209,13 @@ pub fn publish_release(a: &Args, remote: &Remote) -> Result<()> {
     }
     let rm_text = std::fs::read_to_string(&a.rm_sums)
         .with_context(|| format!("reading {}", a.rm_sums.display()))?;
-    let rm = publish::parse_sums(&rm_text).map_err(|e| match e {
+    let mut rm = publish::parse_sums(&rm_text).map_err(|e| match e {
         Error::Usage(why) => Error::Usage(format!("{}: {why}", a.rm_sums.display())),
         other => other,
     })?;
+    for k in &left_out {
+        rm.remove(&k.name);
+    }
     publish::compare_with_rm(&kits, &rm)?;
     println!(
         "{} IUKs of {} match the RM's build and the manifest signed by {}",

@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use iukfarm_engine::io::{ReadAt, Slice};
 use iukfarm_engine::iso::Iso;
 use iukfarm_engine::sqfs::{
-    Archive, InodeKind, WriterOptions, XzConfig, compress::parse_size, write_image,
+    Archive, Gensquashfs, InodeKind, WriterOptions, XzConfig, compress::parse_size, write_image,
 };
 use iukfarm_engine::tree::{Kind, Node, ScanOptions, scan_dir};
 
@@ -116,8 +116,12 @@ pub struct PackArgs {
     #[arg(short = 'f', long)]
     force: bool,
     /// Compression threads (default: one per core). Output does not depend on it.
-    #[arg(short = 'j', long = "num-jobs", value_name = "COUNT")]
+    #[arg(short = 'j', long = "num-jobs", value_name = "COUNT", value_parser = super::parse_threads)]
     num_jobs: Option<usize>,
+    /// Whose bytes to write: gensquashfs 1.3.2's (Debian trixie, what Tails 7 pins) or
+    /// 1.2.0's (Debian bookworm, Tails 6).
+    #[arg(long, value_name = "1.2.0|1.3.2", default_value = "1.3.2")]
+    gensquashfs: Gensquashfs,
     /// No progress bar.
     #[arg(short = 'q', long)]
     quiet: bool,
@@ -339,6 +343,7 @@ fn pack(a: PackArgs) -> Result<ExitCode> {
     }
     let block_size = parse_size(&a.block_size, 0).context("--block-size")?;
     let mut opts = WriterOptions::with_block_size(block_size);
+    opts.gensquashfs = a.gensquashfs;
     opts.dev_block_size = parse_size(&a.dev_block_size, 0).context("--dev-block-size")?;
     let mut xz = XzConfig::for_block_size(block_size);
     if let Some(extra) = &a.comp_extra {
@@ -373,6 +378,13 @@ fn pack(a: PackArgs) -> Result<ExitCode> {
     reporter.finish();
     result.with_context(|| format!("writing {}", a.output.display()))?;
     persist(tmp, &a.output, a.force)?;
+    if !a.quiet {
+        eprintln!(
+            "{}: gensquashfs {}'s bytes",
+            a.output.display(),
+            a.gensquashfs
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

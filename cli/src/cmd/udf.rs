@@ -129,8 +129,13 @@ fn generate(a: GenerateArgs) -> Result<ExitCode> {
     let cert = key
         .as_ref()
         .map(|k| {
-            k.certificate()
-                .map_err(|e| anyhow!(super::Usage(e.to_string())))
+            let (cert, expiring) = k
+                .certificate_and_warning()
+                .map_err(|e| anyhow!(super::Usage(e.to_string())))?;
+            if let Some(w) = expiring {
+                eprintln!("iukfarm: warning: the UDFs' signing key: {w}");
+            }
+            Ok::<_, anyhow::Error>(cert)
         })
         .transpose()?;
     let (iso, iuks) = match &a.manifest {

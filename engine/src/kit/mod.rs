@@ -30,7 +30,7 @@ use crate::error::{Error, Result};
 use crate::io::{ReadAt, SeqReader};
 use crate::iso::{Iso, IsoEntry, cdio_translate};
 use crate::progress::Progress;
-use crate::sqfs::{Archive, DataStats, WriterOptions, XzConfig, write_image};
+use crate::sqfs::{Archive, DataStats, Gensquashfs, WriterOptions, XzConfig, write_image};
 use crate::tree::{FileContent, Kind, Meta, Node, OpenReader, Source};
 
 /// The content of `FORMAT`.
@@ -103,27 +103,38 @@ impl std::fmt::Display for Profile {
     }
 }
 
+/// The engine options every farm job carries (see [`parse_options`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EngineOptions {
+    pub diff: DiffOptions,
+    pub profile: Profile,
+    /// Whose bytes; `None` when not given (the release's version decides:
+    /// [`Gensquashfs::for_release`]).
+    pub gensquashfs: Option<Gensquashfs>,
+}
+
 /// Parses engine options given as `name=value` (how the coordinator passes
-/// them to every job), refusing unknown names: `profile=tails|fast` and
-/// `ignore-if-same-content=GLOB` (repeatable).
-pub fn parse_options(options: &[String]) -> Result<(DiffOptions, Profile)> {
-    let mut diff = DiffOptions::default();
-    let mut profile = Profile::default();
+/// them to every job), refusing unknown names: `profile=tails|fast`,
+/// `gensquashfs=1.2.0|1.3.2` and `ignore-if-same-content=GLOB`
+/// (repeatable).
+pub fn parse_options(options: &[String]) -> Result<EngineOptions> {
+    let mut out = EngineOptions::default();
     for opt in options {
         match opt.split_once('=') {
             Some(("ignore-if-same-content", glob)) if !glob.is_empty() => {
-                diff.ignore_if_same_content.push(glob.to_string())
+                out.diff.ignore_if_same_content.push(glob.to_string())
             }
-            Some(("profile", p)) => profile = p.parse()?,
+            Some(("profile", p)) => out.profile = p.parse()?,
+            Some(("gensquashfs", g)) => out.gensquashfs = Some(g.parse()?),
             _ => {
                 return Err(Error::Invalid(format!(
                     "unknown engine option {opt:?}; known: profile=tails|fast, \
-                     ignore-if-same-content=GLOB"
+                     gensquashfs=1.2.0|1.3.2, ignore-if-same-content=GLOB"
                 )));
             }
         }
     }
-    Ok((diff, profile))
+    Ok(out)
 }
 
 /// The writer options of the diff inside a kit: `--keep-xattr --comp-extra
@@ -147,6 +158,7 @@ pub fn kit_writer_options(sde: u32, threads: usize) -> WriterOptions {
 }
 
 fn writer_options(mut o: WriterOptions, opts: &BuildOptions) -> WriterOptions {
+    o.gensquashfs = opts.gensquashfs;
     o.cache = opts.cache.clone();
     o.shared = opts.shared.clone();
     if opts.profile == Profile::Fast {
@@ -400,6 +412,9 @@ pub struct BuildOptions {
     pub threads: usize,
     pub diff: DiffOptions,
     pub profile: Profile,
+    /// Whose bytes the diff and the kit are: the gensquashfs the release's
+    /// Tails pins ([`Gensquashfs::for_release`]).
+    pub gensquashfs: Gensquashfs,
     /// Compressed blocks shared with other builds; never changes a byte.
     pub cache: Option<Arc<BlockCache>>,
     /// The farm's shared store, behind `cache`; never changes a byte either.
@@ -687,13 +702,23 @@ mod tests {
     #[test]
     fn engine_options() {
         let o = |v: &[&str]| parse_options(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
-        let (d, p) = o(&["profile=fast", "ignore-if-same-content=a/*"]).unwrap();
+        let e = o(&[
+            "profile=fast",
+            "ignore-if-same-content=a/*",
+            "gensquashfs=1.2.0",
+        ])
+        .unwrap();
         assert_eq!(
-            (d.ignore_if_same_content, p),
-            (vec!["a/*".to_string()], Profile::Fast)
+            (e.diff.ignore_if_same_content, e.profile, e.gensquashfs),
+            (
+                vec!["a/*".to_string()],
+                Profile::Fast,
+                Some(Gensquashfs::V1_2_0)
+            )
         );
-        assert_eq!(o(&[]).unwrap().1, Profile::Tails);
+        assert_eq!(o(&[]).unwrap(), EngineOptions::default());
         assert!(o(&["profile=quick"]).is_err());
+        assert!(o(&["gensquashfs=4.6"]).is_err());
         assert!(o(&["threads=4"]).is_err());
     }
 

@@ -1,7 +1,8 @@
 //! SquashFS 4.0: on-disk format, compression, a reader that works in place
 //! at any offset of any file, and a writer whose output is byte-identical
-//! to gensquashfs 1.2.0's.
+//! to gensquashfs 1.2.0's or 1.3.2's.
 
+mod compat;
 pub mod compress;
 mod data;
 pub mod format;
@@ -10,6 +11,7 @@ mod reader;
 mod writer;
 mod xattr_table;
 
+pub use compat::Gensquashfs;
 pub use compress::XzConfig;
 pub use data::DataStats;
 pub use reader::{

@@ -1,9 +1,11 @@
-//! A SquashFS writer that produces the bytes gensquashfs 1.2.0 produces.
+//! A SquashFS writer that produces the bytes gensquashfs 1.2.0 or 1.3.2
+//! produces ([`Gensquashfs`] says which).
 //!
 //! Layout, in file order: superblock, compressor options, data area
 //! ([`super::data`]), inode table, directory table, fragment table, id
 //! table, xattr table, padding to the device block size. The order of
-//! everything inside follows libsquashfs 1.2.0:
+//! everything inside follows libsquashfs 1.2.0 (1.3.2 differs only where
+//! [`Gensquashfs`] is consulted):
 //!
 //! * inode numbers: for each directory, first its subdirectories are
 //!   numbered recursively, then all its entries in name order; the root is
@@ -15,12 +17,15 @@
 //! * inode modes are stored without the file type bits; a directory's link
 //!   count is 2 plus its number of entries; the root's parent is inode 0;
 //! * extended inodes only where needed (xattrs, sparse files, sizes or
-//!   positions beyond 32 bits, directories larger than 64 KiB).
+//!   positions beyond 32 bits, directories larger than 64 KiB; for 1.3.2
+//!   also directories of 256 entries or more), every extended directory
+//!   with an index entry per directory header.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
+use super::compat::Gensquashfs;
 use super::compress::XzConfig;
 use super::data::{DataStats, DataWriter, FileLayout};
 use super::format::{
@@ -37,6 +42,8 @@ use crate::tree::{FileContent, Kind, Node};
 /// Writer settings; the defaults are gensquashfs's.
 #[derive(Debug, Clone)]
 pub struct WriterOptions {
+    /// Whose bytes: gensquashfs 1.2.0's or 1.3.2's.
+    pub gensquashfs: Gensquashfs,
     pub block_size: u32,
     pub xz: XzConfig,
     /// SOURCE_DATE_EPOCH: the superblock's modification time. Inode times
@@ -63,6 +70,7 @@ pub struct WriterOptions {
 impl Default for WriterOptions {
     fn default() -> Self {
         WriterOptions {
+            gensquashfs: Gensquashfs::default(),
             block_size: 131072,
             xz: XzConfig::for_block_size(131072),
             mtime: 0,
@@ -231,7 +239,14 @@ pub fn write_image(
     let mut ids: Vec<u32> = Vec::new();
     for &idx in &order {
         let e = &entries[idx];
-        let inode = encode_inode(e, &entries, &area.files, &mut dirs, &mut ids)?;
+        let inode = encode_inode(
+            e,
+            &entries,
+            &area.files,
+            opts.gensquashfs,
+            &mut dirs,
+            &mut ids,
+        )?;
         entries[idx].inode_ref = inodes.reference();
         inodes.append(&inode)?;
     }
@@ -365,6 +380,7 @@ fn encode_inode(
     e: &Entry<'_>,
     entries: &[Entry<'_>],
     files: &[FileLayout],
+    gensquashfs: Gensquashfs,
     dirs: &mut MetaWriter,
     ids: &mut Vec<u32>,
 ) -> Result<Vec<u8>> {
@@ -377,7 +393,13 @@ fn encode_inode(
             let nlink = 2 + e.children.len() as u32;
             let parent = e.parent.map_or(0, |p| entries[p].inode_number);
             let size = listing.size + 3;
-            if has_xattr || listing.size > 0xFFFF - 3 {
+            // 1.3 indexes every directory of 256 entries or more, so that
+            // the kernel's lookups skip ahead; 1.2.0 only the ones it must
+            // extend anyway.
+            let indexed = gensquashfs
+                .dir_index_threshold()
+                .is_some_and(|t| e.children.len() >= t);
+            if has_xattr || listing.size > 0xFFFF - 3 || indexed {
                 body.put_u32(nlink);
                 body.put_u32(size);
                 body.put_u32(listing.start_block as u32);
