@@ -112,7 +112,7 @@ pub fn fixtures() -> Vec<(&'static str, Build)> {
                             t.file(&p, b"linked");
                         }
                         4 => {
-                            t.hardlink(&p, &format!("{dir}/e0004"));
+                            t.hardlink(&p, format!("{dir}/e0004"));
                         }
                         _ => {
                             t.file(&p, format!("{i}").as_bytes());

@@ -334,11 +334,11 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<ExitCode> {
             Ok(r) => r,
             Err(e) => return Ok(failed(e)),
         };
-        eprintln!(
-            "iukfarm coordinator: listening on {}; IUKs with gensquashfs {}'s bytes",
-            running.addr(),
-            gensquashfs.map_or_else(|e| e.to_string(), |g| g.to_string())
-        );
+        // Scripts read the address from this line: it ends with it.
+        eprintln!("iukfarm coordinator: listening on {}", running.addr());
+        if let Ok(g) = gensquashfs {
+            eprintln!("iukfarm coordinator: IUKs with gensquashfs {g}'s bytes");
+        }
         on_signal(running.canceller());
         Ok(match running.wait().await {
             Ok(o) => outcome(o),
