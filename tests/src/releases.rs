@@ -66,6 +66,20 @@ pub fn wide_directory(sys: &Path, content: &[u8]) {
     }
 }
 
+/// Tails 7.0 and 7.1 made of two systems: zstd system images, the GRUB
+/// module directory (a few modules changed), boot files; (old ISO, new ISO).
+pub fn tails7_pair(work: &Path, old_sys: &Path, new_sys: &Path) -> (PathBuf, PathBuf) {
+    let old = make_iso_as(Layout::Tails7, work, "7.0", old_sys, &|t| {
+        boot_files(t, b"kernel 7.0", true);
+        grub_modules(t, 70);
+    });
+    let new = make_iso_as(Layout::Tails7, work, "7.1", new_sys, &|t| {
+        boot_files(t, b"kernel 7.1", false);
+        grub_modules(t, 71);
+    });
+    (old, new)
+}
+
 /// Writes `work/cd-<version>/` (the system image made by mksquashfs, the
 /// boot files from `boot`) and the ISO `work/tails-amd64-<version>.iso`.
 pub fn make_iso(work: &Path, version: &str, sys: &Path, boot: &dyn Fn(&Tree)) -> PathBuf {

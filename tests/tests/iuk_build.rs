@@ -6,9 +6,7 @@ use std::path::Path;
 use std::process::Command;
 
 use iukfarm_tests::fixtures::random_tree;
-use iukfarm_tests::releases::{
-    Layout, boot_files, grub_modules, make_iso, make_iso_as, systems, wide_directory,
-};
+use iukfarm_tests::releases::{boot_files, make_iso, systems, tails7_pair, wide_directory};
 use iukfarm_tests::{
     Mount, Rng, Tree, diff_listings, disk_listing, iukfarm, require_root, require_tools, run,
     sha256_file, sqfs_ls,
@@ -623,14 +621,7 @@ fn tails7_zstd_images_with_the_block_cache_and_the_fast_profile() {
         random_tree(&Tree::new(sys), seed);
         wide_directory(sys, content);
     }
-    let old = make_iso_as(Layout::Tails7, work, "7.0", &old_sys, &|t| {
-        boot_files(t, b"k7.0", true);
-        grub_modules(t, 70);
-    });
-    let new = make_iso_as(Layout::Tails7, work, "7.1", &new_sys, &|t| {
-        boot_files(t, b"k7.1", false);
-        grub_modules(t, 71);
-    });
+    let (old, new) = tails7_pair(work, &old_sys, &new_sys);
     let cache = work.join("cache");
     let kit = |name: &str, extra: &[&str]| {
         let out = work.join(name);

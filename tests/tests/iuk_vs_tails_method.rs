@@ -11,9 +11,7 @@ use std::process::Command;
 
 use iukfarm_engine::sqfs::Gensquashfs::{self, V1_2_0, V1_3_2};
 use iukfarm_tests::fixtures::random_tree;
-use iukfarm_tests::releases::{
-    Layout, boot_files, grub_modules, make_iso, make_iso_as, systems, wide_directory,
-};
+use iukfarm_tests::releases::{boot_files, make_iso, systems, tails7_pair, wide_directory};
 use iukfarm_tests::{
     Tree, iukfarm, reference_tool, require_root, require_tools, run, sha256_file, sqfs_ls,
 };
@@ -128,14 +126,7 @@ fn same_bytes_as_the_tails_method() {
         run(Command::new("cp").arg("-a").arg(from).arg(to));
         wide_directory(to, content);
     }
-    let v70 = make_iso_as(Layout::Tails7, work, "7.0", &sys7a, &|t| {
-        boot_files(t, b"kernel 7.0", true);
-        grub_modules(t, 70);
-    });
-    let v71 = make_iso_as(Layout::Tails7, work, "7.1", &sys7b, &|t| {
-        boot_files(t, b"kernel 7.1", false);
-        grub_modules(t, 71);
-    });
+    let (v70, v71) = tails7_pair(work, &sys7a, &sys7b);
 
     let mut failures = Vec::new();
     // (name, old, new, the gensquashfs the reference runs, what we are told)
