@@ -136,14 +136,12 @@ pub const DEFAULT_ISO_PATTERN: &str = "tails-amd64-{version}/tails-amd64-{versio
 /// The writer a release uses: the RM's choice, else the one Tails pins for
 /// the new version.
 pub fn resolve_gensquashfs(
-    chosen: Option<&str>,
+    chosen: Option<iukfarm_engine::sqfs::Gensquashfs>,
     new_version: &str,
 ) -> Result<iukfarm_engine::sqfs::Gensquashfs, Error> {
     use iukfarm_engine::sqfs::Gensquashfs;
     match chosen {
-        Some(g) => g
-            .parse::<Gensquashfs>()
-            .map_err(|e| Error::Config(format!("--gensquashfs: {e}"))),
+        Some(g) => Ok(g),
         None => Gensquashfs::for_release(new_version).ok_or_else(|| {
             Error::Config(format!(
                 "cannot tell from version {new_version:?} which gensquashfs Tails pins for it: \

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use iukfarm_engine::kit::{BuildOptions, build_iuk, parse_options};
 use iukfarm_engine::sqfs::DataStats;
-use iukfarm_engine::sqfs::Gensquashfs;
 use iukfarm_proto::{CHUNK_SIZE, FarmClient, v1};
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
@@ -138,17 +137,11 @@ async fn build_and_upload(
     std::fs::create_dir_all(&dir.0)
         .map_err(|e| JobError::Transient(format!("{}: {e}", dir.0.display())))?;
     let engine = parse_options(&job.engine_options)?;
-    // The coordinator always names the writer; a job without it is from a
-    // coordinator that predates the choice, whose release's version decides.
+    // The coordinator always names the writer: guessing it here could mix
+    // two writers in one release.
     let gensquashfs = engine
         .gensquashfs
-        .or_else(|| Gensquashfs::for_release(&job.new_version))
-        .ok_or_else(|| {
-            JobError::Bad(format!(
-                "the job names no gensquashfs version and {:?} does not tell one",
-                job.new_version
-            ))
-        })?;
+        .ok_or_else(|| JobError::Bad("the job names no gensquashfs version".into()))?;
 
     let delay = ctx.cfg.test.job_delay;
     let t0 = Instant::now();

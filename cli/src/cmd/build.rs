@@ -155,17 +155,11 @@ pub fn run(a: Args) -> Result<ExitCode> {
     config::check_file_name("diff name", &diff_name).map_err(bad)?;
     let gensquashfs = match a.gensquashfs {
         Some(g) => g,
-        None => {
-            let v = match (a.new_version.clone(), version_from_iso(&a.new_iso)) {
-                (Some(v), _) | (None, Some(v)) => v,
-                (None, None) => usage!(
-                    "cannot tell the new version from {}: pass --new-version, or \
-                     --gensquashfs 1.3.2 (Tails 7 and later) or 1.2.0 (Tails 6 and before)",
-                    a.new_iso.display()
-                ),
-            };
-            config::resolve_gensquashfs(None, &v).map_err(bad)?
-        }
+        None => config::resolve_gensquashfs(
+            None,
+            &version(&a.new_version, &a.new_iso, "--new-version or --gensquashfs")?,
+        )
+        .map_err(bad)?,
     };
     let out = match &a.out {
         Some(p) => p.clone(),

@@ -69,7 +69,7 @@ pub struct ReleaseArgs {
     /// Whose bytes the IUKs are: the gensquashfs Tails pins for the new version
     /// [default: 1.3.2 for 7.0 and later, 1.2.0 before].
     #[arg(long, value_name = "1.2.0|1.3.2")]
-    gensquashfs: Option<String>,
+    gensquashfs: Option<iukfarm_engine::sqfs::Gensquashfs>,
     /// Engine option for every job, e.g. ignore-if-same-content=GLOB. Repeatable.
     #[arg(long = "engine-option", value_name = "NAME=VALUE")]
     engine_options: Vec<String>,
@@ -212,12 +212,16 @@ impl ReleaseArgs {
             config::check_version(need(self.new_version.or(f.new_version), "--new-version")?)?;
         // The writer travels as an engine option too, always written out, so
         // that every job of the release, its id and the manifest name it.
+        let from_file = f
+            .gensquashfs
+            .map(|g| g.parse())
+            .transpose()
+            .map_err(|e: iukfarm_engine::Error| E::Config(format!("gensquashfs: {e}")))?;
         let given = iukfarm_engine::kit::parse_options(&engine_options)
             .map_err(|e| E::Config(e.to_string()))?
-            .gensquashfs
-            .map(|g| g.to_string());
-        let chosen = self.gensquashfs.or(f.gensquashfs).or(given);
-        let gensquashfs = config::resolve_gensquashfs(chosen.as_deref(), &new_version)?;
+            .gensquashfs;
+        let chosen = self.gensquashfs.or(from_file).or(given);
+        let gensquashfs = config::resolve_gensquashfs(chosen, &new_version)?;
         engine_options.retain(|o| !o.starts_with("gensquashfs="));
         engine_options.push(format!("gensquashfs={gensquashfs}"));
         Ok(Config {
