@@ -89,7 +89,7 @@ for v in $versions; do
     mksquashfs "$work/$v" "$cd_dir/live/filesystem.squashfs" -noappend -no-progress -quiet \
         -comp xz -Xbcj x86 -b 1M -Xdict-size 1M
     if [ "$v" = new ]; then image_mib=$(($(stat -c %s "$cd_dir/live/filesystem.squashfs") >> 20)); fi
-    xorriso -as mkisofs -quiet -R -r -J -o "$work/$v.iso" "$cd_dir" 2>/dev/null
+    SOURCE_DATE_EPOCH=1729075844 xorriso -as mkisofs -quiet -R -r -J -o "$work/$v.iso" "$cd_dir" 2>/dev/null
     rm -rf "$cd_dir" "${work:?}/$v"
 done
 export SOURCE_DATE_EPOCH=1730285444

@@ -53,4 +53,4 @@ fi
 IUKFARM_TRIXIE_BIN=$(./scripts/trixie-sqfs-tools.sh)
 export IUKFARM_TRIXIE_BIN
 
-exec cargo test --workspace "$@"
+exec cargo test --workspace --no-fail-fast "$@"

@@ -80,6 +80,8 @@ fn make_iso(work: &Path, tails: u8, version: &str, sys: &Path, kernel: &[u8]) ->
         .args(comp))?;
     let iso = work.join(format!("tails-amd64-{version}.iso"));
     run(Command::new("xorriso")
+        // Dated before the kits, as a Tails build dates its ISO.
+        .env("SOURCE_DATE_EPOCH", "1729075844")
         .args(["-as", "mkisofs", "-quiet", "-R", "-r", "-J", "-o"])
         .arg(&iso)
         .arg(&cd))?;

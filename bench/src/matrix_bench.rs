@@ -66,7 +66,7 @@ fn main() -> Result<()> {
             .arg(&isos),
     )?;
     eprintln!("  {:.1}s", samples.wall);
-    let versions: Vec<String> = (0..releases).map(|r| format!("6.{r}")).collect();
+    let versions: Vec<String> = (0..releases).map(|r| format!("7.{r}")).collect();
     let new = versions.last().unwrap().clone();
     let sources = &versions[..versions.len() - 1];
     let iso = |v: &str| isos.join(format!("tails-amd64-{v}/tails-amd64-{v}.iso"));

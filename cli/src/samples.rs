@@ -5,7 +5,11 @@
 //! Release `n` of the series is release `n - 1` plus point-release churn:
 //! some packages updated (binaries and their docs rewritten), some added,
 //! some removed, a changed kernel every other release, and a new
-//! `/etc/os-release`.
+//! `/etc/os-release`. Tails 7's layout (the default) also has a zstd
+//! system image, a GRUB module directory of 280 files and a library
+//! directory of 300 files that all change in every release (so that every
+//! diff holds a directory gensquashfs 1.3 indexes); Tails 6's has an xz
+//! image. Releases are four weeks apart, the newest dated [`SAMPLE_SDE`].
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,10 +19,32 @@ use anyhow::Context;
 use iukfarm_engine::Progress;
 use iukfarm_engine::iso_writer::write_iso;
 use iukfarm_engine::kit::diff_writer_options;
-use iukfarm_engine::sqfs::write_image;
+use iukfarm_engine::sqfs::{WriterOptions, write_image};
 use iukfarm_engine::tree::{FileContent, Kind, Meta, Node, Source};
 
 use crate::output::{persist, temp_next_to};
+
+/// Which Tails a sample series looks like.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Layout {
+    /// Tails 7 (trixie): zstd system images (level 22, 1 MiB blocks), a
+    /// GRUB module directory, versions 7.x.
+    #[default]
+    #[value(name = "7")]
+    Tails7,
+    /// Tails 6 (bookworm): xz system images, versions 6.x.
+    #[value(name = "6")]
+    Tails6,
+}
+
+impl Layout {
+    fn major(self) -> u64 {
+        match self {
+            Layout::Tails7 => 7,
+            Layout::Tails6 => 6,
+        }
+    }
+}
 
 /// Deterministic PRNG (xorshift64*).
 struct Rng(u64);
@@ -127,7 +153,7 @@ fn package_version(p: u64, rel: u64) -> u64 {
 /// is roughly the size in MiB. With `big_mib`, a library of that many MiB
 /// that changes in every release (like Tor Browser's libxul.so): blocks that
 /// every IUK of a release carries.
-pub fn system_tree(rel: u64, scale: u64, big_mib: u64) -> Node {
+pub fn system_tree(rel: u64, scale: u64, big_mib: u64, layout: Layout) -> Node {
     let packages = 12 * scale.max(1);
     let mut bin = Vec::new();
     let mut lib = Vec::new();
@@ -182,9 +208,30 @@ pub fn system_tree(rel: u64, scale: u64, big_mib: u64) -> Node {
         ));
     }
     let kernel = 1 + rel / 2;
+    let v = version(rel, layout);
     let os_release = format!(
-        "NAME=\"Tails\"\nID=\"tails\"\nVERSION=\"6.{rel}\"\nTAILS_PRODUCT_NAME=\"Tails\"\nTAILS_VERSION_ID=\"6.{rel}\"\n"
+        "NAME=\"Tails\"\nID=\"tails\"\nVERSION=\"{v}\"\nTAILS_PRODUCT_NAME=\"Tails\"\nTAILS_VERSION_ID=\"{v}\"\n"
     );
+    let kernel_dir = match layout {
+        Layout::Tails7 => format!("6.12.{kernel}+deb13-amd64"),
+        Layout::Tails6 => format!("6.1.0-{kernel}-amd64"),
+    };
+    let mut usr_lib = vec![dir("lib", lib)];
+    if layout == Layout::Tails7 {
+        // Rebuilt in every release (like libraries of a security update).
+        usr_lib.push(dir(
+            "x86_64-linux-gnu",
+            (0..300u64)
+                .map(|i| {
+                    file(
+                        &format!("libwide{i:03}.so.1"),
+                        0o644,
+                        binary(5_000_000 + i * 100 + rel, 1_000 + (i as usize * 37) % 3_000),
+                    )
+                })
+                .collect(),
+        ));
+    }
     let mut amnesia = dir("amnesia", vec![file(".bashrc", 0o644, text(7, 3_500))]);
     amnesia.meta.uid = 1000;
     amnesia.meta.gid = 1000;
@@ -204,18 +251,18 @@ pub fn system_tree(rel: u64, scale: u64, big_mib: u64) -> Node {
             ),
             dir(
                 "usr",
-                vec![
-                    dir("bin", bin),
-                    dir("lib", lib),
-                    dir("share", vec![dir("doc", doc)]),
-                ],
+                [dir("bin", bin)]
+                    .into_iter()
+                    .chain(usr_lib)
+                    .chain([dir("share", vec![dir("doc", doc)])])
+                    .collect(),
             ),
             dir(
                 "lib",
                 vec![dir(
                     "modules",
                     vec![dir(
-                        &format!("6.1.0-{kernel}-amd64"),
+                        &kernel_dir,
                         vec![file("vmlinuz-stub.ko", 0o644, binary(kernel * 31, 400_000))],
                     )],
                 )],
@@ -244,111 +291,192 @@ pub fn set_mtime(n: &mut Node, t: u32) {
     }
 }
 
-/// The SOURCE_DATE_EPOCH of the sample releases (Tails 6.9's).
+/// The SOURCE_DATE_EPOCH of the newest sample release (Tails 6.9's).
 pub const SAMPLE_SDE: u32 = 1_730_285_444;
 
-/// Version of sample release `rel`.
-pub fn version(rel: u64) -> String {
-    format!("6.{rel}")
+/// Sample releases come out this often.
+const RELEASE_INTERVAL: u32 = 28 * 86_400;
+
+/// The SOURCE_DATE_EPOCH of release `rel` of `releases`: its ISO's date
+/// and its files' time, as in Tails' builds.
+pub fn release_date(rel: u64, releases: u64) -> u32 {
+    SAMPLE_SDE - (releases - 1 - rel) as u32 * RELEASE_INTERVAL
 }
 
-fn iso_file(name: &str, data: impl Into<Vec<u8>>) -> Node {
+/// Version of sample release `rel`.
+pub fn version(rel: u64, layout: Layout) -> String {
+    format!("{}.{rel}", layout.major())
+}
+
+fn iso_file(name: &str, data: impl Into<Vec<u8>>, date: u32) -> Node {
     let mut n = file(name, 0o444, data.into());
-    n.meta.mtime = SAMPLE_SDE;
+    n.meta.mtime = date;
     n
 }
 
-fn iso_dir(name: &str, children: Vec<Node>) -> Node {
+fn iso_dir(name: &str, children: Vec<Node>, date: u32) -> Node {
     let mut n = dir(name, children);
     n.meta.mode = 0o555;
-    n.meta.mtime = SAMPLE_SDE;
+    n.meta.mtime = date;
     n
 }
+
+/// What Tails' installer runs as `utils/linux/syslinux` (through sudo,
+/// on the boot device): a stand-in that checks its arguments and does
+/// nothing, so that installing a sample kit works.
+const SYSLINUX: &str = "#!/bin/sh\n\
+# iukfarm sample release: a stand-in for syslinux, which writes nothing.\n\
+[ \"$#\" -gt 0 ] || { echo \"usage: syslinux [options] device\" >&2; exit 1; }\n\
+exit 0\n";
 
 /// The ISO of sample release `rel`: its system image plus boot files; the
 /// kernel changes every other release, a boot file goes away in the last.
-fn iso_tree(rel: u64, last: bool, image: &Path, image_size: u64) -> Node {
+fn iso_tree(
+    rel: u64,
+    last: bool,
+    layout: Layout,
+    date: u32,
+    image: &Path,
+    image_size: u64,
+) -> Node {
     let kernel = 1 + rel / 2;
-    let mut efi_boot = vec![iso_file("bootx64.efi", format!("EFI loader {kernel}\n"))];
+    let file = |name: &str, data: Vec<u8>| iso_file(name, data, date);
+    let dir = |name: &str, children: Vec<Node>| iso_dir(name, children, date);
+    let mut efi_boot = vec![file("bootx64.efi", format!("EFI loader {kernel}\n").into())];
     if !last {
-        efi_boot.push(iso_file(
+        efi_boot.push(file(
             "grubx64.efi",
-            "legacy loader, dropped in the newest release\n",
+            b"legacy loader, dropped in the newest release\n".to_vec(),
         ));
     }
-    let mut image_node = iso_file("filesystem.squashfs", Vec::new());
+    if layout == Layout::Tails7 {
+        // GRUB's modules; a few change in each release.
+        let modules = (0..280u64)
+            .map(|i| {
+                let stamp = if i % 40 == 0 { rel } else { 0 };
+                file(
+                    &format!("module{i:03}.mod"),
+                    binary(7_000_000 + i * 100 + stamp, 200 + (i as usize * 37) % 3_000),
+                )
+            })
+            .collect();
+        efi_boot.push(dir("grub", vec![dir("x86_64-efi", modules)]));
+    }
+    let mut image_node = file("filesystem.squashfs", Vec::new());
     image_node.kind = Kind::File(FileContent {
         size: image_size,
         source: Source::Path(image.to_path_buf()),
     });
-    iso_dir(
+    let mut syslinux = file("syslinux", SYSLINUX.into());
+    syslinux.meta.mode = 0o555;
+    let mut root = dir(
         "",
         vec![
-            iso_dir("EFI", vec![iso_dir("BOOT", efi_boot)]),
-            iso_dir(
+            dir("EFI", vec![dir("BOOT", efi_boot)]),
+            dir(
                 "isolinux",
                 vec![
-                    iso_file("isolinux.cfg", "include /isolinux/live.cfg\ndefault live\n"),
-                    iso_file(
+                    file(
+                        "isolinux.cfg",
+                        b"include /isolinux/live.cfg\ndefault live\n".to_vec(),
+                    ),
+                    file(
                         "live.cfg",
                         format!(
-                            "label live\n  kernel /live/vmlinuz\n  append initrd=/live/initrd.img # 6.{rel}\n"
-                        ),
+                            "label live\n  kernel /live/vmlinuz\n  append initrd=/live/initrd.img # {}\n",
+                            version(rel, layout)
+                        )
+                        .into(),
                     ),
                 ],
             ),
-            iso_dir(
+            dir(
                 "live",
                 vec![
                     image_node,
-                    iso_file(
+                    file(
                         "initrd.img",
-                        format!("initramfs for kernel {kernel}\n").repeat(2000),
+                        format!("initramfs for kernel {kernel}\n").repeat(2000).into(),
                     ),
-                    iso_file("vmlinuz", format!("kernel {kernel}\n").repeat(5000)),
+                    file("vmlinuz", format!("kernel {kernel}\n").repeat(5000).into()),
                 ],
             ),
-            iso_dir(
+            dir(
                 "utils",
                 vec![
-                    iso_dir("linux", vec![iso_file("syslinux", "syslinux installer\n")]),
-                    iso_dir("mbr", vec![iso_file("mbr.bin", vec![0u8; 440])]),
+                    dir("linux", vec![syslinux]),
+                    dir("mbr", vec![file("mbr.bin", vec![0u8; 440])]),
                 ],
             ),
         ],
-    )
+    );
+    root.meta.mtime = date;
+    root
 }
 
-/// Writes `releases` sample releases as a Tails-layout ISO archive under
+/// How sample release images are written: Tails 7's zstd (`auto/build`:
+/// level 22, 1 MiB blocks) or Tails 6's xz.
+fn image_options(layout: Layout, date: u32, threads: usize) -> WriterOptions {
+    let mut o = diff_writer_options(date, threads);
+    if layout == Layout::Tails7 {
+        o.zstd_level = Some(22);
+    }
+    o
+}
+
+/// What a series of sample releases is like.
+#[derive(Debug, Clone, Copy)]
+pub struct Series {
+    pub layout: Layout,
+    pub releases: u64,
+    /// Roughly each system's size in MiB.
+    pub scale: u64,
+    /// A library of this many MiB that changes in every release (0: none).
+    pub big_mib: u64,
+}
+
+/// Writes a series of sample releases as a Tails-layout ISO archive under
 /// `root` (`tails-amd64-<v>/tails-amd64-<v>.iso`); returns (version, ISO).
 pub fn write_releases(
     root: &Path,
-    releases: u64,
-    scale: u64,
-    big_mib: u64,
+    series: Series,
     threads: usize,
     progress: &dyn Progress,
     mut said: impl FnMut(String),
 ) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    let Series {
+        layout,
+        releases,
+        scale,
+        big_mib,
+    } = series;
     let mut isos = Vec::new();
     for rel in 0..releases {
-        let version = version(rel);
+        let version = version(rel, layout);
+        let date = release_date(rel, releases);
         let t = Instant::now();
         let dir = root.join(format!("tails-amd64-{version}"));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let mut system = system_tree(rel, scale, big_mib);
-        set_mtime(&mut system, SAMPLE_SDE);
+        let mut system = system_tree(rel, scale, big_mib, layout);
+        set_mtime(&mut system, date);
         let image = tempfile::NamedTempFile::new_in(&dir)?;
         let stats = write_image(
             &system,
-            &diff_writer_options(SAMPLE_SDE, threads),
+            &image_options(layout, date, threads),
             image.as_file(),
             progress,
         )
         .with_context(|| format!("writing the system image of {version}"))?;
         let iso_path = dir.join(format!("tails-amd64-{version}.iso"));
         let tmp = temp_next_to(&iso_path)?;
-        let tree = iso_tree(rel, rel + 1 == releases, image.path(), stats.image_size);
+        let tree = iso_tree(
+            rel,
+            rel + 1 == releases,
+            layout,
+            date,
+            image.path(),
+            stats.image_size,
+        );
         write_iso(
             &tree,
             &format!("TAILS {version}"),
@@ -374,9 +502,9 @@ mod tests {
 
     #[test]
     fn releases_differ_but_are_deterministic() {
-        let a = system_tree(1, 2, 1);
-        let b = system_tree(1, 2, 1);
-        let c = system_tree(2, 2, 1);
+        let a = system_tree(1, 2, 1, Layout::Tails7);
+        let b = system_tree(1, 2, 1, Layout::Tails7);
+        let c = system_tree(2, 2, 1, Layout::Tails7);
         use iukfarm_engine::compare::{CompareOptions, compare_trees};
         assert!(
             compare_trees(&a, &b, CompareOptions::default())

@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use iukfarm_engine::kit::CheckedIso;
+
 use crate::Error;
 
 pub fn hex(bytes: &[u8]) -> String {
@@ -49,7 +51,7 @@ pub struct IsoInput {
 
 /// Checks that a version's ISO is there and usable; the message names the
 /// file and what is wrong with it.
-pub fn check(version: &str, path: &Path) -> Result<u64, Error> {
+pub fn check(version: &str, path: &Path) -> Result<CheckedIso, Error> {
     let meta = std::fs::metadata(path).map_err(|e| {
         Error::BadInput(format!(
             "ISO of {version}: {}: {}",

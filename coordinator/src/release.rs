@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use iukfarm_engine::fingerprint::Fingerprint;
+use iukfarm_engine::kit::check_source_date;
 use iukfarm_proto::v1;
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
@@ -100,12 +101,17 @@ pub async fn start(cfg: Config, listener: Option<TcpListener>) -> Result<Running
         cfg.iso_keyring.as_deref(),
     )?);
     let auth = authority.clone();
+    let (new_version, sde) = (cfg.new_version.clone(), cfg.source_date_epoch);
     let checked = tokio::task::spawn_blocking(move || {
         relpaths
             .into_iter()
             .map(|(v, rel)| {
                 let path = root.join(&rel);
-                let system_size = inputs::check(&v, &path)?;
+                let iso = inputs::check(&v, &path)?;
+                if v != new_version {
+                    check_source_date(sde, iso.created, &format!("the ISO of {v}"))
+                        .map_err(|e| Error::BadInput(e.to_string()))?;
+                }
                 auth.precheck(&v, &path, &rel)?;
                 let size = std::fs::metadata(&path)
                     .map_err(|e| Error::io(&path, e))?
@@ -116,7 +122,7 @@ pub async fn start(cfg: Config, listener: Option<TcpListener>) -> Result<Running
                     path,
                     size,
                     sha256: String::new(),
-                    system_size,
+                    system_size: iso.system_size,
                 })
             })
             .collect::<Result<Vec<_>, Error>>()

@@ -47,6 +47,8 @@ pub struct Iso {
     susp_skip: usize,
     /// The volume's size as its primary descriptor states it.
     volume_bytes: u64,
+    /// The primary descriptor's creation date (else its modification date).
+    created: Option<i64>,
 }
 
 #[derive(Debug, Clone)]
@@ -64,6 +66,7 @@ impl Iso {
         let mut primary = None;
         let mut joliet = None;
         let mut volume_bytes = 0;
+        let mut created = None;
         for i in 16..256u64 {
             let mut vd = vec![0u8; SECTOR as usize];
             if (i + 1) * SECTOR > len {
@@ -83,6 +86,8 @@ impl Iso {
                     let blocks = u32::from_le_bytes(vd[80..84].try_into().unwrap());
                     let block = u16::from_le_bytes(vd[128..130].try_into().unwrap());
                     volume_bytes = blocks as u64 * block as u64;
+                    created = parse_volume_date(&vd[813..830])
+                        .or_else(|| parse_volume_date(&vd[830..847]));
                     primary = Some(parse_record(&vd[156..190])?.0)
                 }
                 2 if matches!(&vd[88..91], b"%/@" | b"%/C" | b"%/E") => {
@@ -103,6 +108,7 @@ impl Iso {
             naming: Naming::Plain,
             susp_skip: 0,
             volume_bytes,
+            created,
         };
         // Rock Ridge announces itself with "SP" in the root's "." record.
         let first = iso.raw_records(&root)?.into_iter().next();
@@ -118,6 +124,13 @@ impl Iso {
             iso.naming = Naming::Joliet;
         }
         Ok(iso)
+    }
+
+    /// When the volume was made, in seconds since the epoch, as its primary
+    /// volume descriptor says (xorriso takes it from SOURCE_DATE_EPOCH, so
+    /// for a Tails ISO it is the release's date); `None` if not recorded.
+    pub fn created(&self) -> Option<i64> {
+        self.created
     }
 
     pub fn naming(&self) -> Naming {
@@ -472,6 +485,33 @@ impl Iso {
     }
 }
 
+/// An ISO 9660 "dec-datetime" (`YYYYMMDDHHMMSScc` and an offset from GMT
+/// in 15-minute steps) as seconds since the epoch; `None` when all digits
+/// are zero ("not specified") or the field is not a date.
+pub fn parse_volume_date(f: &[u8]) -> Option<i64> {
+    let digits = std::str::from_utf8(f.get(..14)?).ok()?;
+    if !digits.bytes().all(|d| d.is_ascii_digit()) || digits.bytes().all(|d| d == b'0') {
+        return None;
+    }
+    let date = chrono::NaiveDateTime::parse_from_str(digits, "%Y%m%d%H%M%S").ok()?;
+    let offset = i64::from(*f.get(16)? as i8);
+    Some(date.and_utc().timestamp() - offset * 15 * 60)
+}
+
+/// [`parse_volume_date`]'s 16 digits for a time, in GMT (the offset byte
+/// after them stays 0).
+pub fn format_volume_date(t: i64) -> [u8; 16] {
+    chrono::DateTime::from_timestamp(t, 0)
+        .and_then(|d| {
+            d.format("%Y%m%d%H%M%S00")
+                .to_string()
+                .into_bytes()
+                .try_into()
+                .ok()
+        })
+        .unwrap_or([b'0'; 16])
+}
+
 /// libcdio's `iso9660_name_translate` as Tails' `delete_files` sees names:
 /// ASCII letters lower-cased, a trailing `;1` or `.;1` dropped, any other
 /// `;` turned into `.`.
@@ -571,6 +611,28 @@ impl ReadAt for Extents {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn volume_dates_read_as_xorriso_writes_them() {
+        // xorriso with SOURCE_DATE_EPOCH=1700000000, GMT.
+        assert_eq!(
+            parse_volume_date(b"2023111422132000\0"),
+            Some(1_700_000_000)
+        );
+        // Local time with an offset: 12:13:20 at GMT-10:00 is 22:13:20 GMT.
+        assert_eq!(
+            parse_volume_date(b"2023111412132000\xd8"),
+            Some(1_700_000_000)
+        );
+        assert_eq!(parse_volume_date(b"0000000000000000\0"), None);
+        assert_eq!(parse_volume_date(b"2023131422132000\0"), None);
+        assert_eq!(parse_volume_date(b"20231114"), None);
+        assert_eq!(&format_volume_date(1_730_285_444), b"2024103010504400");
+        assert_eq!(
+            parse_volume_date(&[&format_volume_date(1_730_285_444)[..], &[0]].concat()),
+            Some(1_730_285_444)
+        );
+    }
 
     #[test]
     fn translate_like_libcdio() {

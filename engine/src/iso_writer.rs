@@ -283,6 +283,13 @@ pub fn write_iso(root: &Node, volume_id: &str, out: &mut File) -> Result<u64> {
     for field in [813usize, 830, 847, 864] {
         pvd[field..field + 16].fill(b'0');
     }
+    // Created and modified when the root was (as xorriso dates a volume
+    // from SOURCE_DATE_EPOCH): Tails' release date, which the IUK build checks.
+    if root.meta.mtime != 0 {
+        let date = crate::iso::format_volume_date(root.meta.mtime as i64);
+        pvd[813..829].copy_from_slice(&date);
+        pvd[830..846].copy_from_slice(&date);
+    }
     pvd[881] = 1;
 
     let mut term = vec![0u8; SECTOR as usize];

@@ -10,11 +10,13 @@ use std::time::{Duration, Instant};
 
 use crate::{iukfarm, run, sha256_file};
 
-/// SOURCE_DATE_EPOCH of `iukfarm samples`' releases.
+/// SOURCE_DATE_EPOCH of the newest of `iukfarm samples`' releases (each
+/// older one is dated four weeks before the next).
 pub const SDE: &str = "1730285444";
 
 /// A sample ISO archive shared by the tests of one binary: releases
-/// 6.0 ... 6.(n-1), each `tails-amd64-<v>/tails-amd64-<v>.iso`.
+/// 7.0 ... 7.(n-1) (6.x with `--layout 6`), each
+/// `tails-amd64-<v>/tails-amd64-<v>.iso`.
 pub struct Archive {
     pub dir: tempfile::TempDir,
     pub versions: Vec<String>,
@@ -39,9 +41,13 @@ impl Archive {
             ])
             .arg(dir.path())
             .args(extra));
+        let major = match extra.windows(2).find(|w| w[0] == "--layout") {
+            Some(w) => w[1],
+            None => "7",
+        };
         Archive {
             dir,
-            versions: (0..releases).map(|r| format!("6.{r}")).collect(),
+            versions: (0..releases).map(|r| format!("{major}.{r}")).collect(),
         }
     }
 

@@ -80,6 +80,10 @@ pub fn tails7_pair(work: &Path, old_sys: &Path, new_sys: &Path) -> (PathBuf, Pat
     (old, new)
 }
 
+/// The date of the releases [`make_iso`] makes (their ISOs' volume date):
+/// two weeks before the tests' SOURCE_DATE_EPOCH, 1730285444.
+pub const ISO_DATE: u32 = 1_729_075_844;
+
 /// Writes `work/cd-<version>/` (the system image made by mksquashfs, the
 /// boot files from `boot`) and the ISO `work/tails-amd64-<version>.iso`.
 pub fn make_iso(work: &Path, version: &str, sys: &Path, boot: &dyn Fn(&Tree)) -> PathBuf {
@@ -109,6 +113,8 @@ pub fn make_iso_as(
         .args(["-b", "1M"]));
     let iso = work.join(format!("tails-amd64-{version}.iso"));
     run(Command::new("xorriso")
+        // Dates the volume, as Tails' build does: earlier than the kits'.
+        .env("SOURCE_DATE_EPOCH", ISO_DATE.to_string())
         .args([
             "-as",
             "mkisofs",

@@ -155,15 +155,15 @@ fn release_over_three_workers_matches_local_builds_and_is_signed() {
     assert_eq!(m["iuks"].as_array().unwrap().len(), 4);
     assert_eq!(m["inputs"].as_array().unwrap().len(), 5);
     assert_eq!(m["source_date_epoch"], SDE.parse::<u64>().unwrap());
-    // A 6.x release: gensquashfs 1.2.0's bytes, as Tails pinned then, named
-    // in the manifest and in every job's options.
-    assert_eq!(m["gensquashfs"], "1.2.0");
+    // A 7.x release: gensquashfs 1.3.2's bytes, as Tails pins, named in the
+    // manifest and in every job's options.
+    assert_eq!(m["gensquashfs"], "1.3.2");
     assert_eq!(
         m["engine_options"],
-        serde_json::json!(["gensquashfs=1.2.0"])
+        serde_json::json!(["gensquashfs=1.3.2"])
     );
     assert!(
-        c.log().contains("gensquashfs 1.2.0's bytes"),
+        c.log().contains("gensquashfs 1.3.2's bytes"),
         "the coordinator does not say whose bytes:\n{}",
         c.log()
     );
@@ -173,9 +173,9 @@ fn release_over_three_workers_matches_local_builds_and_is_signed() {
 
     // The watch output (plain lines: stderr is not a terminal).
     let w = watch.log();
-    assert!(w.contains("release Tails 6.4: running"), "{w}");
-    assert!(w.contains("6.0: done"), "{w}");
-    assert!(w.contains("release Tails 6.4: succeeded"), "{w}");
+    assert!(w.contains("release Tails 7.4: running"), "{w}");
+    assert!(w.contains("7.0: done"), "{w}");
+    assert!(w.contains("release Tails 7.4: succeeded"), "{w}");
     let table = watch.stdout();
     assert!(
         table.contains("SOURCE") && table.matches(" done ").count() == 4,
@@ -751,23 +751,23 @@ fn bad_isos_fail_the_release_at_once_naming_the_file() {
         let d = tempfile::tempdir().unwrap();
         let small = Archive {
             dir: tempfile::tempdir().unwrap(),
-            versions: vec!["6.0".into(), "6.4".into()],
+            versions: vec!["7.0".into(), "7.4".into()],
         };
         for v in &small.versions {
             let dst = small.iso(v);
             fs::create_dir_all(dst.parent().unwrap()).unwrap();
             fs::copy(a.iso(v), &dst).unwrap();
         }
-        damage(&small.iso("6.0"));
+        damage(&small.iso("7.0"));
         let out = d.path().join("release");
         let t = std::time::Instant::now();
         let o = Command::new(iukfarm())
             .arg("coordinator")
             .args([
                 "--new-version",
-                "6.4",
+                "7.4",
                 "--source-versions",
-                "6.0",
+                "7.0",
                 "--source-date-epoch",
                 SDE,
             ])
@@ -781,7 +781,7 @@ fn bad_isos_fail_the_release_at_once_naming_the_file() {
         let e = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(2), "{what}: {e}");
         assert!(
-            e.contains("tails-amd64-6.0.iso"),
+            e.contains("tails-amd64-7.0.iso"),
             "{what}: names the file: {e}"
         );
         assert!(e.contains(expected), "{what}: says {expected:?}: {e}");
@@ -801,7 +801,7 @@ fn unknown_engine_options_and_missing_keys_are_refused_up_front() {
                 "--new-version",
                 a.new_version(),
                 "--source-versions",
-                "6.0",
+                "7.0",
                 "--source-date-epoch",
                 SDE,
             ])
@@ -892,7 +892,7 @@ fn load_forty_sources_over_four_workers() {
     );
 }
 
-/// Releases 6.0 ... 6.40, shared by the load and soak tests.
+/// Releases 7.0 ... 7.40, shared by the load and soak tests.
 fn big_archive() -> &'static Archive {
     static A: OnceLock<Archive> = OnceLock::new();
     A.get_or_init(|| {

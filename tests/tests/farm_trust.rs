@@ -558,7 +558,7 @@ fn vouched_archive(d: &Path) -> (Archive, std::path::PathBuf) {
     let a = archive();
     let small = Archive {
         dir: tempfile::tempdir_in(d).unwrap(),
-        versions: vec!["6.0".into(), "6.4".into()],
+        versions: vec!["7.0".into(), "7.4".into()],
     };
     let mut sums = String::new();
     for v in &small.versions {
@@ -586,7 +586,7 @@ fn coordinator_on(small: &Archive, out: &Path, extra: &[&str]) -> std::process::
     let key = gpg().secret_key.to_str().unwrap().to_string();
     Command::new(iukfarm())
         .arg("coordinator")
-        .args(["--new-version", "6.4", "--source-versions", "6.0"])
+        .args(["--new-version", "7.4", "--source-versions", "7.0"])
         .args(["--source-date-epoch", SDE])
         .arg("--iso-root")
         .arg(small.root())
@@ -618,7 +618,7 @@ fn inputs_the_rm_does_not_vouch_for_are_refused_before_any_work() {
     let o = coordinator_on(&small, &out, &["--iso-sha256sums", wrong.to_str().unwrap()]);
     let e = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{e}");
-    assert!(e.contains("tails-amd64-6.0.iso has sha256"), "{e}");
+    assert!(e.contains("tails-amd64-7.0.iso has sha256"), "{e}");
     assert!(iuks_in(&out).is_empty());
 
     // An ISO missing from the RM's file.
@@ -631,17 +631,17 @@ fn inputs_the_rm_does_not_vouch_for_are_refused_before_any_work() {
     );
     let e = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{e}");
-    assert!(e.contains("tails-amd64-6.0.iso has no digest"), "{e}");
+    assert!(e.contains("tails-amd64-7.0.iso has no digest"), "{e}");
 
     // A signature of another file (the old ISO's signature on the new one).
-    let new_sig = small.iso("6.4").with_extension("iso.sig");
+    let new_sig = small.iso("7.4").with_extension("iso.sig");
     let saved = fs::read(&new_sig).unwrap();
-    fs::copy(small.iso("6.0").with_extension("iso.sig"), &new_sig).unwrap();
+    fs::copy(small.iso("7.0").with_extension("iso.sig"), &new_sig).unwrap();
     let o = coordinator_on(&small, &d.path().join("r3"), &["--iso-keyring", &cert]);
     let e = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{e}");
     assert!(
-        e.contains("tails-amd64-6.4.iso is not signed by a key of"),
+        e.contains("tails-amd64-7.4.iso is not signed by a key of"),
         "{e}"
     );
     // No signature at all: refused before reading any ISO.
@@ -653,7 +653,7 @@ fn inputs_the_rm_does_not_vouch_for_are_refused_before_any_work() {
     fs::write(&new_sig, saved).unwrap();
 
     // A byte flipped in the old ISO's data: both checks catch it.
-    let iso = small.iso("6.0");
+    let iso = small.iso("7.0");
     let mut bytes = fs::read(&iso).unwrap();
     let at = bytes.len() / 2;
     bytes[at] ^= 1;
@@ -665,7 +665,7 @@ fn inputs_the_rm_does_not_vouch_for_are_refused_before_any_work() {
         let o = coordinator_on(&small, &d.path().join("r5"), &flag);
         let e = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(2), "{flag:?}: {e}");
-        assert!(e.contains("tails-amd64-6.0.iso"), "{flag:?}: {e}");
+        assert!(e.contains("tails-amd64-7.0.iso"), "{flag:?}: {e}");
     }
 }
 
@@ -674,7 +674,7 @@ fn build_is_held_to_the_coordinators_rules() {
     let d = tempfile::tempdir().unwrap();
     let (small, sums) = vouched_archive(d.path());
     let cert = gpg().cert.to_str().unwrap().to_string();
-    let (old, new) = (small.iso("6.0"), small.iso("6.4"));
+    let (old, new) = (small.iso("7.0"), small.iso("7.4"));
     let out_dir = d.path().join("out");
     fs::create_dir_all(&out_dir).unwrap();
     let build = |extra: &[&str]| {
@@ -712,7 +712,7 @@ fn build_is_held_to_the_coordinators_rules() {
         "invalid build target",
     );
     refused(
-        &mut build(&["--source-date-epoch", SDE, "--new-version", "6.4\n"]),
+        &mut build(&["--source-date-epoch", SDE, "--new-version", "7.4\n"]),
         "invalid version",
     );
     refused(
@@ -750,7 +750,7 @@ fn build_is_held_to_the_coordinators_rules() {
 
     // A build killed with SIGKILL left a part file; the next one removes it,
     // authenticates both ISOs, and writes the same bytes as ever, mode 0644.
-    let name = "Tails_amd64_6.0_to_6.4.iuk";
+    let name = "Tails_amd64_7.0_to_7.4.iuk";
     let stale = out_dir.join(format!(".{name}.Zk3q9a.part"));
     fs::write(&stale, b"half a kit").unwrap();
     run(&mut build(&[

@@ -192,7 +192,9 @@ fn same_bytes_as_the_tails_method() {
 
 /// The demo's natively written ISOs (no xorriso) are read by libcdio, bsdtar
 /// and xorriso in the reference pipeline, which then makes the same IUK the
-/// demo's farm made.
+/// demo's farm made: Tails 7 samples (zstd system images, a GRUB module
+/// directory, a 300-entry library directory in every diff) with trixie's
+/// gensquashfs 1.3.2, and Tails 6 samples with 1.2.0.
 #[test]
 fn demo_isos_and_iuks_match_the_tails_method() {
     require_root("loop mounts and overlayfs in the reference pipeline");
@@ -204,19 +206,37 @@ fn demo_isos_and_iuks_match_the_tails_method() {
         "perl",
         "python3",
     ]);
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("demo");
-    run(Command::new(iukfarm())
-        .args(["demo", "--releases", "2", "--scale", "2", "--output-dir"])
-        .arg(&out));
-    let old = out.join("isos/tails-amd64-6.0/tails-amd64-6.0.iso");
-    let new = out.join("isos/tails-amd64-6.1/tails-amd64-6.1.iso");
-    let r = tmp.path().join("reference.iuk");
-    reference(V1_2_0, &old, &new, "6.1.squashfs", &r);
-    assert_eq!(
-        sha256_file(&r),
-        sha256_file(&out.join("release/Tails_amd64_6.0_to_6.1.iuk"))
-    );
-    let sums = std::fs::read_to_string(out.join("release/SHA256SUMS")).unwrap();
-    assert!(sums.starts_with(&sha256_file(&r)), "SHA256SUMS: {sums}");
+    for (layout, gensquashfs) in [("7", V1_3_2), ("6", V1_2_0)] {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("demo");
+        run(Command::new(iukfarm())
+            .args([
+                "demo",
+                "--releases",
+                "2",
+                "--scale",
+                "2",
+                "--layout",
+                layout,
+            ])
+            .arg("--output-dir")
+            .arg(&out));
+        let (old_v, new_v) = (format!("{layout}.0"), format!("{layout}.1"));
+        let iso = |v: &str| out.join(format!("isos/tails-amd64-{v}/tails-amd64-{v}.iso"));
+        let r = tmp.path().join("reference.iuk");
+        reference(
+            gensquashfs,
+            &iso(&old_v),
+            &iso(&new_v),
+            &format!("{new_v}.squashfs"),
+            &r,
+        );
+        assert_eq!(
+            sha256_file(&r),
+            sha256_file(&out.join(format!("release/Tails_amd64_{old_v}_to_{new_v}.iuk"))),
+            "Tails {layout} samples"
+        );
+        let sums = std::fs::read_to_string(out.join("release/SHA256SUMS")).unwrap();
+        assert!(sums.starts_with(&sha256_file(&r)), "SHA256SUMS: {sums}");
+    }
 }

@@ -127,7 +127,7 @@ fn files(dir: &Path) -> Vec<PathBuf> {
 #[test]
 fn publish_checks_on_the_server_resumes_a_cut_copy_and_promotes() {
     require_tool("pkill");
-    let a = Archive::make(3);
+    let a = Archive::make_with(3, &["--layout", "6"]);
     let d = tempfile::tempdir().unwrap();
     let release = d.path().join("release");
     signed_release(&a, &release);

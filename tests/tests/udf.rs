@@ -358,7 +358,7 @@ fn signed_udfs_verify_with_sqv_and_gpg_and_check_names_what_is_wrong() {
 
 #[test]
 fn from_the_farms_signed_manifest_without_hashing_the_same_bytes() {
-    let a = Archive::make(3);
+    let a = Archive::make_with(3, &["--layout", "6"]);
     let g = gpg();
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("release");
@@ -424,7 +424,7 @@ fn from_the_farms_signed_manifest_without_hashing_the_same_bytes() {
 #[test]
 fn the_release_writes_and_signs_its_udfs_once_signed() {
     require_tool("sqv");
-    let a = Archive::make(3);
+    let a = Archive::make_with(3, &["--layout", "6"]);
     let g = gpg();
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("release");

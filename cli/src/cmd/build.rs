@@ -230,7 +230,13 @@ pub fn run(a: Args) -> Result<ExitCode> {
         &reporter,
     );
     reporter.finish();
-    let report = result.with_context(|| format!("building {}", out.display()))?;
+    let report = result
+        .map_err(|e| match e {
+            // What the inputs and options are (a date, a name): exit 2.
+            iukfarm_engine::Error::Invalid(m) => anyhow::Error::new(Usage(m)),
+            other => other.into(),
+        })
+        .with_context(|| format!("building {}", out.display()))?;
     drop(scratch);
     persist(kit, &out, a.force)?;
     if !a.quiet {

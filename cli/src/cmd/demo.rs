@@ -34,6 +34,10 @@ pub struct Args {
     /// Approximate size of each sample system in MiB.
     #[arg(long, default_value_t = 16)]
     scale: u64,
+    /// Which Tails the sample releases look like: 7 (zstd system images, a GRUB module
+    /// directory, versions 7.x) or 6 (xz, versions 6.x).
+    #[arg(long, value_enum, default_value_t)]
+    layout: samples::Layout,
     /// In-process workers.
     #[arg(long, default_value_t = 2)]
     workers: u32,
@@ -56,9 +60,14 @@ pub struct SamplesArgs {
     /// Root of the ISO archive to write (tails-amd64-<v>/tails-amd64-<v>.iso).
     #[arg(long)]
     output_dir: PathBuf,
-    /// Number of sample releases (versions 6.0, 6.1, ...).
+    /// Number of sample releases (versions 7.0, 7.1, ... or 6.0, 6.1, ...).
     #[arg(long, default_value_t = 4)]
     releases: u64,
+    /// Which Tails the releases look like: 7 (zstd system images with Tails 7's options, a
+    /// GRUB module directory, a directory of 300 libraries changed in every release) or 6
+    /// (xz system images).
+    #[arg(long, value_enum, default_value_t)]
+    layout: samples::Layout,
     /// Approximate size of each sample system in MiB.
     #[arg(long, default_value_t = 16)]
     scale: u64,
@@ -86,11 +95,15 @@ fn check_sizes(releases: u64, scale: u64) -> Result<()> {
 pub fn samples(a: SamplesArgs) -> Result<ExitCode> {
     check_sizes(a.releases, a.scale)?;
     let reporter = Reporter::new(true);
+    let series = samples::Series {
+        layout: a.layout,
+        releases: a.releases,
+        scale: a.scale,
+        big_mib: a.big_file_mib,
+    };
     let isos = samples::write_releases(
         &a.output_dir,
-        a.releases,
-        a.scale,
-        a.big_file_mib,
+        series,
         a.threads.unwrap_or(0),
         &reporter,
         |line| eprintln!("  {line}"),
@@ -137,9 +150,18 @@ pub fn run(a: Args) -> Result<ExitCode> {
         "iukfarm demo: {} sample releases of ~{} MiB; IUKs from each older release to the newest",
         a.releases, a.scale
     );
-    let isos = samples::write_releases(&isos_dir, a.releases, a.scale, 0, 0, &reporter, |line| {
-        println!("  {line}")
-    })?;
+    let isos = samples::write_releases(
+        &isos_dir,
+        samples::Series {
+            layout: a.layout,
+            releases: a.releases,
+            scale: a.scale,
+            big_mib: 0,
+        },
+        0,
+        &reporter,
+        |line| println!("  {line}"),
+    )?;
     reporter.finish();
     if iukfarm_engine::Progress::is_cancelled(&reporter) {
         return Err(iukfarm_engine::Error::Cancelled.into());

@@ -491,8 +491,8 @@ fn open_system(iso: &Iso, path: &Path) -> Result<Arc<Archive>> {
 /// metadata all read (`live/filesystem.squashfs`: every inode, directory,
 /// xattr, and data positions within bounds). File data is not
 /// decompressed: authenticating the ISO (a digest, a signature) is what
-/// proves its data. Returns the system image's size.
-pub fn check_iso(path: &Path) -> Result<u64> {
+/// proves its data.
+pub fn check_iso(path: &Path) -> Result<CheckedIso> {
     let iso = open_iso(path)?;
     let named = |e: Error| match e {
         Error::Corrupt(m) => Error::Corrupt(format!("{}: {m}", path.display())),
@@ -506,7 +506,45 @@ pub fn check_iso(path: &Path) -> Result<u64> {
         }
         other => other,
     })?;
-    Ok(system.superblock().bytes_used)
+    Ok(CheckedIso {
+        system_size: system.superblock().bytes_used,
+        created: iso.created(),
+    })
+}
+
+/// What [`check_iso`] found out about an ISO.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckedIso {
+    /// The system image's size.
+    pub system_size: u64,
+    /// The release's date ([`Iso::created`]).
+    pub created: Option<i64>,
+}
+
+/// Refuses to date a kit (`sde`, the new release's SOURCE_DATE_EPOCH) no
+/// later than its source release (`created`, from that release's ISO).
+/// Tails' installer copies the kit onto the boot device with rsync, which
+/// skips files whose size and time match what is there: with an equal or
+/// older date, files of the old release could stay in place unnoticed.
+/// An ISO that records no date cannot be checked and passes.
+pub fn check_source_date(sde: u32, created: Option<i64>, source: &str) -> Result<()> {
+    match created {
+        Some(c) if i64::from(sde) <= c => Err(Error::Invalid(format!(
+            "SOURCE_DATE_EPOCH {sde} ({}) is not later than {source}, made {c} ({}): \
+             Tails' installer would keep the old release's files wherever size and time match. \
+             Use the new release's SOURCE_DATE_EPOCH (the date of its top debian/changelog entry, as Tails computes it)",
+            utc(i64::from(sde)),
+            utc(c)
+        ))),
+        _ => Ok(()),
+    }
+}
+
+fn utc(t: i64) -> String {
+    chrono::DateTime::from_timestamp(t, 0).map_or_else(
+        || t.to_string(),
+        |d| d.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
+    )
 }
 
 /// Builds the IUK that upgrades `old_iso`'s system to `new_iso`'s into
@@ -530,6 +568,11 @@ pub fn build_iuk(
     let started = Instant::now();
     let mut timings = Timings::default();
     let old = open_iso(old_iso)?;
+    check_source_date(
+        opts.sde,
+        old.created(),
+        &format!("the old ISO {}", old_iso.display()),
+    )?;
     let new = open_iso(new_iso)?;
     // Fail early, before the long work, on what the kit needs from the new ISO.
     let efi = iso_tree(&new, "EFI", opts.sde)?;

@@ -1,9 +1,10 @@
 //! Block compression and decompression.
 //!
-//! Writing supports xz only, with exactly libsquashfs 1.2.0's settings and
-//! filter trial so that our blocks are the bytes gensquashfs writes. Reading
-//! supports xz, gzip, zstd and lz4, always into a caller-bounded buffer so
-//! that a hostile block cannot make us allocate more than one block.
+//! Writing supports xz, with exactly libsquashfs's settings and filter
+//! trial so that our blocks are the bytes gensquashfs writes, and zstd,
+//! for system images like Tails 7's (inputs, never kits). Reading supports
+//! xz, gzip, zstd and lz4, always into a caller-bounded buffer so that a
+//! hostile block cannot make us allocate more than one block.
 
 use std::io::Read;
 
@@ -284,6 +285,100 @@ impl XzConfig {
                 "xz encoder failed with code {other}"
             ))),
         }
+    }
+}
+
+/// How the writer compresses blocks and metadata.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codec {
+    /// gensquashfs's xz: what kits are made of.
+    Xz(XzConfig),
+    /// zstd at a level (1 to 22), as mksquashfs writes it: Tails 7's
+    /// system images are `-comp zstd -Xcompression-level 22`.
+    Zstd { level: u32 },
+}
+
+/// The level mksquashfs and libsquashfs use when none is given; they write
+/// a compressor options block only for another one.
+pub const ZSTD_DEFAULT_LEVEL: u32 = 15;
+
+impl Codec {
+    pub fn id(&self) -> CompressorId {
+        match self {
+            Codec::Xz(_) => CompressorId::Xz,
+            Codec::Zstd { .. } => CompressorId::Zstd,
+        }
+    }
+
+    /// The xz settings, when blocks are xz (only those can be cached,
+    /// shared with helpers or copied from an image).
+    pub fn xz(&self) -> Option<&XzConfig> {
+        match self {
+            Codec::Xz(x) => Some(x),
+            Codec::Zstd { .. } => None,
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        match self {
+            Codec::Xz(x) => x.validate(),
+            Codec::Zstd { level } if (1..=22).contains(level) => Ok(()),
+            Codec::Zstd { level } => Err(Error::Invalid(format!(
+                "zstd level {level} must be between 1 and 22"
+            ))),
+        }
+    }
+
+    /// The compressor options block's payload, if one is written.
+    pub fn options_payload(&self, block_size: u32) -> Option<Vec<u8>> {
+        match self {
+            Codec::Xz(x) => x.options_payload(block_size).map(|b| b.to_vec()),
+            Codec::Zstd { level } if *level == ZSTD_DEFAULT_LEVEL => None,
+            Codec::Zstd { level } => Some(level.to_le_bytes().to_vec()),
+        }
+    }
+
+    /// One block's compressed form; `None`: store it, nothing smaller came out.
+    pub fn compress(&self, input: &[u8]) -> Result<Option<Vec<u8>>> {
+        match self {
+            Codec::Xz(x) => x.compress(input),
+            Codec::Zstd { level } => zstd_compress(*level, input),
+        }
+    }
+
+    /// [`Codec::compress`] without using rayon (see [`XzConfig::compress_here`]).
+    pub fn compress_here(&self, input: &[u8]) -> Result<Option<Vec<u8>>> {
+        match self {
+            Codec::Xz(x) => x.compress_here(input),
+            Codec::Zstd { level } => zstd_compress(*level, input),
+        }
+    }
+}
+
+impl From<XzConfig> for Codec {
+    fn from(x: XzConfig) -> Codec {
+        Codec::Xz(x)
+    }
+}
+
+/// zstd's one-shot compression of a known-size input (what mksquashfs's
+/// `ZSTD_compressCCtx` does): a frame with the content size, no checksum.
+fn zstd_compress(level: u32, input: &[u8]) -> Result<Option<Vec<u8>>> {
+    // Only output smaller than the input is useful (see XzConfig::encode).
+    let mut out = vec![0u8; input.len()];
+    match zstd::bulk::compress_to_buffer(input, &mut out, level as i32) {
+        Ok(n) if n < input.len() => {
+            out.truncate(n);
+            Ok(Some(out))
+        }
+        Ok(_) => Ok(None),
+        // Most likely "destination too small", which means "store"; an
+        // unbounded run tells that apart from a real failure.
+        Err(_) => match zstd::bulk::compress(input, level as i32) {
+            Ok(c) if c.len() < input.len() => Ok(Some(c)),
+            Ok(_) => Ok(None),
+            Err(e) => Err(Error::Compressor(format!("zstd encoder failed: {e}"))),
+        },
     }
 }
 

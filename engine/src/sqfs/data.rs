@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use super::compress::XzConfig;
+use super::compress::Codec;
 use super::format::{BLOCK_UNCOMPRESSED, NO_FRAGMENT};
 use super::reader::ImageFile;
 use crate::blockcache::{BlockCache, BlockId, Cached, Lookup, SharedBlocks};
@@ -144,7 +144,7 @@ impl Stored {
 /// What compressing a block needs; cloned into every compression task.
 #[derive(Clone)]
 struct Compressor {
-    cfg: XzConfig,
+    cfg: Codec,
     cache: Option<Arc<BlockCache>>,
     shared: Option<Arc<dyn SharedBlocks>>,
     skip_incompressible: bool,
@@ -185,13 +185,16 @@ impl Compressor {
         if self.skip_incompressible && looks_incompressible(&data) {
             return Ok(Outcome::Stored(Stored::new(data, false, Origin::Skipped)));
         }
-        if self.cache.is_none() && self.shared.is_none() {
-            return Ok(Outcome::Stored(match self.cfg.compress(&data)? {
-                Some(c) => Stored::new(c, true, Origin::Compressed),
-                None => Stored::new(data, false, Origin::Compressed),
-            }));
-        }
-        let id = BlockId::new(&self.cfg, &data);
+        let xz = match self.cfg.xz() {
+            Some(xz) if self.cache.is_some() || self.shared.is_some() => xz,
+            _ => {
+                return Ok(Outcome::Stored(match self.cfg.compress(&data)? {
+                    Some(c) => Stored::new(c, true, Origin::Compressed),
+                    None => Stored::new(data, false, Origin::Compressed),
+                }));
+            }
+        };
+        let id = BlockId::new(xz, &data);
         let key = id.key();
         let obtain = || -> Result<(Cached, Origin), Missed> {
             let mut origin = Origin::Compressed;
@@ -377,7 +380,7 @@ pub struct DataWriter<'a> {
     pub out: &'a File,
     pub start: u64,
     pub block_size: u32,
-    pub cfg: XzConfig,
+    pub cfg: Codec,
     pub cache: Option<Arc<BlockCache>>,
     pub shared: Option<Arc<dyn SharedBlocks>>,
     /// Copy the stored blocks of files read from a compatible image.
@@ -545,6 +548,8 @@ impl DataWriter<'_> {
     /// the queue to helpers whenever they can take some, and puts back at
     /// the front (for the threads here) whatever they did not compress.
     fn outsource(&self, shared: &dyn SharedBlocks) {
+        // Helpers make xz forms only (a zstd writer takes no helpers).
+        let Some(xz) = self.cfg.xz() else { return };
         // The blocks the threads here will take next stay here.
         let keep = self.pool.current_num_threads() + 1;
         while self.queue.wait_for_more_than(keep) {
@@ -562,7 +567,7 @@ impl DataWriter<'_> {
                     self.give_back(p);
                     continue;
                 }
-                let id = BlockId::new(&self.cfg, &p.data);
+                let id = BlockId::new(xz, &p.data);
                 match self.cache.as_ref().and_then(|c| c.get(&id.key(), &p.data)) {
                     Some(found) => {
                         let _ =
@@ -577,7 +582,7 @@ impl DataWriter<'_> {
             }
             let blocks: Vec<(BlockId, &[u8])> =
                 batch.iter().map(|(id, p)| (*id, &p.data[..])).collect();
-            let forms = shared.outsource(&self.cfg, &blocks);
+            let forms = shared.outsource(xz, &blocks);
             drop(blocks);
             let mut back = Vec::new();
             // A short answer leaves the rest to the threads here.
@@ -621,7 +626,11 @@ impl DataWriter<'_> {
     fn copyable<'c>(&self, content: &'c FileContent) -> Option<&'c ImageFile> {
         match &content.source {
             Source::Image(f)
-                if self.copy_image_blocks && f.blocks_copyable(self.block_size, &self.cfg) =>
+                if self.copy_image_blocks
+                    && self
+                        .cfg
+                        .xz()
+                        .is_some_and(|xz| f.blocks_copyable(self.block_size, xz)) =>
             {
                 Some(f)
             }
@@ -1222,7 +1231,7 @@ mod tests {
 
     use super::*;
     use crate::blockcache::{BlockKey, Cached};
-    use crate::sqfs::{WriterOptions, write_image};
+    use crate::sqfs::{WriterOptions, XzConfig, write_image};
     use crate::tree::Node;
 
     /// Helpers for tests: honest, lying (a bit flipped in every form), or

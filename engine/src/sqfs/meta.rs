@@ -1,7 +1,7 @@
 //! Metadata block writing: 8 KiB units, each compressed on its own and
 //! preceded by a 16-bit header; references are `(block start << 16) | offset`.
 
-use super::compress::XzConfig;
+use super::compress::Codec;
 use super::format::{META_BLOCK_SIZE, META_UNCOMPRESSED, PutLe};
 use crate::error::Result;
 
@@ -9,13 +9,13 @@ use crate::error::Result;
 /// relative to the stream's start, as SquashFS references are relative to
 /// their table's start.
 pub struct MetaWriter {
-    cfg: XzConfig,
+    cfg: Codec,
     current: Vec<u8>,
     out: Vec<u8>,
 }
 
 impl MetaWriter {
-    pub fn new(cfg: XzConfig) -> Self {
+    pub fn new(cfg: Codec) -> Self {
         MetaWriter {
             cfg,
             current: Vec::with_capacity(META_BLOCK_SIZE),
@@ -77,7 +77,7 @@ impl MetaWriter {
 /// followed by the uncompressed list of those blocks' absolute positions.
 /// Returns the bytes to append at `at` and the position of the list, which
 /// is what the superblock points to.
-pub fn encode_table(cfg: XzConfig, data: &[u8], at: u64) -> Result<(Vec<u8>, u64)> {
+pub fn encode_table(cfg: Codec, data: &[u8], at: u64) -> Result<(Vec<u8>, u64)> {
     let mut m = MetaWriter::new(cfg);
     let mut locations = Vec::new();
     for chunk in data.chunks(META_BLOCK_SIZE) {

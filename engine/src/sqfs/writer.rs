@@ -26,11 +26,11 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use super::compat::Gensquashfs;
-use super::compress::XzConfig;
+use super::compress::{Codec, XzConfig};
 use super::data::{DataStats, DataWriter, FileLayout};
 use super::format::{
-    CompressorId, MAX_DIR_ENTRIES, META_BLOCK_SIZE, NO_TABLE, NO_XATTR, PutLe, SUPERBLOCK_SIZE,
-    Superblock, flags, inode_type,
+    MAX_DIR_ENTRIES, META_BLOCK_SIZE, NO_TABLE, NO_XATTR, PutLe, SUPERBLOCK_SIZE, Superblock,
+    flags, inode_type,
 };
 use super::meta::{MetaWriter, encode_table};
 use super::xattr_table::XattrTable;
@@ -46,6 +46,10 @@ pub struct WriterOptions {
     pub gensquashfs: Gensquashfs,
     pub block_size: u32,
     pub xz: XzConfig,
+    /// Write zstd at this level instead of xz (1 to 22): for system images
+    /// like Tails 7's, which are inputs, never kits. Such blocks are
+    /// neither cached, shared nor copied.
+    pub zstd_level: Option<u32>,
     /// SOURCE_DATE_EPOCH: the superblock's modification time. Inode times
     /// come from the tree (see [`crate::tree::ScanOptions::mtime`]).
     pub mtime: u32,
@@ -73,6 +77,7 @@ impl Default for WriterOptions {
             gensquashfs: Gensquashfs::default(),
             block_size: 131072,
             xz: XzConfig::for_block_size(131072),
+            zstd_level: None,
             mtime: 0,
             dev_block_size: 4096,
             threads: 0,
@@ -106,7 +111,22 @@ impl WriterOptions {
                 "device block size must be at least 1024".into(),
             ));
         }
-        self.xz.validate()
+        if self.zstd_level.is_some()
+            && (self.cache.is_some() || self.shared.is_some() || self.copy_image_blocks)
+        {
+            return Err(Error::Invalid(
+                "zstd images are written without block cache, helpers or block copying".into(),
+            ));
+        }
+        self.codec().validate()
+    }
+
+    /// What compresses blocks and metadata.
+    pub fn codec(&self) -> Codec {
+        match self.zstd_level {
+            Some(level) => Codec::Zstd { level },
+            None => Codec::Xz(self.xz),
+        }
     }
 }
 
@@ -170,13 +190,14 @@ pub fn write_image(
         }
     }
 
-    let options = opts.xz.options_payload(opts.block_size);
+    let codec = opts.codec();
+    let options = codec.options_payload(opts.block_size);
     let mut sb = Superblock {
         inode_count: entries.len() as u32,
         modification_time: opts.mtime,
         block_size: opts.block_size,
         fragment_entry_count: 0,
-        compression_id: CompressorId::Xz as u16,
+        compression_id: codec.id() as u16,
         block_log: opts.block_size.trailing_zeros() as u16,
         flags: flags::NO_FRAGMENTS | flags::NO_XATTRS | flags::NO_DUPLICATES,
         id_count: 0,
@@ -219,7 +240,7 @@ pub fn write_image(
         out,
         start: pos,
         block_size: opts.block_size,
-        cfg: opts.xz,
+        cfg: codec,
         cache: opts.cache.clone(),
         shared: opts.shared.clone(),
         copy_image_blocks: opts.copy_image_blocks,
@@ -234,8 +255,8 @@ pub fn write_image(
 
     progress.phase("metadata", 0);
     sb.inode_table_start = pos;
-    let mut inodes = MetaWriter::new(opts.xz);
-    let mut dirs = MetaWriter::new(opts.xz);
+    let mut inodes = MetaWriter::new(codec);
+    let mut dirs = MetaWriter::new(codec);
     let mut ids: Vec<u32> = Vec::new();
     for &idx in &order {
         let e = &entries[idx];
@@ -268,7 +289,7 @@ pub fn write_image(
             table.put_u32(size);
             table.put_u32(0);
         }
-        let (bytes, at) = encode_table(opts.xz, &table, pos)?;
+        let (bytes, at) = encode_table(codec, &table, pos)?;
         out.write_all_at(&bytes, pos)?;
         pos += bytes.len() as u64;
         sb.fragment_table_start = at;
@@ -288,14 +309,14 @@ pub fn write_image(
     for id in &ids {
         table.put_u32(*id);
     }
-    let (bytes, at) = encode_table(opts.xz, &table, pos)?;
+    let (bytes, at) = encode_table(codec, &table, pos)?;
     out.write_all_at(&bytes, pos)?;
     pos += bytes.len() as u64;
     sb.id_table_start = at;
     sb.id_count = ids.len() as u16;
 
     if !xattrs.is_empty() {
-        let (bytes, at) = xattrs.encode(opts.xz, pos)?;
+        let (bytes, at) = xattrs.encode(codec, pos)?;
         out.write_all_at(&bytes, pos)?;
         pos += bytes.len() as u64;
         sb.xattr_id_table_start = at;
@@ -585,4 +606,73 @@ fn write_directory(e: &Entry<'_>, entries: &[Entry<'_>], dirs: &mut MetaWriter) 
         i += count;
     }
     Ok(listing)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compare::{CompareOptions, compare_trees};
+    use crate::sqfs::Archive;
+
+    /// Files that compress (text), do not (noise) and both, over several blocks.
+    fn sample() -> Node {
+        let mut x = 0x2545_F491u32;
+        let mut noise = || {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        };
+        Node::flat([
+            ("text".to_string(), b"zstd system image ".repeat(20_000)),
+            ("noise".to_string(), (0..300_000).map(|_| noise()).collect()),
+            ("tail".to_string(), b"short".to_vec()),
+        ])
+    }
+
+    fn write(opts: &WriterOptions) -> (File, Vec<u8>) {
+        let out = tempfile::tempfile().unwrap();
+        write_image(&sample(), opts, &out, &crate::NoProgress).unwrap();
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut out.try_clone().unwrap(), &mut bytes).unwrap();
+        (out, bytes)
+    }
+
+    #[test]
+    fn zstd_images_read_back_the_same_whatever_the_thread_count() {
+        let mut opts = WriterOptions::with_block_size(1 << 17);
+        opts.zstd_level = Some(22);
+        let (out, bytes) = write(&opts);
+        opts.threads = 1;
+        assert_eq!(write(&opts).1, bytes, "same bytes on one thread");
+        let ar = Archive::open(Arc::new(out)).unwrap();
+        assert_eq!(ar.compressor(), crate::sqfs::format::CompressorId::Zstd);
+        // Level 22 is not mksquashfs's default (15): an options block says so.
+        assert_ne!(ar.superblock().flags & flags::COMPRESSOR_OPTIONS, 0);
+        assert_eq!(&bytes[96..102], &[0x04, 0x80, 22, 0, 0, 0]);
+        let read = ar.to_tree().unwrap();
+        assert!(
+            compare_trees(&sample(), &read, CompareOptions::default())
+                .unwrap()
+                .is_empty()
+        );
+        // The default level writes no options block.
+        opts.zstd_level = Some(15);
+        let (out, _) = write(&opts);
+        let ar = Archive::open(Arc::new(out)).unwrap();
+        assert_eq!(ar.superblock().flags & flags::COMPRESSOR_OPTIONS, 0);
+    }
+
+    #[test]
+    fn zstd_is_refused_with_the_block_cache_helpers_or_block_copying() {
+        let mut opts = WriterOptions::with_block_size(1 << 17);
+        opts.zstd_level = Some(22);
+        opts.copy_image_blocks = true;
+        let e = opts.validate().unwrap_err();
+        assert!(e.to_string().contains("zstd images"), "{e}");
+        opts.copy_image_blocks = false;
+        opts.zstd_level = Some(23);
+        let e = opts.validate().unwrap_err();
+        assert!(e.to_string().contains("between 1 and 22"), "{e}");
+    }
 }

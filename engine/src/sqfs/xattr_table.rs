@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 
-use super::compress::XzConfig;
+use super::compress::Codec;
 use super::format::{META_BLOCK_SIZE, NO_XATTR, PutLe, XATTR_OUT_OF_LINE, split_xattr_key};
 use super::meta::MetaWriter;
 use crate::error::{Error, Result};
@@ -81,7 +81,7 @@ impl XattrTable {
     /// Encodes the key/value area, the id table and the table header for
     /// appending at absolute position `at`. Returns the bytes and the
     /// position the superblock's xattr field must point at.
-    pub fn encode(&self, cfg: XzConfig, at: u64) -> Result<(Vec<u8>, u64)> {
+    pub fn encode(&self, cfg: Codec, at: u64) -> Result<(Vec<u8>, u64)> {
         let mut kv = MetaWriter::new(cfg);
         let mut ool: Vec<Option<u64>> = vec![None; self.values.len()];
         let mut set_refs = Vec::with_capacity(self.sets.len());
