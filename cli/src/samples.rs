@@ -216,10 +216,9 @@ pub fn system_tree(rel: u64, scale: u64, big_mib: u64, layout: Layout) -> Node {
         Layout::Tails7 => format!("6.12.{kernel}+deb13-amd64"),
         Layout::Tails6 => format!("6.1.0-{kernel}-amd64"),
     };
-    let mut usr_lib = vec![dir("lib", lib)];
     if layout == Layout::Tails7 {
         // Rebuilt in every release (like libraries of a security update).
-        usr_lib.push(dir(
+        lib.push(dir(
             "x86_64-linux-gnu",
             (0..300u64)
                 .map(|i| {
@@ -251,11 +250,11 @@ pub fn system_tree(rel: u64, scale: u64, big_mib: u64, layout: Layout) -> Node {
             ),
             dir(
                 "usr",
-                [dir("bin", bin)]
-                    .into_iter()
-                    .chain(usr_lib)
-                    .chain([dir("share", vec![dir("doc", doc)])])
-                    .collect(),
+                vec![
+                    dir("bin", bin),
+                    dir("lib", lib),
+                    dir("share", vec![dir("doc", doc)]),
+                ],
             ),
             dir(
                 "lib",

@@ -63,6 +63,23 @@ fn system_use(n: &Node, root_dot: bool, name: Option<&[u8]>) -> Result<Vec<u8>> 
     su.extend_from_slice(&both32(if n.is_dir() { 2 } else { 1 }));
     su.extend_from_slice(&both32(n.meta.uid));
     su.extend_from_slice(&both32(n.meta.gid));
+    if n.meta.mtime != 0 {
+        // Modification time (Rock Ridge TF, 7-byte form), as xorriso
+        // records a file's time: what Tails' installer compares.
+        let t = chrono::DateTime::from_timestamp(i64::from(n.meta.mtime), 0)
+            .ok_or_else(|| Error::Invalid(format!("time {} out of range", n.meta.mtime)))?;
+        use chrono::{Datelike, Timelike};
+        su.extend_from_slice(&[b'T', b'F', 12, 1, 0x02]);
+        su.extend_from_slice(&[
+            (t.year() - 1900).clamp(0, 255) as u8,
+            t.month() as u8,
+            t.day() as u8,
+            t.hour() as u8,
+            t.minute() as u8,
+            t.second() as u8,
+            0,
+        ]);
+    }
     if let Some(name) = name {
         if name.len() > 200 {
             return Err(Error::Unsupported(

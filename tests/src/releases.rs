@@ -7,6 +7,11 @@ use std::process::Command;
 use crate::fixtures::random_tree;
 use crate::{Rng, Tree, run};
 
+/// `utils/linux/syslinux`, which Tails' installer runs on the boot device
+/// (`-d syslinux PARTITION`): a stand-in that writes nothing.
+pub const SYSLINUX: &[u8] =
+    b"#!/bin/sh\n# test stand-in for syslinux\n[ \"$#\" -gt 0 ] || exit 1\n";
+
 /// Boot files of a release, with the given kernel; `old_extras` adds
 /// files the next release removes.
 pub fn boot_files(cd: &Tree, kernel: &[u8], old_extras: bool) {
@@ -22,7 +27,8 @@ pub fn boot_files(cd: &Tree, kernel: &[u8], old_extras: bool) {
             b"kernel /live/vmlinuz\nappend initrd=/live/initrd.img /isolinux/x\n",
         )
         .file("isolinux/isolinux.bin", &Rng::new(5).bytes(8192))
-        .file("utils/linux/syslinux", b"")
+        .file("utils/linux/syslinux", SYSLINUX)
+        .chmod("utils/linux/syslinux", 0o755)
         .file("utils/mbr/mbr.bin", &[0u8; 440]);
     if old_extras {
         cd.file("EFI/BOOT/OLD.EFI", b"gone in the new release")
