@@ -48,7 +48,7 @@ fn meta(mode: u16) -> Meta {
     }
 }
 
-fn sample_image() -> Vec<u8> {
+fn sample_image(zstd: bool) -> Vec<u8> {
     let mut x = 1u64;
     let mut noise = |n: usize| -> Vec<u8> {
         (0..n)
@@ -109,6 +109,10 @@ fn sample_image() -> Vec<u8> {
     let f = tempfile::tempfile().unwrap();
     let mut opts = WriterOptions::with_block_size(65536);
     opts.threads = 2;
+    if zstd {
+        // As Tails 7's system images are compressed.
+        opts.zstd_level = Some(22);
+    }
     write_image(&root, &opts, &f, &iukfarm_engine::NoProgress).unwrap();
     let mut out = Vec::new();
     (&f).read_to_end(&mut out).unwrap();
@@ -138,9 +142,16 @@ fn exercise(data: Vec<u8>) -> Result<u64, Error> {
     Ok(bytes)
 }
 
+/// Also on a zstd image (Tails 7's system images), where blocks that claim
+/// or produce more than a block's size must be refused too. One test: the
+/// allocation counters are global.
 #[test]
 fn hostile_images_give_errors_with_bounded_memory() {
-    let good = sample_image();
+    hostile(sample_image(false), 3000);
+    hostile(sample_image(true), 1500);
+}
+
+fn hostile(good: Vec<u8>, rounds: u32) {
     let total = exercise(good.clone()).expect("the intact image reads");
     assert!(total > 300_000);
     let baseline = LIVE.load(Ordering::Relaxed);
@@ -164,7 +175,7 @@ fn hostile_images_give_errors_with_bounded_memory() {
         x ^= x << 17;
         x
     };
-    for round in 0..3000 {
+    for round in 0..rounds {
         let mut bad = good.clone();
         match round % 3 {
             0 => {
@@ -227,10 +238,60 @@ impl Crafted {
     /// A basic directory inode with the given (name, inode ref, number, type)
     /// entries; returns its inode reference.
     fn dir(&mut self, number: u32, entries: &[(&[u8], u64, u32, u16)]) -> u64 {
+        self.dir_claiming(number, entries, entries.len() as u32)
+    }
+
+    /// [`Crafted::dir`] whose header says it holds `claimed` entries.
+    fn dir_claiming(
+        &mut self,
+        number: u32,
+        entries: &[(&[u8], u64, u32, u16)],
+        claimed: u32,
+    ) -> u64 {
         let start = self.dirs.len() as u32;
+        let listing = Self::listing(entries, claimed);
+        self.dirs.extend_from_slice(&listing);
+        let r = self.base(1, 0o755, number);
+        self.inodes.extend(0u32.to_le_bytes());
+        self.inodes.extend(2u32.to_le_bytes());
+        self.inodes.extend((listing.len() as u16 + 3).to_le_bytes());
+        self.inodes.extend((start as u16).to_le_bytes());
+        self.inodes.extend(0u32.to_le_bytes());
+        r
+    }
+
+    /// An extended directory inode with one header and the given index
+    /// entries (offset in the listing, metadata block, name).
+    fn ext_dir(
+        &mut self,
+        number: u32,
+        entries: &[(&[u8], u64, u32, u16)],
+        index: &[(u32, u32, &[u8])],
+        index_count: u16,
+    ) -> u64 {
+        let start = self.dirs.len() as u32;
+        let listing = Self::listing(entries, entries.len() as u32);
+        self.dirs.extend_from_slice(&listing);
+        let r = self.base(8, 0o755, number);
+        for v in [2u32, listing.len() as u32 + 3, 0, 0] {
+            self.inodes.extend(v.to_le_bytes());
+        }
+        self.inodes.extend(index_count.to_le_bytes());
+        self.inodes.extend((start as u16).to_le_bytes());
+        self.inodes.extend(u32::MAX.to_le_bytes());
+        for (at, block, name) in index {
+            for v in [*at, *block, name.len() as u32 - 1] {
+                self.inodes.extend(v.to_le_bytes());
+            }
+            self.inodes.extend_from_slice(name);
+        }
+        r
+    }
+
+    fn listing(entries: &[(&[u8], u64, u32, u16)], claimed: u32) -> Vec<u8> {
         let mut listing = Vec::new();
         if !entries.is_empty() {
-            listing.extend((entries.len() as u32 - 1).to_le_bytes());
+            listing.extend((claimed - 1).to_le_bytes());
             listing.extend(0u32.to_le_bytes());
             listing.extend(entries[0].2.to_le_bytes());
             for (name, iref, num, ty) in entries {
@@ -241,14 +302,7 @@ impl Crafted {
                 listing.extend_from_slice(name);
             }
         }
-        self.dirs.extend_from_slice(&listing);
-        let r = self.base(1, 0o755, number);
-        self.inodes.extend(0u32.to_le_bytes());
-        self.inodes.extend(2u32.to_le_bytes());
-        self.inodes.extend((listing.len() as u16 + 3).to_le_bytes());
-        self.inodes.extend((start as u16).to_le_bytes());
-        self.inodes.extend(0u32.to_le_bytes());
-        r
+        listing
     }
 
     fn file(&mut self, number: u32, size: u32, frag: u32) -> u64 {
@@ -340,6 +394,42 @@ fn crafted_structures_are_refused() {
     let f = c.file(1, 0, 0xFFFF_FFFF);
     let root = c.dir(2, &[(b"../etc", f, 1, 2)]);
     expect_corrupt(c.image(root, 2), "invalid entry name");
+
+    // A directory header claiming more entries than the listing holds.
+    let mut c = Crafted::new();
+    let f = c.file(1, 0, 0xFFFF_FFFF);
+    let root = c.dir_claiming(2, &[(b"only", f, 1, 2)], 3);
+    expect_corrupt(c.image(root, 2), "structure truncated");
+
+    // Extended directories: the index the kernel's lookups follow must
+    // match the listing (the header's offset, first name and block).
+    let ext = |index: &[(u32, u32, &[u8])], count: u16| {
+        let mut c = Crafted::new();
+        let a = c.file(1, 0, 0xFFFF_FFFF);
+        let b = c.file(2, 0, 0xFFFF_FFFF);
+        let root = c.ext_dir(3, &[(b"a", a, 1, 2), (b"b", b, 2, 2)], index, count);
+        c.image(root, 3)
+    };
+    exercise(ext(&[(0, 0, b"a")], 1)).expect("a right index reads");
+    exercise(ext(&[], 0)).expect("no index reads");
+    for (index, what) in [
+        (&[(0, 0, &b"b"[..])][..], "another name"),
+        (&[(1, 0, &b"a"[..])][..], "not at a header"),
+        (&[(0, 8192, &b"a"[..])][..], "another block"),
+    ] {
+        match exercise(ext(index, index.len() as u16)) {
+            Err(Error::Corrupt(m)) => {
+                assert!(m.contains("does not match the listing"), "{what}: {m}")
+            }
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+    // More entries than a listing of that size has headers.
+    expect_corrupt(
+        ext(&[(0, 0, b"a"), (0, 0, b"a")], 2),
+        "an index of 2 entries",
+    );
+    expect_corrupt(ext(&[], 60_000), "an index of 60000 entries");
 
     // An inode number beyond the inode count.
     let mut c = Crafted::new();

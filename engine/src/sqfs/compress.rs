@@ -492,6 +492,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn zstd_blocks_that_decompress_past_their_size_are_refused() {
+        let big = vec![7u8; 2 << 20];
+        let sized = zstd::bulk::compress(&big, 3).unwrap();
+        // A frame that does not say its size (a streaming encoder's).
+        let streamed = zstd::stream::encode_all(&big[..], 3).unwrap();
+        for frame in [&sized, &streamed] {
+            assert_eq!(decompress(CompressorId::Zstd, frame, 2 << 20).unwrap(), big);
+            let e = decompress(CompressorId::Zstd, frame, 1 << 20).unwrap_err();
+            assert!(matches!(e, Error::Corrupt(_)), "{e}");
+        }
+        // Ours: a level-22 frame round-trips and is no larger than the block.
+        let c = Codec::Zstd { level: 22 }.compress(&big).unwrap().unwrap();
+        assert_eq!(decompress(CompressorId::Zstd, &c, big.len()).unwrap(), big);
+    }
+
+    #[test]
     fn xz_round_trip_and_store_rule() {
         let cfg = XzConfig::for_block_size(131072);
         let text: Vec<u8> = (0..100_000u32)

@@ -40,6 +40,9 @@ pub enum InodeKind {
         /// Listing size as stored (3 more than the bytes of the listing).
         size: u32,
         parent: u32,
+        /// An extended directory's index, which the kernel's lookups
+        /// follow ([`Archive::read_dir`] checks it against the listing).
+        index: Vec<DirIndexEntry>,
     },
     File(FileInode),
     Symlink(Vec<u8>),
@@ -47,6 +50,17 @@ pub enum InodeKind {
     CharDev(u32),
     Fifo,
     Socket,
+}
+
+/// One entry of a directory index: where a header of the listing is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirIndexEntry {
+    /// Byte offset of the header in the listing.
+    pub index: u32,
+    /// Start of the metadata block holding it, from the directory table's.
+    pub start: u32,
+    /// The header's first name.
+    pub name: Vec<u8>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -396,6 +410,7 @@ impl Archive {
             pos: start,
             off: offset,
             limit,
+            blocks: Vec::new(),
         };
         let base = reader.read(16)?;
         let mut c = Cursor::new(&base);
@@ -420,6 +435,7 @@ impl Archive {
         };
         let (nlink, kind) = match raw_type {
             inode_type::DIR | inode_type::EXT_DIR => {
+                let mut index = Vec::new();
                 let (nlink, size, start_block, parent, offset) = if raw_type == inode_type::DIR {
                     let b = reader.read(16)?;
                     let mut c = Cursor::new(&b);
@@ -435,9 +451,30 @@ impl Archive {
                     let size = c.u32()?;
                     let start_block = c.u32()?;
                     let parent = c.u32()?;
-                    let _index_count = c.u16()?;
+                    let index_count = c.u16()? as u32;
                     let offset = c.u16()?;
                     xattr = c.u32()?;
+                    // Each indexed header holds at least one entry: 12 + 8 + 1
+                    // bytes of listing (which bounds what is read here).
+                    if index_count > size / 21 {
+                        corrupt!(
+                            "directory inode {number}: an index of {index_count} entries \
+                             for a listing of {size} bytes"
+                        );
+                    }
+                    for _ in 0..index_count {
+                        let b = reader.read(12)?;
+                        let mut c = Cursor::new(&b);
+                        let (at, start, name_len) = (c.u32()?, c.u32()?, c.u32()? as usize + 1);
+                        if name_len > 256 {
+                            corrupt!("directory inode {number}: index name of {name_len} bytes");
+                        }
+                        index.push(DirIndexEntry {
+                            index: at,
+                            start,
+                            name: reader.read(name_len)?,
+                        });
+                    }
                     (nlink, size, start_block, parent, offset)
                 };
                 let kind = InodeKind::Dir {
@@ -445,6 +482,7 @@ impl Archive {
                     offset,
                     size,
                     parent,
+                    index,
                 };
                 (nlink, kind)
             }
@@ -545,6 +583,7 @@ impl Archive {
             start_block,
             offset,
             size,
+            ref index,
             ..
         } = dir.kind
         else {
@@ -562,16 +601,20 @@ impl Archive {
                 dir.number
             );
         }
-        let data = MetaStream {
+        let mut stream = MetaStream {
             ar: self,
             pos: start,
             off: offset as usize,
             limit,
-        }
-        .read(len)?;
+            blocks: Vec::new(),
+        };
+        let data = stream.read(len)?;
         let mut c = Cursor::new(&data);
         let mut out: Vec<DirEntry> = Vec::new();
+        // (offset in the listing, index in `out`) of each header.
+        let mut headers = Vec::new();
         while c.remaining() > 0 {
+            headers.push((data.len() - c.remaining(), out.len()));
             let count = c.u32()? as usize + 1;
             let block = c.u32()? as u64;
             let base = c.u32()?;
@@ -608,6 +651,29 @@ impl Archive {
                     entry_type,
                 });
             }
+        }
+        // The kernel looks names up through the index: each entry must name
+        // a header, its first name and the metadata block it starts in, in
+        // listing order. (Which headers are indexed is the writer's choice.)
+        let mut after = None;
+        for e in index {
+            let at = e.index as usize;
+            let block = (offset as usize + at) / META_BLOCK_SIZE;
+            let header = headers.iter().find(|h| h.0 == at);
+            let right = header.is_some_and(|&(_, first)| out[first].name == e.name)
+                && stream
+                    .blocks
+                    .get(block)
+                    .is_some_and(|&b| b == self.sb.directory_table_start + e.start as u64)
+                && after.is_none_or(|a| a < at);
+            if !right {
+                corrupt!(
+                    "directory inode {}: index entry {:?} at {at} does not match the listing",
+                    dir.number,
+                    String::from_utf8_lossy(&e.name)
+                );
+            }
+            after = Some(at);
         }
         Ok(out)
     }
@@ -649,6 +715,7 @@ impl Archive {
             pos: block,
             off: byte % META_BLOCK_SIZE,
             limit,
+            blocks: Vec::new(),
         }
         .read(16)?;
         let mut c = Cursor::new(&e);
@@ -663,6 +730,7 @@ impl Archive {
             pos: self.xattr_kv_start + (kv_ref >> 16),
             off: (kv_ref & 0xFFFF) as usize,
             limit,
+            blocks: Vec::new(),
         };
         let mut out = Vec::with_capacity(count as usize);
         for _ in 0..count {
@@ -685,6 +753,7 @@ impl Archive {
                     pos: self.xattr_kv_start + (r >> 16),
                     off: (r & 0xFFFF) as usize,
                     limit,
+                    blocks: Vec::new(),
                 };
                 let n = u32::from_le_bytes(at.read(4)?.try_into().unwrap()) as usize;
                 check_xattr_len(n)?;
@@ -1220,12 +1289,17 @@ struct MetaStream<'a> {
     pos: u64,
     off: usize,
     limit: u64,
+    /// Where each block read so far starts, in order.
+    blocks: Vec<u64>,
 }
 
 impl MetaStream<'_> {
     fn read(&mut self, len: usize) -> Result<Vec<u8>> {
         let mut out = Vec::with_capacity(len.min(META_BLOCK_SIZE));
         while out.len() < len {
+            if self.blocks.last() != Some(&self.pos) {
+                self.blocks.push(self.pos);
+            }
             let (block, next) = self.ar.read_meta_block(self.pos, self.limit)?;
             if self.off > block.len() {
                 corrupt!(
