@@ -4,6 +4,11 @@
 #
 #   sudo bench/point-release.sh [MIB [CHANGED [RELEASES]]]   # results in target/point-release-bench.txt
 #
+# TAILS=7 (the default) makes Tails 7's system images (zstd level 22, 1 MiB
+# blocks, no export table) and compares with the Tails method run with
+# trixie's gensquashfs 1.3.2 (scripts/trixie-sqfs-tools.sh); TAILS=6 makes
+# Tails 6's (xz, x86 filter) and uses this machine's gensquashfs 1.2.0.
+#
 # Makes Tails-like ISOs from this machine's /usr/share, then /usr/lib and
 # /usr/bin (MIB of files, default 600: ~46,000 files, a ~160 MiB system
 # image made by mksquashfs with Tails' options; 3000 gives a ~1 GiB image):
@@ -21,6 +26,17 @@ cd "$(dirname "$0")/.."
 mib=${1:-600}
 changed=${2:-131}
 releases=${3:-3}
+tails_major=${TAILS:-7}
+case $tails_major in
+    7) comp=(-comp zstd -Xcompression-level 22 -no-exports)
+       gensquashfs_version=1.3.2
+       GENSQUASHFS=$(./scripts/trixie-sqfs-tools.sh)/gensquashfs ;;
+    6) comp=(-comp xz -Xbcj x86 -Xdict-size 1M)
+       gensquashfs_version=1.2.0
+       GENSQUASHFS=gensquashfs ;;
+    *) echo "point-release.sh: TAILS is 6 or 7" >&2; exit 2 ;;
+esac
+export GENSQUASHFS
 case $releases in 2) versions="old new" ;; 3) versions="old new next" ;; *)
     echo "point-release.sh: RELEASES is 2 or 3" >&2; exit 2 ;; esac
 out=target/point-release-bench.txt
@@ -87,7 +103,7 @@ for v in $versions; do
     printf 'kernel /live/vmlinuz\n' > "$cd_dir/isolinux/isolinux.cfg"
     : > "$cd_dir/utils/linux/syslinux"
     mksquashfs "$work/$v" "$cd_dir/live/filesystem.squashfs" -noappend -no-progress -quiet \
-        -comp xz -Xbcj x86 -b 1M -Xdict-size 1M
+        -b 1M "${comp[@]}"
     if [ "$v" = new ]; then image_mib=$(($(stat -c %s "$cd_dir/live/filesystem.squashfs") >> 20)); fi
     SOURCE_DATE_EPOCH=1729075844 xorriso -as mkisofs -quiet -R -r -J -o "$work/$v.iso" "$cd_dir" 2>/dev/null
     rm -rf "$cd_dir" "${work:?}/$v"
@@ -102,7 +118,7 @@ ours() { # old new name [build options]
     shift 3
     /usr/bin/time -o "$work/$name.time" -f "%e %U %S" target/release/iukfarm build \
         --old-iso "$work/$old.iso" --new-iso "$work/$new.iso" --squashfs-diff-name 1.1.squashfs \
-        --out "$work/$name.iuk" "$@" 2>"$work/$name.log"
+        --out "$work/$name.iuk" --gensquashfs "$gensquashfs_version" "$@" 2>"$work/$name.log"
 }
 tails old new tails-1
 [ "$releases" = 2 ] || tails new next tails-2
@@ -119,8 +135,12 @@ ours old new warm --block-cache "$cache"
 # The next point release's IUK from this one: its old image is known (it
 # was the new image above), its new image is not.
 [ "$releases" = 2 ] || ours new next next --block-cache "$cache"
+# The fast profile (not the Tails bytes): copies the new image's stored
+# blocks where they are xz with the kit's settings (Tails 6), else
+# compresses like the tails profile but stores incompressible blocks as is.
+ours old new fast --profile fast
 {
-    echo "point release: system of $system, $image_mib MiB image in a $(du -m "$work/new.iso" | cut -f1) MiB ISO, $changed files changed, IUK $(stat -c %s "$work/plain.iuk") bytes; $(nproc) cores"
+    echo "point release (Tails $tails_major images, gensquashfs $gensquashfs_version): system of $system, $image_mib MiB image in a $(du -m "$work/new.iso" | cut -f1) MiB ISO, $changed files changed, IUK $(stat -c %s "$work/plain.iuk") bytes; $(nproc) cores"
     printf '%-44s %8s %8s %8s %s\n' "" "wall s" "CPU s" "ratio" "same bytes"
     row() { # label time-file tails-time-file iuk tails-iuk
         read -r w u s < "$work/$2.time"
@@ -137,7 +157,8 @@ ours old new warm --block-cache "$cache"
     row "  cache: cold (both images hashed)" cold tails-1 cold tails-1
     row "  cache: both images known" warm tails-1 warm tails-1
     [ "$releases" = 2 ] || row "iukfarm build 1.1 -> 1.2, 1.1 known" next tails-2 next tails-2
-    runs="plain cold warm"
+    row "iukfarm build --profile fast, 1.0 -> 1.1" fast tails-1 fast tails-1
+    runs="plain cold warm fast"
     [ "$releases" = 2 ] || runs="$runs next"
     for n in $runs; do
         echo "$n:"

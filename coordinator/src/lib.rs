@@ -24,6 +24,7 @@ mod release;
 mod service;
 pub mod signing;
 mod state;
+mod text;
 
 pub use config::Config;
 pub use release::{Outcome, Running, start};

@@ -621,15 +621,38 @@ impl Running {
             })
             .map(|j| j.output_name.clone())
             .collect();
-        if !unvouched.is_empty() && cfg.output_dir.join(manifest::MANIFEST).exists() {
-            return Err(Error::BadInput(format!(
-                "{} holds a signed release made with other parameters (or whose journal is \
-                 gone): {} and {} more kit(s) are not this release's. Nothing was changed; \
-                 use another --output-dir, or move that release away",
-                cfg.output_dir.display(),
-                unvouched[0],
-                unvouched.len() - 1
-            )));
+        // So are the kits a signed manifest there names that this release
+        // does not make (another version, other sources): its SHA256SUMS
+        // and signature are removed below, so refuse first.
+        let signed = cfg.output_dir.join(manifest::MANIFEST);
+        if signed.exists() {
+            let ours: Vec<&str> = jobs
+                .iter()
+                .filter(|j| j.state == JobState::Done)
+                .map(|j| j.output_name.as_str())
+                .collect();
+            let foreign: Vec<String> = match std::fs::read(&signed)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<manifest::Manifest>(&b).ok())
+            {
+                Some(m) => m
+                    .iuks
+                    .into_iter()
+                    .map(|k| k.name)
+                    .filter(|n| !ours.contains(&n.as_str()))
+                    .collect(),
+                None => vec![format!("{} (unreadable)", manifest::MANIFEST)],
+            };
+            let not_ours: Vec<&String> = unvouched.iter().chain(&foreign).collect();
+            if let Some(first) = not_ours.first() {
+                return Err(Error::BadInput(format!(
+                    "{} holds a signed release made with other parameters (or whose journal is \
+                     gone): {first} and {} more kit(s) are not this release's. Nothing was \
+                     changed; use another --output-dir, or move that release away",
+                    cfg.output_dir.display(),
+                    not_ours.len() - 1
+                )));
+            }
         }
         for i in not_in_place {
             let j = &mut jobs[i];

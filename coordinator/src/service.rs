@@ -22,6 +22,7 @@ use crate::inputs::hex;
 use crate::jobs::{Built, JobState, Lease};
 use crate::journal::Entry;
 use crate::state::{JOB_MEMORY, Phase, Shared, State, WorkerInfo, random_hex};
+use crate::text;
 
 type Chunks = Pin<Box<dyn Stream<Item = Result<v1::Chunk, Status>> + Send>>;
 type Statuses = Pin<Box<dyn Stream<Item = Result<v1::ReleaseStatus, Status>> + Send>>;
@@ -774,8 +775,9 @@ impl Farm for FarmService {
             match i.and_then(|i| st.table.jobs[i].lease.as_mut()) {
                 Some(l) if l.worker_id == r.worker_id => {
                     l.deadline = now + sh.cfg.lease_timeout;
-                    if l.phase != p.phase {
-                        l.phase = p.phase;
+                    let phase = text::untrusted(&p.phase, text::PHASE);
+                    if l.phase != phase {
+                        l.phase = phase;
                         l.phase_started = now;
                     }
                     l.done = p.done;
@@ -914,7 +916,7 @@ impl Farm for FarmService {
             if h.summary.is_empty() {
                 String::new()
             } else {
-                format!(" ({})", h.summary)
+                format!(" ({})", text::untrusted(&h.summary, text::MESSAGE))
             }
         ));
         info!(
@@ -960,7 +962,7 @@ impl Farm for FarmService {
                 .is_some_and(|l| l.worker_id == r.worker_id)
         {
             let out = st.table.jobs[i].output_name.clone();
-            let why = format!("{name}: {}", r.message);
+            let why = format!("{name}: {}", text::untrusted(&r.message, text::MESSAGE));
             warn!("{out}: {why}");
             if r.deterministic {
                 st.refuse(i, &name, &why, &sh.cfg);
@@ -1169,7 +1171,7 @@ impl Farm for FarmService {
         let reason = if r.reason.is_empty() {
             format!("cancelled by {by}")
         } else {
-            format!("{} (by {by})", r.reason)
+            format!("{} (by {by})", text::untrusted(&r.reason, text::MESSAGE))
         };
         self.sh.cancel(&reason);
         Ok(Response::new(v1::CancelReply {}))

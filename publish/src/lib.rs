@@ -146,7 +146,8 @@ impl Remote {
         match self.ssh.split_first() {
             Some((ssh, opts)) => {
                 let mut c = Command::new(ssh);
-                c.args(opts).arg(&self.host).args(["sh", "-s"]);
+                // `--`: whatever the host is, ssh takes it for the host.
+                c.args(opts).arg("--").arg(&self.host).args(["sh", "-s"]);
                 c
             }
             None => {

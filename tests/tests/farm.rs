@@ -1043,3 +1043,33 @@ fn soak_twenty_sources_while_workers_and_the_coordinator_are_killed_at_random() 
         took.as_secs_f64()
     );
 }
+
+/// SIGTERM during a release cancels it; the coordinator then lingers (the
+/// RM may still want its status), and a second SIGTERM or SIGINT ends that
+/// at once instead of being ignored for the whole linger.
+#[test]
+fn a_second_signal_ends_the_linger_at_once() {
+    let a = archive();
+    let d = tempfile::tempdir().unwrap();
+    let key = gpg().secret_key.to_str().unwrap().to_string();
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        let out = d.path().join(format!("release-{signal}"));
+        // No worker: the release waits for one until it is cancelled.
+        let (mut c, _) = start_coordinator(&mut coordinator_cmd(
+            a,
+            &out,
+            &["--signing-key", &key, "--linger", "600s"],
+        ));
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(c.pid() as i32, signal) };
+        c.wait_log("serving status and downloads for", Duration::from_secs(60));
+        let t = Instant::now();
+        unsafe { libc::kill(c.pid() as i32, signal) };
+        c.wait(Duration::from_secs(30));
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "signal {signal}: lingered {:?} after the second signal",
+            t.elapsed()
+        );
+    }
+}

@@ -259,7 +259,12 @@ fn lying_workers_are_refused_while_the_honest_one_finishes() {
             .fail(v1::FailRequest {
                 worker_id: liar.id.clone(),
                 lease_id: failed.lease_id.clone(),
-                message: "the old ISO is corrupt".into(),
+                // Escape sequences that would clear the RM's terminal and
+                // set its title, and a flood: bounded and shown plainly.
+                message: format!(
+                    "the old ISO is corrupt\x1b[2J\x1b]0;owned\x07{}",
+                    "A".repeat(1 << 20)
+                ),
                 deterministic: true,
             })
             .await
@@ -301,6 +306,13 @@ fn lying_workers_are_refused_while_the_honest_one_finishes() {
     for k in m["iuks"].as_array().unwrap() {
         assert_eq!(k["worker"], "honest", "{m}");
     }
+    assert!(!c.log().contains('\x1b'), "an escape reached the log");
+    assert!(c.log().contains("corrupt?[2J?]0;owned?AAAA"), "{}", c.log());
+    assert!(
+        c.log().len() < 1 << 20,
+        "the flood reached the log: {} bytes",
+        c.log().len()
+    );
     assert!(
         c.log().contains("refused a second upload stream"),
         "{}",
@@ -417,6 +429,29 @@ fn a_full_output_disk_loses_nothing_and_a_refused_rerun_changes_nothing() {
         .args(["--new-version", a.new_version()])
         .args(["--source-versions", &a.sources().join(" ")])
         .args(["--source-date-epoch", "1730285445"])
+        .arg("--iso-root")
+        .arg(a.root())
+        .arg("--output-dir")
+        .arg(&out)
+        .args(["--listen", "127.0.0.1:0", "--signing-key", &key])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(e.contains("holds a signed release"), "{e}");
+    for (f, sha) in &signed {
+        assert_eq!(&sha256_file(&out.join(f)), sha, "{f} untouched");
+    }
+    assert_eq!(&iuks_in(&out), local_builds());
+
+    // A release of another version (none of its kits there yet): refused
+    // too, before its plan removes the signed files.
+    let (older, sources) = a.sources().split_last().unwrap();
+    let o = Command::new(iukfarm())
+        .arg("coordinator")
+        .args(["--new-version", older])
+        .args(["--source-versions", &sources.join(" ")])
+        .args(["--source-date-epoch", SDE])
         .arg("--iso-root")
         .arg(a.root())
         .arg("--output-dir")
@@ -1150,4 +1185,70 @@ fn certificates_say_who_is_who() {
         "{}",
         c.log()
     );
+}
+
+/// Numbers and names that would reach a library or another program as
+/// something else are refused at the command line, before anything is
+/// written: a CA's validity far beyond any date (rcgen panicked, leaving a
+/// half-made CA), a publish host that ssh would take for an option.
+#[test]
+fn out_of_range_days_and_option_like_hosts_are_refused_up_front() {
+    let d = tempfile::tempdir().unwrap();
+    let ca = d.path().join("ca");
+    for (days, args) in [
+        ("4294967295", &["ca", "init", "--days"][..]),
+        ("0", &["ca", "init", "--days"]),
+        ("36501", &["ca", "init", "--days"]),
+    ] {
+        let o = Command::new(iukfarm())
+            .args(args)
+            .arg(days)
+            .arg("--dir")
+            .arg(&ca)
+            .output()
+            .unwrap();
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{days}: {e}");
+        assert!(e.contains("from 1 to 36500"), "{days}: {e}");
+        assert!(!ca.exists(), "{days}: a half-made CA was left");
+    }
+    run(Command::new(iukfarm())
+        .args(["ca", "init", "--days", "36500", "--dir"])
+        .arg(&ca));
+    let o = Command::new(iukfarm())
+        .args([
+            "ca", "issue", "--role", "worker", "w1", "--days", "99999", "--dir",
+        ])
+        .arg(&ca)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(!ca.join("issued/w1.pem").exists());
+
+    let marker = d.path().join("ssh-ran");
+    for host in [
+        format!("-oProxyCommand=touch {}", marker.display()),
+        "-p2222".to_string(),
+        "host:/srv".to_string(),
+        "a b".to_string(),
+    ] {
+        let o = Command::new(iukfarm())
+            .arg("publish")
+            .arg(d.path())
+            .args([
+                "--cert",
+                "c.asc",
+                "--rm-sums",
+                "s",
+                "--staging-dir",
+                "/srv/tmp",
+            ])
+            .arg(format!("--host={host}"))
+            .output()
+            .unwrap();
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{host}: {e}");
+        assert!(e.contains("is not a host"), "{host}: {e}");
+    }
+    assert!(!marker.exists());
 }

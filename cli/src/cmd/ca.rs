@@ -42,8 +42,8 @@ enum Cmd {
         /// The CA's name, e.g. "Tails release CA".
         #[arg(long, default_value = "iukfarm release CA")]
         name: String,
-        /// Validity in days.
-        #[arg(long, default_value_t = 3650)]
+        /// Validity in days (1 to 36500).
+        #[arg(long, default_value_t = 3650, value_parser = days)]
         days: u32,
     },
     /// Issue a certificate: the coordinator's, or a client's with its role.
@@ -59,8 +59,8 @@ enum Cmd {
         /// Host name or IP address the coordinator is reached at. Repeatable.
         #[arg(long, value_name = "HOST")]
         host: Vec<String>,
-        /// Validity in days.
-        #[arg(long, default_value_t = 365)]
+        /// Validity in days (1 to 36500).
+        #[arg(long, default_value_t = 365, value_parser = days)]
         days: u32,
     },
     /// Revoke the certificate issued to NAME (the coordinator re-reads the list).
@@ -128,14 +128,22 @@ fn check_holder(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// A validity in days: at least one, at most a hundred years (rcgen's
+/// dates end in 9999, and no release CA needs more).
+fn days(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(d) if (1..=36_500).contains(&d) => Ok(d),
+        _ => Err(format!("{s:?}: use a number of days from 1 to 36500")),
+    }
+}
+
 pub fn run(a: Args) -> Result<ExitCode> {
     match a.cmd {
         Cmd::Init { dir, name, days } => {
             if dir.join("ca.pem").exists() {
                 usage!("{} already holds a CA", dir.display());
             }
-            fs::create_dir_all(dir.join("issued"))
-                .with_context(|| format!("creating {}", dir.display()))?;
+            // Everything is made before anything is written.
             let key = KeyPair::generate()?;
             let mut p = CertificateParams::default();
             p.distinguished_name.push(DnType::CommonName, name);
@@ -144,6 +152,8 @@ pub fn run(a: Args) -> Result<ExitCode> {
             p.serial_number = Some(random_serial());
             validity(&mut p, days);
             let cert = p.self_signed(&key)?;
+            fs::create_dir_all(dir.join("issued"))
+                .with_context(|| format!("creating {}", dir.display()))?;
             create(&dir.join("ca.key"), 0o600, key.serialize_pem().as_bytes())?;
             create(&dir.join("ca.pem"), 0o644, cert.pem().as_bytes())?;
             create(

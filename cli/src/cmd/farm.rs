@@ -299,7 +299,9 @@ fn outcome(o: Outcome) -> ExitCode {
     }
 }
 
-/// Turns SIGINT/SIGTERM into `cancel`.
+/// Turns every SIGINT/SIGTERM into `cancel`: the first cancels the
+/// release, one during the linger ends it (without this, the handlers would
+/// swallow every later signal).
 fn on_signal(cancel: impl Fn(&str) + Send + Sync + 'static) {
     tokio::spawn(async move {
         let mut term =
@@ -310,9 +312,11 @@ fn on_signal(cancel: impl Fn(&str) + Send + Sync + 'static) {
                     return;
                 }
             };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => cancel("interrupted (SIGINT)"),
-            _ = term.recv() => cancel("terminated (SIGTERM)"),
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => cancel("interrupted (SIGINT)"),
+                _ = term.recv() => cancel("terminated (SIGTERM)"),
+            }
         }
     });
 }

@@ -47,7 +47,7 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     pub(crate) rm_sums: PathBuf,
     /// The rsync server.
-    #[arg(long, value_name = "USER@HOST")]
+    #[arg(long, value_name = "USER@HOST", value_parser = host)]
     pub(crate) host: String,
     /// The ssh command and its options, split on spaces (also used by rsync).
     #[arg(long, value_name = "COMMAND", default_value = "ssh")]
@@ -86,6 +86,22 @@ pub struct Args {
     pub(crate) fetch: bool,
     #[command(flatten)]
     pub(crate) conn: super::client::Conn,
+}
+
+/// `[USER@]HOST`: never something ssh or rsync would take for an option or
+/// a path.
+fn host(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && !s.starts_with('-')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"@.-_".contains(&b));
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?} is not a host: use [USER@]HOST (letters, digits and . - _ @, not starting with -)"
+        ))
+    }
 }
 
 pub fn run(a: Args) -> Result<ExitCode> {
