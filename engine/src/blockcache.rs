@@ -122,10 +122,13 @@ impl BlockId {
 
     /// Whether `value` is a sound stored form of this block as far as can be
     /// told without compressing: a compressed form must be smaller than the
-    /// block and decompress to exactly its bytes. (Whether the block would
-    /// have compressed, and to these very bytes, only compressing tells;
+    /// block, decompress to exactly its bytes and, given the settings
+    /// (`cfg`, which the caller knows and this id only digests), be in our
+    /// writer's exact xz container ([`crate::sqfs::xz_form`]: the kernel
+    /// refuses other integrity checks). (Whether the block would have
+    /// compressed, and to these very LZMA2 bytes, only compressing tells;
     /// reproduction builds, which use no shared store, check that.)
-    pub fn admits(&self, value: &Cached) -> bool {
+    pub fn admits(&self, cfg: Option<&XzConfig>, value: &Cached) -> bool {
         if self.len > MAX_BLOCK {
             return false;
         }
@@ -137,6 +140,7 @@ impl BlockId {
                     && decompress(CompressorId::Xz, b, self.len as usize).is_ok_and(|d| {
                         d.len() as u64 == self.len
                             && <[u8; 32]>::from(Sha256::digest(&d)) == self.data
+                            && cfg.is_none_or(|c| crate::sqfs::xz_form::check(c, b, &d).is_ok())
                     })
             }
         }
@@ -871,7 +875,7 @@ mod tests {
             })
         }
         fn put(&self, id: &BlockId, key: &BlockKey, value: &Cached) {
-            assert!(id.admits(value));
+            assert!(id.admits(None, value));
             assert_eq!(id.key(), *key);
             self.blocks.lock().unwrap().insert(*key, value.clone());
         }
@@ -941,20 +945,20 @@ mod tests {
         let id = BlockId::new(&cfg, &data);
         assert_eq!(id.key(), BlockKey::new(&cfg, &data));
         let good = cfg.compress(&data).unwrap().unwrap();
-        assert!(id.admits(&Cached::Compressed(good.clone())));
-        assert!(id.admits(&Cached::Uncompressed));
+        assert!(id.admits(None, &Cached::Compressed(good.clone())));
+        assert!(id.admits(None, &Cached::Uncompressed));
         let mut bad = good.clone();
         let n = bad.len() / 2;
         bad[n] ^= 4;
-        assert!(!id.admits(&Cached::Compressed(bad)));
-        assert!(!id.admits(&Cached::Compressed(Vec::new())));
+        assert!(!id.admits(None, &Cached::Compressed(bad)));
+        assert!(!id.admits(None, &Cached::Compressed(Vec::new())));
         let other = BlockId::new(&cfg, &sample(4));
-        assert!(!other.admits(&Cached::Compressed(good)));
+        assert!(!other.admits(None, &Cached::Compressed(good)));
         let huge = BlockId {
             len: MAX_BLOCK + 1,
             ..id
         };
-        assert!(!huge.admits(&Cached::Uncompressed));
+        assert!(!huge.admits(None, &Cached::Uncompressed));
     }
 
     #[test]

@@ -239,8 +239,16 @@ fn lying_workers_are_refused_while_the_honest_one_finishes() {
         // and wrong for every job. (A kit from an older source would not
         // do: it may well turn a newer source into the new release.)
         let fake = d.path().join("fake.iuk");
+        // (Dated a second after the new release: a kit from a release to
+        // itself dated like it is refused.)
         run(Command::new(iukfarm())
-            .args(["build", "--quiet", "--source-date-epoch", SDE, "--old-iso"])
+            .args([
+                "build",
+                "--quiet",
+                "--source-date-epoch",
+                "1730285445",
+                "--old-iso",
+            ])
             .arg(a.iso(a.new_version()))
             .arg("--new-iso")
             .arg(a.iso(a.new_version()))

@@ -381,7 +381,7 @@ fn the_demo_ends_the_release_on_this_machine() {
         .into_iter()
         .filter(|p| p.file_name().is_some_and(|n| n == "upgrades.yml"))
         .collect();
-    // 6.2's and 6.3's (alpha, stable), 6.0's and 6.1's stable ones.
+    // 7.2's and 7.3's (alpha, stable), 7.0's and 7.1's stable ones.
     assert_eq!(udfs.len(), 6, "{udfs:?}");
     let cert = out.join("demo-signing-key.asc");
     for u in &udfs {
@@ -394,7 +394,7 @@ fn the_demo_ends_the_release_on_this_machine() {
             .arg(u));
     }
     let one = fs::read_to_string(
-        out.join("website/wiki/src/upgrade/v2/Tails/6.0/amd64/stable/upgrades.yml"),
+        out.join("website/wiki/src/upgrade/v2/Tails/7.0/amd64/stable/upgrades.yml"),
     )
     .unwrap();
     assert!(one.contains(&release[0].1), "{one}");

@@ -16,7 +16,10 @@ use std::fs::File;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use super::{FORMAT, is_kernel_name, iso_tree, open_iso, open_system, to_syslinux};
+use super::{
+    FORMAT, diff_writer_options, is_kernel_name, iso_tree, kit_writer_options, open_iso,
+    open_system, to_syslinux,
+};
 use crate::compare::{
     CompareOptions, ContentDigests, Difference, compare_trees, compare_trees_with,
 };
@@ -307,7 +310,9 @@ pub fn verify_iuk(
     memo: Option<&VerifyMemo>,
 ) -> Result<Verification> {
     let f = File::open(kit).map_err(|e| Error::io(kit, e))?;
-    let ar = Archive::open(Arc::new(f)).map_err(|e| match e {
+    // Every block of the kit and of its diff must be in our writer's exact
+    // form, whoever compressed it (see `Archive::open_ours`).
+    let ar = Archive::open_ours(Arc::new(f), kit_writer_options(0, 1).xz).map_err(|e| match e {
         Error::Corrupt(m) => Error::Corrupt(format!("{}: {m}", kit.display())),
         other => other,
     })?;
@@ -382,7 +387,7 @@ pub fn verify_iuk(
         let mut w = scratch.try_clone()?;
         std::io::copy(&mut content.open()?, &mut w)?;
         let src: Arc<dyn crate::io::ReadAt> = Arc::new(scratch.try_clone()?);
-        let diff_tree = Archive::open(src)
+        let diff_tree = Archive::open_ours(src, diff_writer_options(0, 1).xz)
             .map_err(|e| Error::Corrupt(format!("overlay/live/{name}: {e}")))?
             .to_tree()?;
         system = apply_overlay(Some(&system), &diff_tree)

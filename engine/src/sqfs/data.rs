@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use super::compress::Codec;
+use super::compress::{Codec, XzConfig};
 use super::format::{BLOCK_UNCOMPRESSED, NO_FRAGMENT};
 use super::reader::ImageFile;
 use crate::blockcache::{BlockCache, BlockId, Cached, Lookup, SharedBlocks};
@@ -209,7 +209,7 @@ impl Compressor {
                     shared.get(&id, &key)
                 };
                 if let Some(v) = found {
-                    if id.admits(&v) {
+                    if admitted(&id, xz, &v, &data) {
                         return Ok((v, Origin::Shared));
                     }
                     shared.rejected(&id, &key);
@@ -296,10 +296,19 @@ impl Stored {
     }
 }
 
+/// Whether a form from elsewhere (the farm's store, a helper) may be used:
+/// sound ([`BlockId::admits`], our container included), and stored
+/// uncompressed only where verification accepts that (the block looks
+/// incompressible); otherwise the job compresses the block itself.
+fn admitted(id: &BlockId, xz: &XzConfig, form: &Cached, data: &[u8]) -> bool {
+    id.admits(Some(xz), form)
+        && (!matches!(form, Cached::Uncompressed) || looks_incompressible(data))
+}
+
 /// Order-0 entropy above 7.99 bits per byte: already compressed (or random)
 /// data, which xz cannot shrink. Only judged on blocks large enough for the
 /// estimate to mean something.
-fn looks_incompressible(data: &[u8]) -> bool {
+pub(super) fn looks_incompressible(data: &[u8]) -> bool {
     if data.len() < 65536 {
         return false;
     }
@@ -589,7 +598,7 @@ impl DataWriter<'_> {
             let forms = forms.into_iter().chain(std::iter::repeat(None));
             for ((id, p), form) in batch.into_iter().zip(forms) {
                 match form {
-                    Some(f) if id.admits(&f) => {
+                    Some(f) if admitted(&id, xz, &f, &p.data) => {
                         if let Some(cache) = &self.cache {
                             cache.put(&id.key(), &f);
                         }
@@ -1274,6 +1283,11 @@ mod tests {
                             Some(Cached::Compressed(b))
                         }
                         ("liar", f) => Some(f),
+                        // Valid xz that liblzma decompresses right, with a
+                        // SHA-256 check, which the kernel refuses.
+                        ("foreign", _) => Some(Cached::Compressed(sha256_checked(data))),
+                        // "Stored uncompressed", for compressible blocks.
+                        ("raw", _) => Some(Cached::Uncompressed),
                         _ => None,
                     }
                 })
@@ -1283,6 +1297,28 @@ mod tests {
             }
             forms
         }
+    }
+
+    fn sha256_checked(data: &[u8]) -> Vec<u8> {
+        use liblzma_sys as lz;
+        let mut out = vec![0u8; data.len() + 1024];
+        let mut n = 0usize;
+        // SAFETY: valid buffers of the given lengths.
+        let ret = unsafe {
+            lz::lzma_easy_buffer_encode(
+                6,
+                lz::LZMA_CHECK_SHA256,
+                std::ptr::null(),
+                data.as_ptr(),
+                data.len(),
+                out.as_mut_ptr(),
+                &mut n,
+                out.len(),
+            )
+        };
+        assert_eq!(ret, lz::LZMA_OK);
+        out.truncate(n);
+        out
     }
 
     /// A store where every block is being compressed by another worker,
@@ -1372,7 +1408,7 @@ mod tests {
         let (plain, p) = write(None);
         let all = p.compressed_blocks;
         assert!(all >= 40, "{p:?}");
-        for mode in ["honest", "liar", "silent", "short"] {
+        for mode in ["honest", "liar", "foreign", "raw", "silent", "short"] {
             let h = Arc::new(Helpers {
                 mode,
                 taken: AtomicU64::new(0),
@@ -1387,7 +1423,7 @@ mod tests {
                     assert_eq!(s.helped_blocks, taken, "{s:?}");
                     assert_eq!(s.helped_blocks + s.compressed_blocks, all);
                 }
-                "liar" => {
+                "liar" | "foreign" | "raw" => {
                     assert_eq!((s.helped_blocks, s.compressed_blocks), (0, all));
                     assert_eq!(h.rejected.load(Ordering::Relaxed), taken);
                 }

@@ -10,6 +10,7 @@ mod meta;
 mod reader;
 mod writer;
 mod xattr_table;
+pub mod xz_form;
 
 pub use compat::Gensquashfs;
 pub use compress::XzConfig;

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
-use super::compress::{self, XzConfig};
+use super::compress::{self, XzConfig, xz_flags};
 use super::format::{
     BLOCK_UNCOMPRESSED, CompressorId, Cursor, META_BLOCK_SIZE, META_UNCOMPRESSED, NO_FRAGMENT,
     NO_TABLE, NO_XATTR, SUPERBLOCK_SIZE, Superblock, XATTR_OUT_OF_LINE, XATTR_PREFIXES, flags,
@@ -162,6 +162,9 @@ pub struct Archive {
     /// Pairs of tails found equal because their blocks are stored alike.
     tails_alike: std::sync::atomic::AtomicU64,
     tails: std::sync::OnceLock<TailState>,
+    /// Set by [`Archive::open_ours`]: the settings every block must be in
+    /// our writer's exact form with.
+    form: Option<XzConfig>,
 }
 
 impl std::fmt::Debug for Archive {
@@ -176,6 +179,29 @@ impl Archive {
     /// Opens the image that starts at byte 0 of `src`; wrap `src` in
     /// [`crate::io::Slice`] to read an image inside another file.
     pub fn open(src: Arc<dyn ReadAt>) -> Result<Arc<Archive>> {
+        Self::open_with(src, None)
+    }
+
+    /// [`Archive::open`] for an image that must be exactly as our writer
+    /// makes it with `xz`, whoever made it (a worker's kit, its diff): the
+    /// settings declared; every block read, metadata or data, in our
+    /// writer's xz container ([`super::xz_form`]); a block stored
+    /// uncompressed only if xz cannot shrink it or it looks incompressible
+    /// (the fast profile's rule). The kernel is stricter than liblzma: a
+    /// block with another integrity check would read as EIO there.
+    pub fn open_ours(src: Arc<dyn ReadAt>, xz: XzConfig) -> Result<Arc<Archive>> {
+        let ar = Self::open_with(src, Some(xz))?;
+        let declared = ar.xz_config().map(|c| (c.dict_size, c.flags));
+        let want = (xz.dict_size, xz.flags & xz_flags::ALL & !xz_flags::EXTREME);
+        if declared != Some(want) {
+            corrupt!(
+                "compressor settings {declared:?} are not our writer's {want:?} (dictionary, filters)"
+            );
+        }
+        Ok(ar)
+    }
+
+    fn open_with(src: Arc<dyn ReadAt>, form: Option<XzConfig>) -> Result<Arc<Archive>> {
         let len = src.size()?;
         let mut head = [0u8; SUPERBLOCK_SIZE];
         read_at(&*src, &mut head, 0, "superblock")?;
@@ -201,8 +227,12 @@ impl Archive {
             frag_stored: std::sync::OnceLock::new(),
             tails_alike: Default::default(),
             tails: std::sync::OnceLock::new(),
+            form,
             sb,
         };
+        if form.is_some() && comp != CompressorId::Xz {
+            corrupt!("{}-compressed, where our writer writes xz", comp.name());
+        }
         if ar.sb.flags & flags::COMPRESSOR_OPTIONS != 0 && comp == CompressorId::Xz {
             let (opts, _) = ar.read_meta_block(SUPERBLOCK_SIZE as u64, ar.sb.inode_table_start)?;
             let mut c = Cursor::new(&opts);
@@ -318,7 +348,27 @@ impl Archive {
     }
 
     fn decompress(&self, data: &[u8], max: usize) -> Result<Vec<u8>> {
-        compress::decompress(self.comp, data, max)
+        let out = compress::decompress(self.comp, data, max)?;
+        if let Some(xz) = &self.form {
+            super::xz_form::check(xz, data, &out)?;
+        }
+        Ok(out)
+    }
+
+    /// With [`Archive::open_ours`]: a block stored uncompressed must be one
+    /// our writer stores so.
+    fn check_stored_raw(&self, raw: &[u8]) -> Result<()> {
+        match &self.form {
+            Some(xz)
+                if !super::data::looks_incompressible(raw) && xz.compress_here(raw)?.is_some() =>
+            {
+                corrupt!(
+                    "a block of {} bytes stored uncompressed, which our writer compresses",
+                    raw.len()
+                )
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Reads the metadata block at absolute position `pos`, which must end
@@ -341,6 +391,7 @@ impl Archive {
         let mut raw = vec![0u8; size as usize];
         read_at(&*self.src, &mut raw, pos + 2, "metadata block")?;
         let data = if h & META_UNCOMPRESSED != 0 {
+            self.check_stored_raw(&raw)?;
             raw
         } else {
             self.decompress(&raw, META_BLOCK_SIZE)?
@@ -1008,6 +1059,7 @@ impl Archive {
             if raw.len() > max {
                 corrupt!("uncompressed data block larger than expected");
             }
+            self.check_stored_raw(&raw)?;
             Ok(raw)
         } else {
             self.decompress(&raw, max)
@@ -1336,15 +1388,16 @@ impl ImageFile {
     }
 
     /// Whether this file's stored blocks can be copied into an image written
-    /// with `block_size` and `xz`: same compressor and block size, and a
-    /// dictionary no larger than the writer declares (a reader sizes its
-    /// buffers from the declared one).
+    /// with `block_size` and `xz`: same compressor, block size and
+    /// dictionary, no filter the writer does not declare.
     pub fn blocks_copyable(&self, block_size: u32, xz: &XzConfig) -> bool {
         let ar = &self.ar;
         ar.sb.block_size == block_size
             && ar
                 .xz_config()
-                .is_some_and(|c| c.dict_size <= xz.dict_size && c.flags & !xz.flags == 0)
+                // The same dictionary: a block's container names it, and
+                // verification wants our writer's.
+                .is_some_and(|c| c.dict_size == xz.dict_size && c.flags & !xz.flags == 0)
     }
 
     /// The stored form of full block `index`: its size field (with the
@@ -1603,6 +1656,36 @@ mod tests {
             "a fragment that does not exist"
         );
         assert!(ar.frag_flights.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn open_ours_wants_our_writers_settings_and_codec() {
+        let root = Node::flat((0..6u32).map(|i| {
+            let data = (0..150_000u32).map(|j| ((j * (i + 1)) % 253) as u8);
+            (format!("f{i}"), data.collect())
+        }));
+        let write = |opts: &WriterOptions| {
+            let out = tempfile::tempfile().unwrap();
+            write_image(&root, opts, &out, &crate::NoProgress).unwrap();
+            Arc::new(out)
+        };
+        let kit = WriterOptions::with_block_size(131072);
+        let ar = Archive::open_ours(write(&kit), kit.xz).unwrap();
+        let mut n = 0;
+        for e in ar.read_dir(&ar.root_inode().unwrap()).unwrap() {
+            if let InodeKind::File(f) = ar.inode(e.inode_ref).unwrap().kind {
+                n += ar.read_file(&f, u64::MAX).unwrap().len();
+            }
+        }
+        assert_eq!(n, 6 * 150_000);
+        let mut other = kit.xz;
+        other.flags = xz_flags::X86;
+        let e = Archive::open_ours(write(&kit), other).unwrap_err();
+        assert!(e.to_string().contains("not our writer's"), "{e}");
+        let mut zstd = kit.clone();
+        zstd.zstd_level = Some(3);
+        let e = Archive::open_ours(write(&zstd), kit.xz).unwrap_err();
+        assert!(e.to_string().contains("zstd-compressed"), "{e}");
     }
 
     #[test]
