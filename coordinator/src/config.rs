@@ -245,6 +245,10 @@ impl Config {
                 "--max-attempts and --verify-jobs must be at least 1".into(),
             ));
         }
+        // Each verification holds a diff's scratch file and threads.
+        if self.verify_jobs > 64 {
+            return Err(Error::Config("--verify-jobs must be at most 64".into()));
+        }
         if self.lease_timeout < Duration::from_secs(1) {
             return Err(Error::Config("--lease-timeout must be at least 1s".into()));
         }

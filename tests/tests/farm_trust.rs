@@ -426,54 +426,39 @@ fn a_full_output_disk_loses_nothing_and_a_refused_rerun_changes_nothing() {
     assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
     drop(w);
 
-    // The same release with another SOURCE_DATE_EPOCH: refused, and the
-    // signed release is left exactly as it was.
+    // Reruns into the finished release's directory that are not that
+    // release: refused, and the signed release is left exactly as it was.
     let signed: Vec<(String, String)> = ["SHA256SUMS", "manifest.json", "manifest.json.asc"]
         .iter()
         .map(|f| (f.to_string(), sha256_file(&out.join(f))))
         .collect();
-    let o = Command::new(iukfarm())
-        .arg("coordinator")
-        .args(["--new-version", a.new_version()])
-        .args(["--source-versions", &a.sources().join(" ")])
-        .args(["--source-date-epoch", "1730285445"])
-        .arg("--iso-root")
-        .arg(a.root())
-        .arg("--output-dir")
-        .arg(&out)
-        .args(["--listen", "127.0.0.1:0", "--signing-key", &key])
-        .output()
-        .unwrap();
-    let e = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{e}");
-    assert!(e.contains("holds a signed release"), "{e}");
-    for (f, sha) in &signed {
-        assert_eq!(&sha256_file(&out.join(f)), sha, "{f} untouched");
-    }
-    assert_eq!(&iuks_in(&out), local_builds());
-
-    // A release of another version (none of its kits there yet): refused
-    // too, before its plan removes the signed files.
+    let refused = |new: &str, sources: &[String], sde: &str| {
+        let o = Command::new(iukfarm())
+            .arg("coordinator")
+            .args(["--new-version", new])
+            .args(["--source-versions", &sources.join(" ")])
+            .args(["--source-date-epoch", sde])
+            .arg("--iso-root")
+            .arg(a.root())
+            .arg("--output-dir")
+            .arg(&out)
+            .args(["--listen", "127.0.0.1:0", "--signing-key", &key])
+            .output()
+            .unwrap();
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{new}: {e}");
+        assert!(e.contains("holds a signed release"), "{new}: {e}");
+        for (f, sha) in &signed {
+            assert_eq!(&sha256_file(&out.join(f)), sha, "{new}: {f} untouched");
+        }
+        assert_eq!(&iuks_in(&out), local_builds());
+    };
+    // The same release with another SOURCE_DATE_EPOCH.
+    refused(a.new_version(), a.sources(), "1730285445");
+    // A release of another version (none of its kits there yet), before
+    // its plan removes the signed files.
     let (older, sources) = a.sources().split_last().unwrap();
-    let o = Command::new(iukfarm())
-        .arg("coordinator")
-        .args(["--new-version", older])
-        .args(["--source-versions", &sources.join(" ")])
-        .args(["--source-date-epoch", SDE])
-        .arg("--iso-root")
-        .arg(a.root())
-        .arg("--output-dir")
-        .arg(&out)
-        .args(["--listen", "127.0.0.1:0", "--signing-key", &key])
-        .output()
-        .unwrap();
-    let e = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{e}");
-    assert!(e.contains("holds a signed release"), "{e}");
-    for (f, sha) in &signed {
-        assert_eq!(&sha256_file(&out.join(f)), sha, "{f} untouched");
-    }
-    assert_eq!(&iuks_in(&out), local_builds());
+    refused(older, sources, SDE);
 }
 
 #[test]

@@ -76,7 +76,7 @@ pub struct SamplesArgs {
     #[arg(long, value_name = "MIB", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1024))]
     big_file_mib: u64,
     /// Compression threads (default: one per core).
-    #[arg(short = 'j', long)]
+    #[arg(short = 'j', long, value_parser = super::parse_threads)]
     threads: Option<usize>,
 }
 

@@ -113,7 +113,7 @@ pub struct ReleaseArgs {
     /// Keep serving status and downloads this long after the end.
     #[arg(long, default_value = "0s", value_parser = config::parse_duration)]
     linger: Duration,
-    /// IUKs verified by applying them at the same time.
+    /// IUKs verified by applying them at the same time (1 to 64).
     #[arg(long, default_value_t = 1)]
     verify_jobs: usize,
     /// Size cap of the farm's block store in <output-dir>/.iukfarm/blocks, where each block

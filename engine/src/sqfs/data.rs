@@ -1285,7 +1285,9 @@ mod tests {
                         ("liar", f) => Some(f),
                         // Valid xz that liblzma decompresses right, with a
                         // SHA-256 check, which the kernel refuses.
-                        ("foreign", _) => Some(Cached::Compressed(sha256_checked(data))),
+                        ("foreign", _) => Some(Cached::Compressed(
+                            crate::sqfs::xz_form::easy_encode(data, liblzma_sys::LZMA_CHECK_SHA256),
+                        )),
                         // "Stored uncompressed", for compressible blocks.
                         ("raw", _) => Some(Cached::Uncompressed),
                         _ => None,
@@ -1297,28 +1299,6 @@ mod tests {
             }
             forms
         }
-    }
-
-    fn sha256_checked(data: &[u8]) -> Vec<u8> {
-        use liblzma_sys as lz;
-        let mut out = vec![0u8; data.len() + 1024];
-        let mut n = 0usize;
-        // SAFETY: valid buffers of the given lengths.
-        let ret = unsafe {
-            lz::lzma_easy_buffer_encode(
-                6,
-                lz::LZMA_CHECK_SHA256,
-                std::ptr::null(),
-                data.as_ptr(),
-                data.len(),
-                out.as_mut_ptr(),
-                &mut n,
-                out.len(),
-            )
-        };
-        assert_eq!(ret, lz::LZMA_OK);
-        out.truncate(n);
-        out
     }
 
     /// A store where every block is being compressed by another worker,

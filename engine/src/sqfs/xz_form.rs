@@ -157,6 +157,31 @@ pub fn check(cfg: &XzConfig, stored: &[u8], uncompressed: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// liblzma's easy encoder (preset 6) with another integrity check: valid
+/// xz that liblzma decompresses right, and not our form (for tests).
+#[cfg(test)]
+pub(crate) fn easy_encode(input: &[u8], check_type: liblzma_sys::lzma_check) -> Vec<u8> {
+    let mut out = vec![0u8; input.len() + 1024];
+    let mut n = 0usize;
+    // SAFETY: valid buffers of the given lengths; the easy encoder takes a
+    // preset, no filter pointers.
+    let ret = unsafe {
+        liblzma_sys::lzma_easy_buffer_encode(
+            6,
+            check_type,
+            std::ptr::null(),
+            input.as_ptr(),
+            input.len(),
+            out.as_mut_ptr(),
+            &mut n,
+            out.len(),
+        )
+    };
+    assert_eq!(ret, liblzma_sys::LZMA_OK);
+    out.truncate(n);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -222,30 +247,6 @@ mod tests {
         }
     }
 
-    /// liblzma's own encoder with another integrity check or preset: valid
-    /// xz, decompressed right by liblzma, not our form.
-    fn encode(input: &[u8], check_type: lz::lzma_check) -> Vec<u8> {
-        let mut out = vec![0u8; input.len() + 1024];
-        let mut n = 0usize;
-        // SAFETY: valid buffers of the given lengths; the easy encoder
-        // takes a preset, no filter pointers.
-        let ret = unsafe {
-            lz::lzma_easy_buffer_encode(
-                6,
-                check_type,
-                std::ptr::null(),
-                input.as_ptr(),
-                input.len(),
-                out.as_mut_ptr(),
-                &mut n,
-                out.len(),
-            )
-        };
-        assert_eq!(ret, lz::LZMA_OK);
-        out.truncate(n);
-        out
-    }
-
     #[test]
     fn forms_that_decompress_right_but_are_not_ours_are_refused() {
         let cfg = XzConfig::for_block_size(131072);
@@ -253,9 +254,12 @@ mod tests {
         let ours = cfg.compress(&input).unwrap().unwrap();
         check(&cfg, &ours, &input).unwrap();
         for (what, form) in [
-            ("a SHA-256 check", encode(&input, lz::LZMA_CHECK_SHA256)),
-            ("a CRC64 check", encode(&input, lz::LZMA_CHECK_CRC64)),
-            ("no check", encode(&input, lz::LZMA_CHECK_NONE)),
+            (
+                "a SHA-256 check",
+                easy_encode(&input, lz::LZMA_CHECK_SHA256),
+            ),
+            ("a CRC64 check", easy_encode(&input, lz::LZMA_CHECK_CRC64)),
+            ("no check", easy_encode(&input, lz::LZMA_CHECK_NONE)),
             ("stream padding", [&ours[..], &[0u8; 4]].concat()),
             ("two streams", {
                 let (a, b) = input.split_at(input.len() / 2);
