@@ -1073,3 +1073,35 @@ fn a_second_signal_ends_the_linger_at_once() {
         );
     }
 }
+
+/// A SOURCE_DATE_EPOCH not later than a source release's (its ISO's date)
+/// is refused at start, naming that release, before anything is written:
+/// Tails' installer would keep the old release's same-size files.
+#[test]
+fn a_release_dated_no_later_than_a_source_is_refused_up_front() {
+    let a = archive();
+    let d = tempfile::tempdir().unwrap();
+    let key = gpg().secret_key.to_str().unwrap().to_string();
+    let out = d.path().join("release");
+    // 7.3 is dated four weeks before the newest release, 7.4.
+    let sde = (SDE.parse::<u32>().unwrap() - 28 * 86_400).to_string();
+    let o = Command::new(iukfarm())
+        .arg("coordinator")
+        .args(["--new-version", a.new_version()])
+        .args(["--source-versions", &a.sources().join(" ")])
+        .args(["--source-date-epoch", &sde])
+        .arg("--iso-root")
+        .arg(a.root())
+        .arg("--output-dir")
+        .arg(&out)
+        .args(["--listen", "127.0.0.1:0", "--signing-key", &key])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(
+        e.contains("is not later than the ISO of 7.3") && e.contains("2024-10-02"),
+        "{e}"
+    );
+    assert!(!out.exists(), "the refused release wrote {}", out.display());
+}
