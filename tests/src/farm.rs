@@ -414,11 +414,24 @@ pub fn coordinator_cmd_for(
     listen: &str,
     extra: &[&str],
 ) -> Command {
+    coordinator_cmd_dated(archive, new, sources, SDE, out, listen, extra)
+}
+
+/// [`coordinator_cmd_for`] with another SOURCE_DATE_EPOCH.
+pub fn coordinator_cmd_dated(
+    archive: &Archive,
+    new: &str,
+    sources: &[String],
+    sde: &str,
+    out: &Path,
+    listen: &str,
+    extra: &[&str],
+) -> Command {
     let mut cmd = Command::new(iukfarm());
     cmd.arg("coordinator")
         .args(["--new-version", new])
         .args(["--source-versions", &sources.join(" ")])
-        .args(["--source-date-epoch", SDE])
+        .args(["--source-date-epoch", sde])
         .arg("--iso-root")
         .arg(archive.root())
         .arg("--output-dir")

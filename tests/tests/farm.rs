@@ -9,8 +9,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use iukfarm_tests::farm::{
     AgentGuard, Archive, Proc, SDE, archive, builds_of, coordinator, coordinator_cmd,
-    coordinator_cmd_for, gpg, iuks_in, leftover_job_files, local_builds, start_coordinator, status,
-    tls_files, token_file, wait_until, worker,
+    coordinator_cmd_dated, coordinator_cmd_for, gpg, iuks_in, leftover_job_files, local_builds,
+    start_coordinator, status, tls_files, token_file, wait_until, worker,
 };
 use iukfarm_tests::{iukfarm, require_tool, run};
 
@@ -1085,18 +1085,17 @@ fn a_release_dated_no_later_than_a_source_is_refused_up_front() {
     let out = d.path().join("release");
     // 7.3 is dated four weeks before the newest release, 7.4.
     let sde = (SDE.parse::<u32>().unwrap() - 28 * 86_400).to_string();
-    let o = Command::new(iukfarm())
-        .arg("coordinator")
-        .args(["--new-version", a.new_version()])
-        .args(["--source-versions", &a.sources().join(" ")])
-        .args(["--source-date-epoch", &sde])
-        .arg("--iso-root")
-        .arg(a.root())
-        .arg("--output-dir")
-        .arg(&out)
-        .args(["--listen", "127.0.0.1:0", "--signing-key", &key])
-        .output()
-        .unwrap();
+    let o = coordinator_cmd_dated(
+        a,
+        a.new_version(),
+        a.sources(),
+        &sde,
+        &out,
+        "127.0.0.1:0",
+        &["--signing-key", &key],
+    )
+    .output()
+    .unwrap();
     let e = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{e}");
     assert!(

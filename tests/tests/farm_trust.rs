@@ -13,8 +13,8 @@ use iukfarm_engine::blockcache::BlockId;
 use iukfarm_engine::sqfs::XzConfig;
 use iukfarm_proto::{ClientConfig, FarmClient, PROTOCOL_VERSION, v1};
 use iukfarm_tests::farm::{
-    Archive, Proc, SDE, archive, coordinator, gpg, iuks_in, local_builds, status, token_file,
-    wait_until, worker,
+    Archive, Proc, SDE, archive, coordinator, coordinator_cmd_dated, gpg, iuks_in, local_builds,
+    status, token_file, wait_until, worker,
 };
 use iukfarm_tests::{iukfarm, require_root, require_tool, run, sha256_file};
 use tokio::sync::mpsc;
@@ -433,18 +433,17 @@ fn a_full_output_disk_loses_nothing_and_a_refused_rerun_changes_nothing() {
         .map(|f| (f.to_string(), sha256_file(&out.join(f))))
         .collect();
     let refused = |new: &str, sources: &[String], sde: &str| {
-        let o = Command::new(iukfarm())
-            .arg("coordinator")
-            .args(["--new-version", new])
-            .args(["--source-versions", &sources.join(" ")])
-            .args(["--source-date-epoch", sde])
-            .arg("--iso-root")
-            .arg(a.root())
-            .arg("--output-dir")
-            .arg(&out)
-            .args(["--listen", "127.0.0.1:0", "--signing-key", &key])
-            .output()
-            .unwrap();
+        let o = coordinator_cmd_dated(
+            a,
+            new,
+            sources,
+            sde,
+            &out,
+            "127.0.0.1:0",
+            &["--signing-key", &key],
+        )
+        .output()
+        .unwrap();
         let e = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(2), "{new}: {e}");
         assert!(e.contains("holds a signed release"), "{new}: {e}");
