@@ -16,7 +16,12 @@
 # root is needed later but was deleted, it is re-extracted from the ISO.
 # --clean-roots deletes OUTDIR/roots once all ISOs exist.
 #
-# Environment: MIRROR, SECURITY_MIRROR, V11_UPGRADE, SOURCE_DATE_EPOCH (if unset, each
+# TAILS=7 (the default) compresses the system images as Tails 7's auto/build
+# does (zstd level 22, 1 MiB blocks, -no-exports); TAILS=6 as Tails 6's (xz,
+# x86 filter, 1 MiB dictionary). Only the images differ: the systems are the
+# same bookworm ones.
+#
+# Environment: TAILS, MIRROR, SECURITY_MIRROR, V11_UPGRADE, SOURCE_DATE_EPOCH (if unset, each
 # squashfs/ISO uses the newest mtime in its root, so nothing is clamped and the
 # timestamps are a function of the root's content).
 #
@@ -42,6 +47,11 @@ V10_INCLUDE=(
 # v1.1: "upgrade" keeps the kernel ABI back (new linux-image-6.1.0-NN package);
 # V11_UPGRADE=full-upgrade makes 1.1 a kernel security update as well.
 V11_UPGRADE=${V11_UPGRADE:-upgrade}
+case ${TAILS:-7} in
+    7) SQUASHFS_COMP=(-comp zstd -Xcompression-level 22 -no-exports) ;;
+    6) SQUASHFS_COMP=(-comp xz -Xbcj x86 -Xdict-size 1M) ;;
+    *) echo "make-corpus.sh: TAILS is 6 or 7" >&2; exit 2 ;;
+esac
 # v1.2 changes
 V12_INSTALL=(git tmux htop python3-yaml)
 V12_PURGE=(nano wget)
@@ -296,7 +306,7 @@ make_iso() {
 
     timed "$v" mksquashfs env SOURCE_DATE_EPOCH="$epoch" \
         mksquashfs "$r" "$STAGE/live/filesystem.squashfs" -noappend -no-progress -quiet \
-            -comp xz -Xbcj x86 -b 1M -Xdict-size 1M
+            -b 1M "${SQUASHFS_COMP[@]}"
     sqsize=$(stat -c %s "$STAGE/live/filesystem.squashfs")
 
     k=$(find "$r/boot" -maxdepth 1 -name 'vmlinuz-*' -printf '%f\n' | sort -V | tail -n1)

@@ -23,8 +23,6 @@ use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
 use iukfarm_bench::{Measure, measure, sha256, throwaway_key};
 
-const SDE: &str = "1730285444";
-
 #[derive(Parser)]
 struct Args {
     /// Directory of `tails-amd64-<version>.iso` files (bench/make-corpus.sh).
@@ -39,6 +37,41 @@ struct Args {
     /// Leave out the Tails method (no root needed then).
     #[arg(long)]
     skip_tails_method: bool,
+    /// Whose bytes `iukfarm` writes; the Tails method runs the gensquashfs
+    /// named by $GENSQUASHFS (default: the one on PATH), which must be that
+    /// version (bench/run.sh sets both from TAILS).
+    #[arg(long, default_value = "1.3.2")]
+    gensquashfs: String,
+}
+
+/// The release date every build is given: the new ISO's own volume date, as
+/// Tails' SOURCE_DATE_EPOCH is the date the new release was built with
+/// (iukfarm refuses a date no later than a source release's).
+fn source_date_epoch(new_iso: &Path) -> Result<String> {
+    let file = fs::File::open(new_iso).with_context(|| format!("{}", new_iso.display()))?;
+    let iso = iukfarm_engine::iso::Iso::open(std::sync::Arc::new(file))
+        .with_context(|| format!("{}: not an ISO 9660 image", new_iso.display()))?;
+    let date = iso
+        .created()
+        .with_context(|| format!("{}: no volume creation date", new_iso.display()))?;
+    Ok(date.to_string())
+}
+
+/// The version line of the gensquashfs the Tails method will run.
+fn tails_gensquashfs(want: &str) -> Result<String> {
+    let bin = std::env::var("GENSQUASHFS").unwrap_or_else(|_| "gensquashfs".into());
+    let out = Command::new(&bin)
+        .arg("--version")
+        .output()
+        .with_context(|| format!("running {bin} --version"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().next().unwrap_or("").trim().to_string();
+    ensure!(
+        line.contains(&format!(" {want}")),
+        "the Tails method's gensquashfs ({bin}) says {line:?}, not {want}: set GENSQUASHFS \
+         (bench/run.sh does, from TAILS)"
+    );
+    Ok(line)
 }
 
 /// `1.10` after `1.9`: numeric components compared as numbers.
@@ -89,6 +122,8 @@ struct Bench {
     corpus: PathBuf,
     work: PathBuf,
     new: String,
+    sde: String,
+    gensquashfs: String,
 }
 
 impl Bench {
@@ -100,7 +135,8 @@ impl Bench {
         let log = self.work.join("build.log");
         let m = measure(
             Command::new(&self.iukfarm)
-                .args(["build", "--force", "--source-date-epoch", SDE, "--old-iso"])
+                .args(["build", "--force", "--source-date-epoch", &self.sde])
+                .args(["--gensquashfs", &self.gensquashfs, "--old-iso"])
                 .arg(self.iso(old))
                 .arg("--new-iso")
                 .arg(self.iso(&self.new))
@@ -181,11 +217,20 @@ fn main() -> Result<()> {
     let new = versions.pop().expect("non-empty");
     let sources = versions;
     let tmp = tempfile::tempdir_in(args.out.parent().unwrap_or(Path::new(".")))?;
+    let corpus = args.corpus.clone();
+    let sde = source_date_epoch(&corpus.join(format!("tails-amd64-{new}.iso")))?;
+    let tails_gensquashfs = if args.skip_tails_method {
+        None
+    } else {
+        Some(tails_gensquashfs(&args.gensquashfs)?)
+    };
     let b = Bench {
         iukfarm,
-        corpus: args.corpus.clone(),
+        corpus,
         work: tmp.path().to_path_buf(),
         new: new.clone(),
+        sde,
+        gensquashfs: args.gensquashfs.clone(),
     };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut report = String::new();
@@ -195,6 +240,12 @@ fn main() -> Result<()> {
         args.corpus.display(),
         sources.join(", "),
         iso_mib(&new)?
+    ));
+    report.push_str(&format!(
+        "iukfarm writes gensquashfs {}'s bytes; the Tails method runs {}; SOURCE_DATE_EPOCH {}\n",
+        b.gensquashfs,
+        tails_gensquashfs.as_deref().unwrap_or("-"),
+        b.sde
     ));
     report.push_str(&format!(
         "{:<40} {:>8} {:>8} {:>8} {:>10}\n",
@@ -232,7 +283,7 @@ fn main() -> Result<()> {
                 .arg(b.iso(&new))
                 .arg(format!("{new}.squashfs"))
                 .arg(&theirs)
-                .env("SOURCE_DATE_EPOCH", SDE),
+                .env("SOURCE_DATE_EPOCH", &b.sde),
         )?;
         let same = sha256(&theirs)? == exact[0].sha;
         report.push_str(&row(
@@ -307,7 +358,8 @@ fn main() -> Result<()> {
                     "--source-versions",
                     &sources.join(" "),
                 ])
-                .args(["--source-date-epoch", SDE, "--signing-key"])
+                .args(["--source-date-epoch", &b.sde])
+                .args(["--gensquashfs", &b.gensquashfs, "--signing-key"])
                 .arg(&key)
                 .arg("--iso-root")
                 .arg(&b.corpus)

@@ -5,8 +5,13 @@
 //! A worker asks for a block (by [`BlockId`]) before compressing it. The
 //! store answers with the stored form, or hands out a *claim*: compress it
 //! and put it here. A worker asking for a claimed block waits for the
-//! claimant's put, up to [`CLAIM_TTL`] after the claim; then the block is
-//! claimed afresh (a vanished claimant costs at most the blocks it held).
+//! claimant's put while the claim is *live*: its claimant has put some form
+//! within [`CLAIM_IDLE`] (of the claim, or of its last put), and the claim
+//! is younger than [`CLAIM_MAX`]. A claimant that is working puts a form
+//! every few blocks' time, however loaded its machine, so its claims do not
+//! lapse and nothing is compressed twice; one that vanished, hung or never
+//! answers loses them all [`CLAIM_IDLE`] after its last put, and the
+//! blocks are claimed afresh.
 //!
 //! Nothing is taken on trust: the key is derived here from the id, and a
 //! compressed form must decompress to exactly the block the id names
@@ -22,16 +27,24 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use iukfarm_engine::blockcache::{BlockId, BlockKey, Cached, MAX_BLOCK};
 use tokio::sync::Notify;
+// tokio's clock, so that tests can run the claims' deadlines on paused time.
+use tokio::time::Instant;
 use tracing::{info, warn};
 
-/// How long a claim keeps other workers waiting for its put.
-pub const CLAIM_TTL: Duration = Duration::from_secs(20);
-/// The longest one `get` call waits before answering "compress it".
-pub const MAX_WAIT: Duration = Duration::from_secs(10);
+/// How long a claimant may go without putting any form before its claims
+/// lapse: several times what one block takes to compress on a busy core.
+pub const CLAIM_IDLE: Duration = Duration::from_secs(15);
+/// No claim lasts longer, however busy its claimant (a hung compression
+/// thread beside working ones).
+pub const CLAIM_MAX: Duration = Duration::from_secs(120);
+/// The longest one `get` call waits; a claim still live then is answered
+/// [`Answer::Busy`], and the worker asks again (it gives up on a call
+/// after 30 s, and on a block after a few asks).
+pub const MAX_WAIT: Duration = Duration::from_secs(20);
 
 /// What the store answers a worker asking for a block.
 #[derive(Debug, PartialEq, Eq)]
@@ -39,8 +52,9 @@ pub enum Answer {
     Found(Cached),
     /// Compress it here (the caller holds the claim, if it may have one).
     Compress,
-    /// Another worker holds the claim: ask again later (only from
-    /// [`Store::get_unless_busy`]).
+    /// Another worker holds the claim: ask again later (at once from
+    /// [`Store::get_unless_busy`]; from [`Store::get`] once it has waited
+    /// [`MAX_WAIT`] for a claimant still working).
     Busy,
 }
 
@@ -64,7 +78,8 @@ pub struct StoreStats {
     /// Forms refused (wrong, or from a worker no longer heard).
     pub refused: u64,
     pub evicted: u64,
-    /// Claims that ran out before their put.
+    /// Claims that lapsed before their put: the claimant went silent, or
+    /// held the claim [`CLAIM_MAX`].
     pub expired_claims: u64,
 }
 
@@ -90,6 +105,8 @@ struct Inner {
     /// Entries by last use, oldest first.
     lru: BTreeMap<u64, BlockKey>,
     claims: HashMap<BlockKey, Claim>,
+    /// When each worker last put a form: its claims live on while it does.
+    progress: HashMap<String, Instant>,
     /// Every key ever accepted, to count blocks compressed twice even
     /// after their form was evicted.
     seen: HashSet<BlockKey>,
@@ -106,6 +123,18 @@ pub struct Store {
     /// Whether this run emptied the directory: a run that refused to start
     /// never did, and must leave it alone.
     opened: std::sync::atomic::AtomicBool,
+}
+
+impl Inner {
+    /// Whether `c` still holds other workers off the block.
+    fn live(&self, c: &Claim, now: Instant) -> bool {
+        now < self.claim_deadline(c)
+    }
+
+    fn claim_deadline(&self, c: &Claim) -> Instant {
+        let last = (self.progress.get(&c.worker).copied()).map_or(c.at, |p| p.max(c.at));
+        (last + CLAIM_IDLE).min(c.at + CLAIM_MAX)
+    }
 }
 
 impl Store {
@@ -204,11 +233,15 @@ impl Store {
                 }
                 let now = Instant::now();
                 let theirs = (g.claims.get(&key)).filter(|c| c.worker != worker || c.helping);
+                let live = theirs.is_some_and(|c| g.live(c, now));
                 match theirs {
-                    Some(c) if now < c.at + CLAIM_TTL && !wait => return Answer::Busy,
-                    Some(c) if now < c.at + CLAIM_TTL && now < asked + MAX_WAIT => {
-                        (c.at + CLAIM_TTL).min(asked + MAX_WAIT)
+                    Some(_) if live && !wait => return Answer::Busy,
+                    // Woken by every put, so a claimant's progress moves
+                    // the deadline on.
+                    Some(c) if live && now < asked + MAX_WAIT => {
+                        g.claim_deadline(c).min(asked + MAX_WAIT)
                     }
+                    Some(_) if live => return Answer::Busy,
                     _ => {
                         if theirs.is_some() {
                             g.stats.expired_claims += 1;
@@ -229,7 +262,7 @@ impl Store {
                     }
                 }
             };
-            let _ = tokio::time::timeout_at(until.into(), waiting).await;
+            let _ = tokio::time::timeout_at(until, waiting).await;
         }
     }
 
@@ -278,6 +311,9 @@ impl Store {
         let mut g = self.lock();
         if let Cached::Compressed(b) = form {
             g.stats.received_bytes += b.len() as u64;
+        }
+        if !banned {
+            g.progress.insert(worker.to_string(), Instant::now());
         }
         if g.claims.get(&key).is_some_and(|c| c.worker == worker) {
             g.claims.remove(&key);
@@ -391,7 +427,7 @@ impl Store {
             return false;
         }
         let now = Instant::now();
-        if g.claims.get(&key).is_some_and(|c| now < c.at + CLAIM_TTL) {
+        if g.claims.get(&key).is_some_and(|c| g.live(c, now)) {
             return false;
         }
         g.claims.insert(
@@ -539,6 +575,74 @@ mod tests {
         assert!(!s.put("liar", &id2, &Cached::Compressed(bad)));
         assert!(!s.claim("liar", &id2));
         assert_eq!(s.stats().duplicates, 0);
+    }
+
+    /// The cause of duplicates on a loaded machine: a helper holding a
+    /// batch (and the next one) took longer than a fixed claim lifetime.
+    #[tokio::test(start_paused = true)]
+    async fn a_working_claimant_keeps_its_claims_and_a_silent_one_loses_them() {
+        let (_d, s) = store(1 << 30);
+        let (wanted, wanted_form) = block(20);
+        assert!(s.claim("helper", &wanted));
+        // The helper puts other blocks, one every 5 s, for longer than
+        // 4 × CLAIM_IDLE before the one the job waits for; each of the job's
+        // asks ends at MAX_WAIT with "busy", and it asks again, as a job's
+        // compression thread does.
+        let t = Instant::now();
+        let mut busy = 0;
+        let job = async {
+            loop {
+                match s.get("job", &wanted).await {
+                    Answer::Found(f) => return f,
+                    Answer::Busy => busy += 1,
+                    Answer::Compress => panic!("told to compress after {:?}", t.elapsed()),
+                }
+            }
+        };
+        let helper = async {
+            for seed in 0..13 {
+                let (id, form) = block(100 + seed);
+                assert!(s.claim("helper", &id));
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                assert!(s.put("helper", &id, &form));
+            }
+            assert!(s.put("helper", &wanted, &wanted_form));
+        };
+        let (got, ()) = tokio::join!(job, helper);
+        assert_eq!(got, wanted_form);
+        assert_eq!(t.elapsed(), Duration::from_secs(65));
+        assert!(t.elapsed() > CLAIM_IDLE * 4 && t.elapsed() < CLAIM_MAX);
+        assert_eq!(busy, 3);
+        let st = s.stats();
+        assert_eq!((st.expired_claims, st.duplicates), (0, 0), "{st:?}");
+
+        // A helper that takes a block and never answers (alive or not)
+        // loses it CLAIM_IDLE after its last put.
+        let (taken, _) = block(21);
+        assert!(s.claim("helper", &taken));
+        let t = Instant::now();
+        assert_eq!(s.get("job", &taken).await, Answer::Compress);
+        assert_eq!(t.elapsed(), CLAIM_IDLE);
+        assert_eq!(s.stats().expired_claims, 1);
+
+        // However busy its claimant, no claim outlives CLAIM_MAX.
+        let (stuck, _) = block(22);
+        assert!(s.claim("helper", &stuck));
+        let t = Instant::now();
+        let job = async {
+            while s.get("job", &stuck).await == Answer::Busy {}
+            t.elapsed()
+        };
+        let busy = async {
+            for seed in 0..(CLAIM_MAX.as_secs() / 5 + 2) as u8 {
+                let (id, form) = block(150 + seed);
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                s.put("helper", &id, &form);
+            }
+        };
+        let (waited, ()) = tokio::join!(job, busy);
+        assert_eq!(waited, CLAIM_MAX);
+        assert_eq!(s.stats().expired_claims, 2);
     }
 
     #[tokio::test]

@@ -7,8 +7,9 @@
 //! store's claims on them, compresses them and puts them in the store,
 //! where the job gets them, checked, like any other form. Nothing here is
 //! waited for long: an offer nobody takes within [`OFFER_WAIT`] is the
-//! job's again, and a helper that vanishes or is slow loses its claims
-//! (the store's rules), so the job compresses those blocks itself. The
+//! job's again, and a helper that goes silent (puts nothing for a while)
+//! loses its claims (the store's rules), so the job compresses those
+//! blocks itself. The
 //! output bytes never depend on who compressed what.
 //!
 //! Offered blocks are held in memory, bounded by [`MAX_QUEUED_BYTES`].

@@ -33,6 +33,10 @@ use tracing::{debug, info, warn};
 
 /// Blocks of each kind measured before the fallback rule is applied.
 pub const SAMPLES: u64 = 16;
+/// Asks for one block, while the store answers that its claimant is still
+/// compressing it (each ask waits up to 20 s there; no claim lives past
+/// 120 s).
+const WAIT_ASKS: u32 = 6;
 /// The longest a call may take (the store itself waits at most 10 s).
 #[cfg(not(test))]
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -233,14 +237,24 @@ impl FarmBlocks {
             block: Some(id.into()),
             unless_busy,
         };
-        let Some(r) = self.call("get", client.get_block(req)) else {
-            return Lookup::Compress;
+        let mut asks = 0;
+        let r = loop {
+            asks += 1;
+            let Some(r) = self.call("get", client.get_block(req.clone())) else {
+                return Lookup::Compress;
+            };
+            // A waiting ask answered busy: the store waited as long as one
+            // call may and the claimant is still working on the block. Ask
+            // again, a bounded number of times (a coordinator that says
+            // busy at once costs this job a few round trips per block).
+            if !r.found && r.busy && !unless_busy && asks < WAIT_ASKS {
+                continue;
+            }
+            break r;
         };
         let took = t.elapsed();
         let mut c = self.costs();
         if !r.found {
-            // Asked to wait, a busy answer is the coordinator's mistake:
-            // compress it here.
             if r.busy && unless_busy {
                 self.answered_busy(&mut c, took);
                 return Lookup::Busy;
@@ -442,7 +456,9 @@ mod tests {
     /// A coordinator that lies within the contract: every block is
     /// "busy", even to an ask that waits; it wants a thousand blocks; and
     /// it answers an offer of n blocks with n + 1 "taken" flags.
-    struct Liar;
+    struct Liar {
+        asked: Arc<AtomicU64>,
+    }
 
     type Chunks = std::pin::Pin<
         Box<dyn tokio_stream::Stream<Item = Result<v1::Chunk, tonic::Status>> + Send>,
@@ -461,6 +477,7 @@ mod tests {
             &self,
             _: tonic::Request<v1::GetBlockRequest>,
         ) -> Result<tonic::Response<v1::GetBlockReply>, tonic::Status> {
+            self.asked.fetch_add(1, Ordering::SeqCst);
             Ok(tonic::Response::new(v1::GetBlockReply {
                 busy: true,
                 ..Default::default()
@@ -555,12 +572,12 @@ mod tests {
         }
     }
 
-    fn liar(rt: &tokio::runtime::Runtime) -> FarmClient {
+    fn liar(rt: &tokio::runtime::Runtime, asked: Arc<AtomicU64>) -> FarmClient {
         let l = (rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))).expect("listen");
         let url = format!("http://{}", l.local_addr().expect("address"));
         rt.spawn(
             tonic::transport::Server::builder()
-                .add_service(v1::farm_server::FarmServer::new(Liar))
+                .add_service(v1::farm_server::FarmServer::new(Liar { asked }))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)),
         );
         let cfg = iukfarm_proto::ClientConfig {
@@ -577,12 +594,22 @@ mod tests {
             .enable_all()
             .build()
             .expect("runtime");
-        let fb = FarmBlocks::new(rt.handle().clone(), liar(&rt), "w1", "l1", "j1", false);
+        let asked = Arc::new(AtomicU64::new(0));
+        let fb = FarmBlocks::new(
+            rt.handle().clone(),
+            liar(&rt, asked.clone()),
+            "w1",
+            "l1",
+            "j1",
+            false,
+        );
         let [(id, key), ..] = blocks(1)[..] else {
             unreachable!()
         };
-        // "Busy" to an ask that waits: compressed here, and put.
+        // "Busy" to an ask that waits: asked again a bounded number of
+        // times, then compressed here, and put.
         assert_eq!(fb.ask(&id, &key, false), Lookup::Compress);
+        assert_eq!(asked.load(Ordering::SeqCst), u64::from(WAIT_ASKS));
         assert!(fb.costs().pending.contains_key(&key));
         // To an ask that may defer: done later.
         assert_eq!(fb.ask(&id, &key, true), Lookup::Busy);
