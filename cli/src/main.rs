@@ -70,9 +70,12 @@ enum Command {
 
 /// Exit codes shared by every subcommand.
 pub mod exit {
-    /// The operation failed (bad input, I/O error, verification failure).
+    /// The work failed: an I/O error, a network error, a check that did
+    /// not pass.
     pub const FAILURE: u8 = 1;
-    /// The command line was wrong (clap also uses 2).
+    /// Bad usage or bad input, found before any work: a wrong option or
+    /// value (clap also uses 2), a file named that is missing, unreadable
+    /// or not what the command needs, an output that exists.
     pub const USAGE: u8 = 2;
     /// Interrupted (SIGINT/SIGTERM); nothing was left behind.
     pub const INTERRUPTED: u8 = 130;
@@ -80,6 +83,20 @@ pub mod exit {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Commands that print listings end quietly when their reader does
+    // (`iukfarm sqfs ls ... | head`): killed by SIGPIPE, as cat or ls are,
+    // instead of "error: Broken pipe". Not the others: a pipe to gpg or ssh
+    // that closes early is an error to report. Sockets are written with
+    // MSG_NOSIGNAL, so the network clients are not affected.
+    if matches!(
+        cli.command,
+        Command::Sqfs(_) | Command::Iso(_) | Command::Status(_) | Command::Workers(_)
+    ) {
+        // SAFETY: restoring a default disposition before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     // Daemons report what they do by default; the other commands are quiet.
     let daemon = matches!(
         cli.command,

@@ -50,7 +50,8 @@ pub enum Versions {
 
 impl ReleaseFile {
     pub fn load(path: &Path) -> Result<Self, Error> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = (std::fs::read_to_string(path))
+            .map_err(|e| Error::Config(format!("release file {}: {e}", path.display())))?;
         toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
     }
 }

@@ -35,11 +35,10 @@ pub const DEFAULT_PORT: u16 = 7447;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    /// The reason is in the message, not a source, so that it is not
+    /// printed twice.
+    #[error("{path}: {err}")]
+    Io { path: String, err: std::io::Error },
     #[error("{0}")]
     Config(String),
     #[error("cannot reach the coordinator at {url}: {detail}{hint}")]
@@ -131,7 +130,7 @@ pub fn peer_of(der: &[u8]) -> Result<Peer, String> {
 pub fn read_token(path: &Path) -> Result<String, Error> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
         path: path.display().to_string(),
-        source: e,
+        err: e,
     })?;
     let token = text.trim().to_string();
     if token.len() < 16 || token.contains(char::is_whitespace) || !token.is_ascii() {
@@ -212,7 +211,7 @@ impl ClientConfig {
         let read = |p: &Path| {
             std::fs::read(p).map_err(|e| Error::Io {
                 path: p.display().to_string(),
-                source: e,
+                err: e,
             })
         };
         let tls_ca = tls_ca.map(read).transpose()?;
@@ -249,9 +248,10 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// Connects to the coordinator (eagerly, so a bad address or a TLS mismatch
-/// is reported here, with what to do about it).
-pub async fn connect(cfg: &ClientConfig) -> Result<FarmClient, Error> {
+/// The coordinator's address checked against the TLS settings, without
+/// connecting: what a daemon checks once at start (a mistake there is not
+/// worth retrying).
+pub fn check_address(cfg: &ClientConfig) -> Result<Endpoint, Error> {
     let url = cfg.url.trim_end_matches('/').to_string();
     let https = url.starts_with("https://");
     if !https && !url.starts_with("http://") {
@@ -268,8 +268,17 @@ pub async fn connect(cfg: &ClientConfig) -> Result<FarmClient, Error> {
             format!("--tls-ca was given but {url} is plain http: use https://")
         }));
     }
-    let mut ep = Endpoint::from_shared(url.clone())
-        .map_err(|e| Error::Config(format!("bad coordinator address {url:?}: {e}")))?
+    Endpoint::from_shared(url.clone())
+        .map_err(|e| Error::Config(format!("bad coordinator address {url:?}: {e}")))
+}
+
+/// Connects to the coordinator (eagerly, so a bad address or a TLS mismatch
+/// is reported here, with what to do about it).
+pub async fn connect(cfg: &ClientConfig) -> Result<FarmClient, Error> {
+    let ep = check_address(cfg)?;
+    let url = cfg.url.trim_end_matches('/').to_string();
+    let https = url.starts_with("https://");
+    let mut ep = ep
         .connect_timeout(Duration::from_secs(10))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(20))

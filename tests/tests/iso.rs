@@ -208,7 +208,8 @@ fn not_an_iso_is_a_clear_error() {
         .arg(&f)
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    // Bad input: exit 2, as for every command.
+    assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not an ISO 9660 image"), "{err}");
     assert!(

@@ -47,7 +47,7 @@ pub struct Args {
     /// The IUK to write (default: Tails_amd64_<old>_to_<new>.iuk in --output-dir).
     #[arg(long, conflicts_with = "output_dir")]
     out: Option<PathBuf>,
-    /// Directory for the IUK (default: the current directory).
+    /// Directory for the IUK, made if missing (default: the current directory).
     #[arg(long)]
     output_dir: Option<PathBuf>,
     /// Product name in the IUK's file name.
@@ -118,6 +118,11 @@ fn same_file(a: &Path, b: &Path) -> bool {
 }
 
 pub fn run(a: Args) -> Result<ExitCode> {
+    for iso in [&a.old_iso, &a.new_iso] {
+        if !iso.is_file() {
+            usage!("{}: no such ISO", iso.display());
+        }
+    }
     let sde = match a.source_date_epoch {
         Some(s) => s,
         None => match super::source_date_epoch()? {
@@ -175,10 +180,21 @@ pub fn run(a: Args) -> Result<ExitCode> {
                 ))
         }
     };
+    // An IUK upgrades from an older release: one "from" its own version
+    // is a mistake in the arguments (the coordinator refuses it too).
+    let known =
+        |given: &Option<String>, iso: &Path| given.clone().or_else(|| version_from_iso(iso));
+    if let (Some(o), Some(n)) = (
+        known(&a.old_version, &a.old_iso),
+        known(&a.new_version, &a.new_iso),
+    ) && o == n
+    {
+        usage!(
+            "the old and the new release are both version {n}: an IUK upgrades from an older \
+             release (check --old-iso and --new-iso, or --old-version and --new-version)"
+        );
+    }
     for iso in [&a.old_iso, &a.new_iso] {
-        if !iso.is_file() {
-            usage!("{}: no such ISO", iso.display());
-        }
         if same_file(iso, &out) {
             usage!(
                 "the IUK {} would overwrite the input {}: choose another --out",
@@ -219,6 +235,11 @@ pub fn run(a: Args) -> Result<ExitCode> {
     };
     let started = Instant::now();
     let reporter = Reporter::new(a.quiet);
+    // Made only now, once every check passed: a refused run leaves nothing.
+    if let Some(dir) = a.output_dir.as_ref().filter(|d| !d.exists()) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating --output-dir {}", dir.display()))?;
+    }
     let kit = temp_next_to(&out)?;
     let scratch = temp_next_to(&out)?;
     let result = build_iuk(
@@ -232,8 +253,12 @@ pub fn run(a: Args) -> Result<ExitCode> {
     reporter.finish();
     let report = result
         .map_err(|e| match e {
-            // What the inputs and options are (a date, a name): exit 2.
+            // What the inputs and options are (a date, a name, an ISO
+            // that is not a release's): exit 2.
             iukfarm_engine::Error::Invalid(m) => anyhow::Error::new(Usage(m)),
+            e @ (iukfarm_engine::Error::Corrupt(_)
+            | iukfarm_engine::Error::Unsupported(_)
+            | iukfarm_engine::Error::NotFound(_)) => anyhow::Error::new(Usage(e.to_string())),
             other => other.into(),
         })
         .with_context(|| format!("building {}", out.display()))?;

@@ -17,7 +17,7 @@ use rcgen::{
     KeyUsagePurpose, SanType, SerialNumber,
 };
 
-use super::usage;
+use super::{BadInput, usage};
 
 #[derive(Parser)]
 #[command(
@@ -143,6 +143,9 @@ pub fn run(a: Args) -> Result<ExitCode> {
             if dir.join("ca.pem").exists() {
                 usage!("{} already holds a CA", dir.display());
             }
+            if dir.exists() && !dir.is_dir() {
+                usage!("{}: not a directory", dir.display());
+            }
             // Everything is made before anything is written.
             let key = KeyPair::generate()?;
             let mut p = CertificateParams::default();
@@ -172,11 +175,18 @@ pub fn run(a: Args) -> Result<ExitCode> {
         } => {
             check_holder(&name)?;
             let ca_pem = fs::read_to_string(dir.join("ca.pem"))
-                .with_context(|| format!("{}: no CA (run `iukfarm ca init`)", dir.display()))?;
+                .with_context(|| format!("{}: no CA (run `iukfarm ca init`)", dir.display()))
+                .bad_input()?;
             let ca_key = KeyPair::from_pem(
-                &fs::read_to_string(dir.join("ca.key")).context("reading ca.key")?,
-            )?;
-            let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
+                &fs::read_to_string(dir.join("ca.key"))
+                    .context("reading ca.key")
+                    .bad_input()?,
+            )
+            .context("ca.key")
+            .bad_input()?;
+            let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)
+                .context("ca.pem")
+                .bad_input()?;
             let key = KeyPair::generate()?;
             let mut p = CertificateParams::default();
             p.distinguished_name.push(DnType::CommonName, name.clone());
@@ -236,9 +246,9 @@ pub fn run(a: Args) -> Result<ExitCode> {
         Cmd::Revoke { dir, name } => {
             check_holder(&name)?;
             let pem_path = dir.join("issued").join(format!("{name}.pem"));
-            let pem = fs::read(&pem_path).with_context(|| {
-                format!("{}: no certificate issued to {name}", pem_path.display())
-            })?;
+            let pem = fs::read(&pem_path)
+                .with_context(|| format!("{}: no certificate issued to {name}", pem_path.display()))
+                .bad_input()?;
             let serial = serial_of(&pem).with_context(|| pem_path.display().to_string())?;
             let list = dir.join("revoked");
             let mut f = fs::OpenOptions::new()

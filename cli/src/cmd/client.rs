@@ -13,6 +13,7 @@ use iukfarm_proto::v1;
 use iukfarm_proto::{ClientConfig, FarmClient};
 use sha2::{Digest, Sha256};
 
+use super::BadInput;
 use crate::exit;
 
 /// Where the coordinator is and how to talk to it.
@@ -50,17 +51,26 @@ pub struct Conn {
 }
 
 impl Conn {
+    /// The connection's settings; a file named that cannot be read is bad
+    /// input (exit 2).
     pub fn config(&self) -> Result<ClientConfig> {
-        Ok(ClientConfig::from_files(
+        ClientConfig::from_files(
             &self.coordinator,
             self.tls_ca.as_deref(),
             self.tls_cert.as_deref().zip(self.tls_key.as_deref()),
             self.token_file.as_deref(),
-        )?)
+        )
+        .bad_input()
     }
 
+    /// Connects: a bad address or TLS settings are exit 2, a coordinator
+    /// that does not answer is exit 1.
     pub async fn connect(&self) -> Result<FarmClient> {
-        Ok(iukfarm_proto::connect(&self.config()?).await?)
+        match iukfarm_proto::connect(&self.config()?).await {
+            Ok(c) => Ok(c),
+            Err(e @ iukfarm_proto::Error::Config(_)) => Err(e).bad_input(),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// The release's status now.
@@ -182,7 +192,7 @@ pub fn table(s: &v1::ReleaseStatus) -> String {
     }
     if let Some(b) = &s.block_store {
         out.push_str(&format!(
-            "block store: {} blocks given to workers, {} stored ({} of {}), {} compressed twice, {} refused\n",
+            "block store: {} blocks given to workers, {} stored ({} held now, at most {}), {} compressed twice, {} refused\n",
             b.served,
             b.stored,
             human(b.bytes),
@@ -587,13 +597,15 @@ pub struct FetchArgs {
 
 pub fn fetch(a: FetchArgs) -> Result<ExitCode> {
     super::block_on(async {
-        fetch_into(&a.conn, &a.output_dir, a.wait).await?;
+        // Read first: a wrong --cert is found before anything is downloaded.
         let certs = a
             .cert
             .as_ref()
             .map(std::fs::read)
             .transpose()
-            .context("reading --cert")?;
+            .context("reading --cert")
+            .bad_input()?;
+        fetch_into(&a.conn, &a.output_dir, a.wait).await?;
         let check = manifest::check_dir(&a.output_dir, &a.output_dir, certs.as_deref(), false)?;
         report_check(&check, certs.is_some())
     })
@@ -695,7 +707,10 @@ pub fn report_check(c: &manifest::DirCheck, signature_checked: bool) -> Result<E
         println!("{} IUKs match the release manifest", c.good.len());
         Ok(ExitCode::SUCCESS)
     } else {
-        println!("{} problems", c.problems.len());
+        match c.problems.len() {
+            1 => println!("1 problem"),
+            n => println!("{n} problems"),
+        }
         Ok(ExitCode::from(exit::FAILURE))
     }
 }
@@ -787,7 +802,7 @@ mod tests {
             "{t}"
         );
         assert!(
-            t.contains("block store: 5 blocks given to workers, 2 stored (3.0M of 4.0G), 0 compressed twice, 3 refused"),
+            t.contains("block store: 5 blocks given to workers, 2 stored (3.0M held now, at most 4.0G), 0 compressed twice, 3 refused"),
             "{t}"
         );
         assert!(

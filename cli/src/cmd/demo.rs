@@ -14,12 +14,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use clap::Parser;
 use iukfarm_coordinator::config::{self, Config, DEFAULT_ISO_PATTERN, Reproduce};
 use iukfarm_coordinator::manifest;
 use iukfarm_coordinator::signing::{self, SigningKey};
 
+use super::usage;
 use crate::progress::Reporter;
 use crate::samples;
 
@@ -81,19 +82,54 @@ pub struct SamplesArgs {
 }
 
 fn check_sizes(releases: u64, scale: u64) -> Result<()> {
-    ensure!(
-        (2..=60).contains(&releases),
-        "--releases must be between 2 and 60"
-    );
-    ensure!(
-        (1..=4096).contains(&scale),
-        "--scale must be between 1 and 4096 (MiB)"
-    );
+    if !(2..=60).contains(&releases) {
+        usage!("--releases must be between 2 and 60");
+    }
+    if !(1..=4096).contains(&scale) {
+        usage!("--scale must be between 1 and 4096 (MiB)");
+    }
     Ok(())
+}
+
+/// How to run this binary again: `iukfarm` when that is what PATH finds,
+/// else the path it was started by (e.g. `target/release/iukfarm` under
+/// `cargo run`), so that pasted hints work.
+pub fn this_command() -> String {
+    let me = std::env::current_exe().ok();
+    let on_path = std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join("iukfarm"))
+            .find(|c| c.is_file())
+    });
+    match (me, on_path) {
+        (Some(me), Some(found)) if fs::canonicalize(&found).ok() == fs::canonicalize(&me).ok() => {
+            "iukfarm".into()
+        }
+        (Some(me), _) => {
+            let cwd = std::env::current_dir().unwrap_or_default();
+            me.strip_prefix(&cwd).unwrap_or(&me).display().to_string()
+        }
+        (None, _) => "iukfarm".into(),
+    }
+}
+
+/// The sizes of the sample ISOs written, for the user (not a guess from --scale).
+fn iso_sizes(isos: &[(String, PathBuf)]) -> String {
+    let mib: Vec<u64> = (isos.iter())
+        .map(|(_, p)| fs::metadata(p).map_or(0, |m| m.len()).div_ceil(1 << 20))
+        .collect();
+    match (mib.iter().min(), mib.iter().max()) {
+        (Some(lo), Some(hi)) if lo == hi => format!("{lo} MiB each"),
+        (Some(lo), Some(hi)) => format!("{lo} to {hi} MiB each"),
+        _ => String::new(),
+    }
 }
 
 pub fn samples(a: SamplesArgs) -> Result<ExitCode> {
     check_sizes(a.releases, a.scale)?;
+    if a.output_dir.exists() && !a.output_dir.is_dir() {
+        usage!("--output-dir {}: not a directory", a.output_dir.display());
+    }
     let reporter = Reporter::new(true);
     let series = samples::Series {
         layout: a.layout,
@@ -109,9 +145,10 @@ pub fn samples(a: SamplesArgs) -> Result<ExitCode> {
         |line| eprintln!("  {line}"),
     )?;
     println!(
-        "{} sample releases in {} (SOURCE_DATE_EPOCH of the newest: {})",
+        "{} sample releases in {} (ISOs of {}; SOURCE_DATE_EPOCH of the newest: {})",
         isos.len(),
         a.output_dir.display(),
+        iso_sizes(&isos),
         samples::SAMPLE_SDE
     );
     Ok(ExitCode::SUCCESS)
@@ -119,11 +156,22 @@ pub fn samples(a: SamplesArgs) -> Result<ExitCode> {
 
 pub fn run(a: Args) -> Result<ExitCode> {
     check_sizes(a.releases, a.scale)?;
+    if a.output_dir.exists() && !a.output_dir.is_dir() {
+        usage!("--output-dir {}: not a directory", a.output_dir.display());
+    }
     if a.output_dir.exists() && fs::read_dir(&a.output_dir)?.next().is_some() {
         if !a.force {
-            bail!(
-                "{} exists and is not empty; use --force to replace its contents or choose another --output-dir",
-                a.output_dir.display()
+            usage!(
+                "{} exists and is not empty (an earlier demo?): `{} demo --force{}{}` starts \
+                 again from scratch, replacing its contents, or choose another --output-dir",
+                a.output_dir.display(),
+                this_command(),
+                if a.end_of_release {
+                    " --end-of-release"
+                } else {
+                    ""
+                },
+                dir_flag(&a.output_dir)
             );
         }
         fs::remove_dir_all(&a.output_dir)
@@ -135,7 +183,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
             .stdout(std::process::Stdio::null())
             .status();
         if !rsync.is_ok_and(|s| s.success()) {
-            bail!(
+            usage!(
                 "--end-of-release publishes with rsync, which is not installed: \
                  apt-get install rsync"
             );
@@ -147,7 +195,8 @@ pub fn run(a: Args) -> Result<ExitCode> {
     let started = Instant::now();
     let reporter = Reporter::new(false);
     println!(
-        "iukfarm demo: {} sample releases of ~{} MiB; IUKs from each older release to the newest",
+        "iukfarm demo: {} sample releases (systems of about {} MiB); IUKs from each older \
+         release to the newest",
         a.releases, a.scale
     );
     let isos = samples::write_releases(
@@ -166,6 +215,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
     if iukfarm_engine::Progress::is_cancelled(&reporter) {
         return Err(iukfarm_engine::Error::Cancelled.into());
     }
+    println!("  sample ISOs of {}", iso_sizes(&isos));
 
     // A throw-away signing key: the secret half never touches the disk.
     let key = signing::generate("iukfarm demo key (throw-away) <demo@iukfarm.invalid>")?;
@@ -287,8 +337,9 @@ second worker with identical bytes; manifest signed by {}.",
     );
     println!("  JUnit:    {}", a.output_dir.join("junit.xml").display());
     println!(
-        "check it:  (cd {} && sha256sum --check --strict SHA256SUMS); iukfarm verify {} --cert {}",
+        "check it:  (cd {} && sha256sum --check --strict SHA256SUMS); {} verify {} --cert {}",
         release_dir.display(),
+        this_command(),
         release_dir.display(),
         cert_path.display()
     );
@@ -297,10 +348,21 @@ second worker with identical bytes; manifest signed by {}.",
         None => {
             println!(
                 "the end of the release too (the RM's own build, UDFs, publishing): \
-                 iukfarm demo --end-of-release"
+                 {} demo --force --end-of-release{}",
+                this_command(),
+                dir_flag(&a.output_dir)
             );
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// ` --output-dir DIR` unless DIR is the default.
+fn dir_flag(dir: &std::path::Path) -> String {
+    if dir == std::path::Path::new("iukfarm-demo") {
+        String::new()
+    } else {
+        format!(" --output-dir {}", dir.display())
     }
 }
 

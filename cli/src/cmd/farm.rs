@@ -16,6 +16,7 @@ use iukfarm_worker::TestHooks;
 use tokio::sync::watch;
 use tracing::error;
 
+use super::BadInput;
 use crate::exit;
 
 const EXIT_HELP: &str = "Exit status: 0 every IUK was built, verified by applying it, and the \
@@ -44,7 +45,8 @@ pub struct ReleaseArgs {
     /// Root of the ISO archive.
     #[arg(long, value_name = "DIR")]
     iso_root: Option<PathBuf>,
-    /// Path of an ISO under the root; {version} is replaced.
+    /// Path of an ISO under the root; {version} is replaced
+    /// [default: tails-amd64-{version}/tails-amd64-{version}.iso].
     #[arg(long, value_name = "PATTERN")]
     iso_pattern: Option<String>,
     /// The RM's digests of the ISOs (sha256sum output); each ISO must match before any work.
@@ -267,7 +269,8 @@ pub struct CoordinatorArgs {
     release: ReleaseArgs,
     #[command(flatten)]
     udf: super::udf::StepArgs,
-    /// Address to listen on (workers and clients connect here).
+    /// Address to listen on (workers and clients connect here) [default: 127.0.0.1:7447,
+    /// this machine only; 0.0.0.0:7447 for workers elsewhere].
     #[arg(long, value_name = "ADDRESS:PORT")]
     listen: Option<String>,
 }
@@ -387,7 +390,8 @@ pub struct ReleaseCmdArgs {
     /// Compression threads per worker (default: the cores shared among the workers).
     #[arg(short = 'j', long, value_parser = super::parse_threads)]
     threads: Option<usize>,
-    /// Also serve status and downloads here (needs --token-file unless loopback).
+    /// Also serve status and downloads here (needs --token-file unless loopback)
+    /// [default: not served].
     #[arg(long, value_name = "ADDRESS:PORT")]
     listen: Option<String>,
     /// One line per change instead of progress bars.
@@ -611,7 +615,10 @@ pub struct WorkerArgs {
 }
 
 pub fn worker(a: WorkerArgs) -> Result<ExitCode> {
-    let client = match a.conn.config() {
+    let client = match a.conn.config().and_then(|c| {
+        iukfarm_proto::check_address(&c).bad_input()?;
+        Ok(c)
+    }) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("iukfarm: error: {e:#}");
@@ -669,4 +676,25 @@ pub fn worker(a: WorkerArgs) -> Result<ExitCode> {
             Err(e) => Err(anyhow::Error::new(e).context("worker")),
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Defaults that live in code rather than in clap are still in --help,
+    /// and say what the code does.
+    #[test]
+    fn help_names_the_defaults_the_code_applies() {
+        let help = CoordinatorArgs::command().render_long_help().to_string();
+        for default in [
+            config::DEFAULT_ISO_PATTERN.to_string(),
+            format!("127.0.0.1:{}", iukfarm_proto::DEFAULT_PORT),
+            "[default: tails]".into(),
+            "[default: Tails]".into(),
+        ] {
+            assert!(help.contains(&default), "{default} not in:\n{help}");
+        }
+    }
 }

@@ -6,10 +6,12 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use iukfarm_engine::io::ReadAt;
 use iukfarm_engine::iso::{Iso, IsoEntry, cdio_translate};
+
+use super::{BadInput, usage};
 
 #[derive(Parser)]
 pub struct Args {
@@ -41,16 +43,24 @@ enum Cmd {
 }
 
 fn open(path: &Path) -> Result<Iso> {
-    let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let f = File::open(path)
+        .with_context(|| format!("opening {}", path.display()))
+        .bad_input()?;
     Iso::open(Arc::new(f)).with_context(|| format!("reading {} as an ISO", path.display()))
 }
 
 fn find(iso: &Iso, file: &Path, path: &str) -> Result<IsoEntry> {
-    iso.lookup(path.as_bytes())?
-        .with_context(|| format!("{path} not found in {}", file.display()))
+    match iso.lookup(path.as_bytes())? {
+        Some(e) => Ok(e),
+        None => usage!("{path} not found in {}", file.display()),
+    }
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
+    read(args).map_err(super::image_error)
+}
+
+fn read(args: Args) -> Result<ExitCode> {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     match args.command {
@@ -93,7 +103,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             let iso = open(&file)?;
             let e = find(&iso, &file, &path)?;
             if e.is_dir {
-                bail!("{path} is a directory");
+                usage!("{path} is a directory");
             }
             for (off, len) in &e.extents {
                 writeln!(out, "{off} {len}")?;
@@ -103,7 +113,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             let iso = open(&file)?;
             let e = find(&iso, &file, &path)?;
             if e.is_dir {
-                bail!("{path} is a directory");
+                usage!("{path} is a directory");
             }
             let r = iso.file_reader(&e)?;
             let mut pos = 0u64;

@@ -33,6 +33,65 @@ macro_rules! usage {
 }
 pub(crate) use usage;
 
+/// Turns an error about what the user gave (a file that is missing,
+/// unreadable or not what the command needs) into a [`Usage`] error: exit
+/// status 2, with the whole message kept.
+pub trait BadInput<T> {
+    fn bad_input(self) -> Result<T>;
+}
+
+impl<T, E: Into<anyhow::Error>> BadInput<T> for std::result::Result<T, E> {
+    fn bad_input(self) -> Result<T> {
+        self.map_err(|e| {
+            let e: anyhow::Error = e.into();
+            anyhow::Error::new(Usage(format!("{e:#}")))
+        })
+    }
+}
+
+/// A file named on the command line must exist and be readable: checked
+/// before any work, so that a typo is exit 2 and leaves nothing behind.
+pub fn input_file(path: &std::path::Path) -> Result<()> {
+    std::fs::File::open(path)
+        .and_then(|f| f.metadata())
+        .and_then(|m| {
+            if m.is_dir() {
+                Err(std::io::Error::other("a directory, not a file"))
+            } else {
+                Ok(())
+            }
+        })
+        .with_context(|| format!("{}", path.display()))
+        .bad_input()
+}
+
+/// For the commands whose input is an image to read: an image that is not
+/// what it should be (damaged, unsupported, a path not in it) is bad input,
+/// exit 2, wherever the reading finds it; I/O errors stay failures.
+pub fn image_error(e: anyhow::Error) -> anyhow::Error {
+    use iukfarm_engine::Error as E;
+    let bad = e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<E>(),
+            Some(E::Corrupt(_) | E::Unsupported(_) | E::Invalid(_) | E::NotFound(_))
+        )
+    });
+    if bad && !e.chain().any(|c| c.is::<Usage>()) {
+        anyhow::Error::new(Usage(format!("{e:#}")))
+    } else {
+        e
+    }
+}
+
+/// A directory named on the command line must exist.
+pub fn input_dir(path: &std::path::Path) -> Result<()> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => usage!("{}: not a directory", path.display()),
+        Err(e) => usage!("{}: {e}", path.display()),
+    }
+}
+
 /// More compression threads than this only costs memory.
 pub const MAX_THREADS: usize = 256;
 

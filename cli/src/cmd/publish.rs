@@ -109,6 +109,11 @@ pub fn run(a: Args) -> Result<ExitCode> {
     if ssh.is_empty() {
         usage!("--ssh is empty");
     }
+    super::input_file(&a.cert)?;
+    super::input_file(&a.rm_sums)?;
+    if !a.fetch {
+        super::input_dir(&a.release_dir)?;
+    }
     let remote = Remote {
         ssh,
         host: a.host.clone(),

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use iukfarm_engine::io::{ReadAt, Slice};
 use iukfarm_engine::iso::Iso;
@@ -15,6 +15,7 @@ use iukfarm_engine::sqfs::{
 };
 use iukfarm_engine::tree::{Kind, Node, ScanOptions, scan_dir};
 
+use super::{BadInput, usage};
 use crate::output::{persist, temp_next_to};
 use crate::progress::Reporter;
 
@@ -130,22 +131,24 @@ pub struct PackArgs {
 pub fn run(args: Args) -> Result<ExitCode> {
     match args.command {
         Cmd::Pack(a) => pack(a),
-        Cmd::Ls(a) => ls(a),
-        Cmd::Cat(a) => cat(a),
-        Cmd::Info(a) => info(a),
+        Cmd::Ls(a) => ls(a).map_err(super::image_error),
+        Cmd::Cat(a) => cat(a).map_err(super::image_error),
+        Cmd::Info(a) => info(a).map_err(super::image_error),
     }
 }
 
 fn open_image(a: &ImageArgs) -> Result<Arc<Archive>> {
-    let file = File::open(&a.image).with_context(|| format!("opening {}", a.image.display()))?;
+    let file = File::open(&a.image)
+        .with_context(|| format!("opening {}", a.image.display()))
+        .bad_input()?;
     let file: Arc<dyn ReadAt> = Arc::new(file);
     let src: Arc<dyn ReadAt> = match &a.in_iso {
         Some(path) => {
             let iso = Iso::open(file)
                 .with_context(|| format!("reading {} as an ISO", a.image.display()))?;
-            let entry = iso
-                .lookup(path.as_bytes())?
-                .with_context(|| format!("{path} not found in {}", a.image.display()))?;
+            let Some(entry) = iso.lookup(path.as_bytes())? else {
+                usage!("{path} not found in {}", a.image.display());
+            };
             let inner = iso.file_reader(&entry)?;
             if a.offset > 0 {
                 Arc::new(Slice {
@@ -160,7 +163,7 @@ fn open_image(a: &ImageArgs) -> Result<Arc<Archive>> {
         None if a.offset > 0 => {
             let len = file.size()?;
             if a.offset >= len {
-                bail!(
+                usage!(
                     "offset {} is beyond the end of {} ({len} bytes)",
                     a.offset,
                     a.image.display()
@@ -228,11 +231,11 @@ fn ls(a: LsArgs) -> Result<ExitCode> {
 
 fn cat(a: CatArgs) -> Result<ExitCode> {
     let ar = open_image(&a.image)?;
-    let inode = ar
-        .lookup(a.path.as_bytes())?
-        .with_context(|| format!("{} not found in the image", a.path))?;
+    let Some(inode) = ar.lookup(a.path.as_bytes())? else {
+        usage!("{} not found in the image", a.path);
+    };
     let InodeKind::File(f) = &inode.kind else {
-        bail!("{} is not a regular file", a.path);
+        usage!("{} is not a regular file", a.path);
     };
     let mut reader = ar.open_file(f);
     let stdout = std::io::stdout();
@@ -336,27 +339,33 @@ pub fn format_time(t: u32) -> String {
 
 fn pack(a: PackArgs) -> Result<ExitCode> {
     if a.compressor != "xz" {
-        bail!(
+        usage!(
             "compressor '{}' is not supported for writing (only xz, which is what Tails uses)",
             a.compressor
         );
     }
-    let block_size = parse_size(&a.block_size, 0).context("--block-size")?;
+    let block_size = parse_size(&a.block_size, 0)
+        .context("--block-size")
+        .bad_input()?;
     let mut opts = WriterOptions::with_block_size(block_size);
     opts.gensquashfs = a.gensquashfs;
-    opts.dev_block_size = parse_size(&a.dev_block_size, 0).context("--dev-block-size")?;
+    opts.dev_block_size = parse_size(&a.dev_block_size, 0)
+        .context("--dev-block-size")
+        .bad_input()?;
     let mut xz = XzConfig::for_block_size(block_size);
     if let Some(extra) = &a.comp_extra {
-        xz.apply_extra(extra, block_size).context("--comp-extra")?;
+        xz.apply_extra(extra, block_size)
+            .context("--comp-extra")
+            .bad_input()?;
     }
     opts.xz = xz;
     let sde = super::source_date_epoch()?.unwrap_or(0);
     opts.mtime = sde;
     opts.threads = a.num_jobs.unwrap_or(0);
-    opts.validate()?;
-
+    opts.validate().bad_input()?;
+    super::input_dir(&a.pack_dir)?;
     if !a.force && a.output.exists() {
-        bail!("{} exists; use --force to overwrite it", a.output.display());
+        usage!("{} exists; use --force to overwrite it", a.output.display());
     }
     let mut root = scan_dir(
         &a.pack_dir,

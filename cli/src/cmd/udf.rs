@@ -11,7 +11,7 @@ use iukfarm_coordinator::manifest::Manifest;
 use iukfarm_coordinator::signing::{self, SigningKey};
 use iukfarm_udf::{Channel, Release, Target};
 
-use super::usage;
+use super::{BadInput, usage};
 
 #[derive(Parser)]
 pub struct Args {
@@ -141,8 +141,10 @@ fn generate(a: GenerateArgs) -> Result<ExitCode> {
     let (iso, iuks) = match &a.manifest {
         Some(m) => {
             let cert_path = a.cert.as_ref().expect("clap requires --cert");
+            super::input_file(m)?;
             let manifest_cert = std::fs::read(cert_path)
-                .with_context(|| format!("reading {}", cert_path.display()))?;
+                .with_context(|| format!("reading {}", cert_path.display()))
+                .bad_input()?;
             from_manifest(&release, m, &manifest_cert, a.iso.as_deref())?
         }
         None => from_files(&a, &release)?,
@@ -395,6 +397,10 @@ fn check_one(file: &Path, cert: &[u8]) -> Result<()> {
 }
 
 fn check(a: CheckArgs) -> Result<ExitCode> {
+    super::input_file(&a.cert)?;
+    for f in &a.files {
+        super::input_file(f)?;
+    }
     let cert = std::fs::read(&a.cert).with_context(|| format!("reading {}", a.cert.display()))?;
     if let Err(e) = signing::parse_certs(&cert) {
         usage!("{}: {e}", a.cert.display());

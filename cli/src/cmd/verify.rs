@@ -4,14 +4,17 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::Parser;
 use iukfarm_coordinator::manifest;
+
+use super::BadInput;
 
 #[derive(Parser)]
 #[command(
     after_help = "Exit status: 0 every IUK matches and the signature is good; 1 a mismatch \
-(each is named), a bad signature, or an unreadable file; 2 bad usage."
+(each is named), a bad signature, or an unreadable file; 2 bad usage, or DIR, --release-dir \
+or --cert missing."
 )]
 pub struct Args {
     /// Directory holding the IUKs to check.
@@ -33,14 +36,14 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<ExitCode> {
     let release_dir = a.release_dir.clone().unwrap_or_else(|| a.dir.clone());
-    if !a.dir.is_dir() {
-        bail!("{}: not a directory", a.dir.display());
-    }
+    super::input_dir(&a.dir)?;
+    super::input_dir(&release_dir)?;
     let certs = a
         .cert
         .as_ref()
         .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
-        .transpose()?;
+        .transpose()
+        .bad_input()?;
     let check = manifest::check_dir(&a.dir, &release_dir, certs.as_deref(), a.partial)?;
     super::client::report_check(&check, certs.is_some())
 }

@@ -8,13 +8,15 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use iukfarm_engine::kit::verify::verify_iuk;
 
+use super::BadInput;
 use crate::output::temp_next_to;
 use crate::progress::Reporter;
 
 #[derive(Parser)]
 #[command(
     after_help = "Exit status: 0 the kit turns the old release into exactly the new one; \
-1 differences were found (each is printed) or a file could not be read; 2 bad usage."
+1 differences were found (each is printed), or the kit could not be read or applied; 2 bad \
+usage, or a file missing, or an ISO that is not a release ISO."
 )]
 pub struct Args {
     /// ISO of the release the kit upgrades from.
@@ -31,6 +33,17 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<ExitCode> {
+    // The ISOs are what the kit is checked against: one missing or not a
+    // release ISO is bad input (exit 2); a kit that does not read or
+    // apply is a failed check (exit 1).
+    for f in [&a.old_iso, &a.new_iso, &a.kit] {
+        super::input_file(f)?;
+    }
+    for iso in [&a.old_iso, &a.new_iso] {
+        iukfarm_engine::kit::check_iso(iso)
+            .with_context(|| format!("{}: not a release ISO", iso.display()))
+            .bad_input()?;
+    }
     let reporter = Reporter::new(a.quiet);
     // The diff is copied next to the kit while it is checked, then removed.
     let scratch = temp_next_to(&a.kit)?;
