@@ -82,16 +82,23 @@ pub mod exit {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let argv = match cmd::release_file::expand(
+        std::env::args_os().collect(),
+        &<Cli as clap::CommandFactory>::command(),
+    ) {
+        Ok(a) => a,
+        Err(why) => {
+            eprintln!("iukfarm: error: {why}");
+            return ExitCode::from(exit::USAGE);
+        }
+    };
+    let cli = Cli::parse_from(argv);
     // Commands that print listings end quietly when their reader does
     // (`iukfarm sqfs ls ... | head`): killed by SIGPIPE, as cat or ls are,
-    // instead of "error: Broken pipe". Not the others: a pipe to gpg or ssh
-    // that closes early is an error to report. Sockets are written with
-    // MSG_NOSIGNAL, so the network clients are not affected.
-    if matches!(
-        cli.command,
-        Command::Sqfs(_) | Command::Iso(_) | Command::Status(_) | Command::Workers(_)
-    ) {
+    // instead of "error: Broken pipe". Only those that touch no socket or
+    // child process: tokio writes sockets without MSG_NOSIGNAL, and a
+    // closed connection or pipe to gpg or ssh is an error to report.
+    if matches!(cli.command, Command::Sqfs(_) | Command::Iso(_)) {
         // SAFETY: restoring a default disposition before any thread starts.
         unsafe {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);

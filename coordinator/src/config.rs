@@ -2,68 +2,11 @@
 //! file), checked before anything starts.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
-
-use serde::Deserialize;
 
 use crate::Error;
 use crate::signing::SigningKey;
-
-/// The release file (`--release-file`): the same settings as the flags.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct ReleaseFile {
-    pub new_version: Option<String>,
-    /// A list, or one string of versions separated by spaces or commas.
-    pub source_versions: Option<Versions>,
-    pub source_date_epoch: Option<u32>,
-    pub iso_root: Option<PathBuf>,
-    pub iso_pattern: Option<String>,
-    pub iso_sha256sums: Option<PathBuf>,
-    pub iso_keyring: Option<PathBuf>,
-    pub output_dir: Option<PathBuf>,
-    pub product: Option<String>,
-    pub build_target: Option<String>,
-    pub profile: Option<String>,
-    pub gensquashfs: Option<String>,
-    pub engine_options: Option<Vec<String>>,
-    pub require_engine: Option<String>,
-    pub listen: Option<String>,
-    pub tls_cert: Option<PathBuf>,
-    pub tls_key: Option<PathBuf>,
-    pub tls_client_ca: Option<PathBuf>,
-    pub tls_revoked: Option<PathBuf>,
-    pub token_file: Option<PathBuf>,
-    pub signing_key: Option<PathBuf>,
-    pub gpg_key: Option<String>,
-    pub reproduce: Option<String>,
-    pub junit: Option<PathBuf>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-pub enum Versions {
-    List(Vec<String>),
-    Text(String),
-}
-
-impl ReleaseFile {
-    pub fn load(path: &Path) -> Result<Self, Error> {
-        let text = (std::fs::read_to_string(path))
-            .map_err(|e| Error::Config(format!("release file {}: {e}", path.display())))?;
-        toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
-    }
-}
-
-impl Versions {
-    pub fn into_list(self) -> Result<Vec<String>, Error> {
-        match self {
-            Versions::List(l) => l.into_iter().map(check_version).collect(),
-            Versions::Text(t) => parse_versions(&t),
-        }
-    }
-}
 
 /// How many IUKs to build twice, on two workers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -346,30 +289,6 @@ mod tests {
             assert!(check_file_name("diff name", bad).is_err(), "{bad:?}");
         }
         assert!(check_version("6.0\n".into()).is_err());
-    }
-
-    #[test]
-    fn release_file() {
-        let f: ReleaseFile = toml::from_str(
-            "new-version = \"6.4\"\nsource-versions = \"6.0, 6.1 6.2\"\nsource-date-epoch = 5\n",
-        )
-        .unwrap();
-        assert_eq!(
-            f.source_versions.unwrap().into_list().unwrap(),
-            ["6.0", "6.1", "6.2"]
-        );
-        let f: ReleaseFile = toml::from_str("source-versions = [\"6.0\"]\n").unwrap();
-        assert_eq!(f.source_versions.unwrap().into_list().unwrap(), ["6.0"]);
-        let e = toml::from_str::<ReleaseFile>("new-verison = \"6.4\"\n").unwrap_err();
-        assert!(e.to_string().contains("unknown field"), "{e}");
-    }
-
-    #[test]
-    fn the_shipped_example_parses() {
-        let f: ReleaseFile =
-            toml::from_str(include_str!("../../dist/release.toml.example")).unwrap();
-        assert_eq!(f.source_versions.unwrap().into_list().unwrap().len(), 10);
-        assert_eq!(f.reproduce.as_deref(), Some("2"));
     }
 
     #[test]

@@ -247,6 +247,10 @@ fn lying_workers_are_refused_while_the_honest_one_finishes() {
                 "--quiet",
                 "--source-date-epoch",
                 "1730285445",
+                // (Named as from an older version: a kit from a version to
+                // itself is refused as a mistake.)
+                "--old-version",
+                "7.3",
                 "--old-iso",
             ])
             .arg(a.iso(a.new_version()))

@@ -15,9 +15,21 @@ use iukfarm_tests::{
 const SDE: &str = "1730285444";
 
 fn build(old: &Path, new: &Path, out: &Path, threads: &str) -> std::process::Output {
+    build_with(old, new, out, threads, &[])
+}
+
+fn build_with(
+    old: &Path,
+    new: &Path,
+    out: &Path,
+    threads: &str,
+    extra: &[&str],
+) -> std::process::Output {
     Command::new(iukfarm())
         .env("SOURCE_DATE_EPOCH", SDE)
-        .args(["build", "-q", "--threads", threads, "--old-iso"])
+        .args(["build", "-q", "--threads", threads])
+        .args(extra)
+        .arg("--old-iso")
         .arg(old)
         .arg("--new-iso")
         .arg(new)
@@ -378,7 +390,14 @@ fn identical_isos_and_clear_failures() {
     random_tree(&Tree::new(&sys), 3);
     let iso = make_iso(work, "6.0", &sys, &|t| boot_files(t, b"k", false));
     let kit = work.join("same.iuk");
+    // Both named 6.0: refused as a mistake in the arguments, writing nothing.
     let res = build(&iso, &iso, &kit, "2");
+    assert_eq!(res.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&res.stderr).contains("both version 6.0"));
+    assert!(!kit.exists());
+    // Said to be from another version, the same ISO gives a kit that
+    // changes nothing but the boot files.
+    let res = build_with(&iso, &iso, &kit, "2", &["--old-version", "5.9"]);
     assert_built(&res);
     assert_eq!(cat(&kit, "control.yml"), b"---\ndelete_files: []\n");
     let ls = sqfs_ls(&kit, &[]);
@@ -388,7 +407,7 @@ fn identical_isos_and_clear_failures() {
     );
 
     // Refuses to overwrite (a usage error); names the file.
-    let res = build(&iso, &iso, &kit, "2");
+    let res = build_with(&iso, &iso, &kit, "2", &["--old-version", "5.9"]);
     assert_eq!(res.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&res.stderr).contains("--force"));
 
@@ -425,6 +444,7 @@ fn identical_isos_and_clear_failures() {
         .arg(&broken)
         .arg(&cd));
     let res = build(&iso, &broken, &out, "2");
+    assert_eq!(res.status.code(), Some(2));
     let err = String::from_utf8_lossy(&res.stderr);
     assert!(
         err.contains("live/filesystem.squashfs") && err.contains("not found"),
@@ -432,6 +452,7 @@ fn identical_isos_and_clear_failures() {
     );
     std::fs::write(work.join("junk.iso"), Rng::new(9).bytes(70_000)).unwrap();
     let res = build(&work.join("junk.iso"), &iso, &out, "2");
+    assert_eq!(res.status.code(), Some(2));
     let err = String::from_utf8_lossy(&res.stderr);
     assert!(
         err.contains("junk.iso") && err.contains("not an ISO"),

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::Parser;
-use iukfarm_coordinator::config::{self, Config, ReleaseFile, Reproduce};
+use iukfarm_coordinator::config::{self, Config, Reproduce};
 use iukfarm_coordinator::signing::SigningKey;
 use iukfarm_coordinator::{Outcome, Running};
 use iukfarm_proto::ClientConfig;
@@ -26,11 +26,12 @@ configuration (a missing or unusable ISO, an unknown option, no signing key), fo
 work starts; 130 interrupted (SIGINT, SIGTERM or `iukfarm cancel`). Finished IUKs are journalled: \
 run the same command again to resume.";
 
-/// A release's parameters; a `--release-file` (TOML, same names) gives
-/// defaults that flags override.
+/// A release's parameters; a `--release-file` (TOML, the long options'
+/// names) gives settings that options override (release_file.rs).
 #[derive(Parser, Clone)]
 pub struct ReleaseArgs {
-    /// TOML file with any of the settings below (e.g. new-version = "6.4").
+    /// TOML file with any of this command's options, without their dashes (e.g.
+    /// new-version = "7.4"; a list for a repeatable one); the command line overrides it.
     #[arg(long, value_name = "FILE")]
     release_file: Option<PathBuf>,
     /// The version being released.
@@ -73,7 +74,11 @@ pub struct ReleaseArgs {
     #[arg(long, value_name = "1.2.0|1.3.2")]
     gensquashfs: Option<iukfarm_engine::sqfs::Gensquashfs>,
     /// Engine option for every job, e.g. ignore-if-same-content=GLOB. Repeatable.
-    #[arg(long = "engine-option", value_name = "NAME=VALUE")]
+    #[arg(
+        long = "engine-option",
+        alias = "engine-options",
+        value_name = "NAME=VALUE"
+    )]
     engine_options: Vec<String>,
     /// Engine workers must run: VERSION or VERSION@COMMIT [default: this build's].
     #[arg(long, value_name = "VERSION[@COMMIT]")]
@@ -140,15 +145,10 @@ impl ReleaseArgs {
         default_store: u64,
     ) -> Result<Config, iukfarm_coordinator::Error> {
         use iukfarm_coordinator::Error as E;
-        let f = match &self.release_file {
-            Some(p) => ReleaseFile::load(p)?,
-            None => ReleaseFile::default(),
-        };
-        let source_versions = match self.source_versions {
-            Some(s) => config::parse_versions(&s)?,
-            None => need(f.source_versions, "--source-versions")?.into_list()?,
-        };
-        let sde = match self.source_date_epoch.or(f.source_date_epoch) {
+        // The release file's settings are options already (release_file.rs).
+        let source_versions =
+            config::parse_versions(&need(self.source_versions, "--source-versions")?)?;
+        let sde = match self.source_date_epoch {
             Some(s) => s,
             None => super::source_date_epoch()
                 .map_err(|e| E::Config(e.to_string()))?
@@ -156,9 +156,7 @@ impl ReleaseArgs {
                     E::Config("missing --source-date-epoch (or SOURCE_DATE_EPOCH)".into())
                 })?,
         };
-        let listen_s = listen
-            .or(f.listen)
-            .unwrap_or_else(|| default_listen.to_string());
+        let listen_s = listen.unwrap_or_else(|| default_listen.to_string());
         let listen: SocketAddr = listen_s.parse().map_err(|_| {
             E::Config(format!(
                 "--listen {listen_s:?}: expected ADDRESS:PORT, e.g. 0.0.0.0:7447"
@@ -166,19 +164,15 @@ impl ReleaseArgs {
         })?;
         let token = self
             .token_file
-            .or(f.token_file)
             .map(|p| iukfarm_proto::read_token(&p))
             .transpose()
             .map_err(|e| E::Config(e.to_string()))?;
-        let tls = match (self.tls_cert.or(f.tls_cert), self.tls_key.or(f.tls_key)) {
+        let tls = match (self.tls_cert, self.tls_key) {
             (Some(c), Some(k)) => Some((c, k)),
             (None, None) => None,
             _ => return Err(E::Config("--tls-cert and --tls-key go together".into())),
         };
-        let signing = match (
-            self.signing_key.or(f.signing_key),
-            self.gpg_key.or(f.gpg_key),
-        ) {
+        let signing = match (self.signing_key, self.gpg_key) {
             (Some(p), None) => SigningKey::KeyFile(p),
             (None, Some(k)) => SigningKey::Gpg(k),
             (Some(_), Some(_)) => {
@@ -193,15 +187,14 @@ impl ReleaseArgs {
                 ));
             }
         };
-        let reproduce = match self.reproduce.or(f.reproduce) {
+        let reproduce = match self.reproduce {
             Some(r) => r.parse::<Reproduce>().map_err(E::Config)?,
             None => Reproduce::None,
         };
-        let mut engine_options = f.engine_options.unwrap_or_default();
-        engine_options.extend(self.engine_options);
+        let mut engine_options = self.engine_options;
         // The profile travels as an engine option: it is part of every job's
         // id and of the manifest. Only a non-default one is written out.
-        if let Some(p) = self.profile.or(f.profile) {
+        if let Some(p) = self.profile {
             let p: iukfarm_engine::kit::Profile = p
                 .parse()
                 .map_err(|e: iukfarm_engine::Error| E::Config(e.to_string()))?;
@@ -210,19 +203,13 @@ impl ReleaseArgs {
                 engine_options.push(format!("profile={p}"));
             }
         }
-        let new_version =
-            config::check_version(need(self.new_version.or(f.new_version), "--new-version")?)?;
+        let new_version = config::check_version(need(self.new_version, "--new-version")?)?;
         // The writer travels as an engine option too, always written out, so
         // that every job of the release, its id and the manifest name it.
-        let from_file = f
-            .gensquashfs
-            .map(|g| g.parse())
-            .transpose()
-            .map_err(|e: iukfarm_engine::Error| E::Config(format!("gensquashfs: {e}")))?;
         let given = iukfarm_engine::kit::parse_options(&engine_options)
             .map_err(|e| E::Config(e.to_string()))?
             .gensquashfs;
-        let chosen = self.gensquashfs.or(from_file).or(given);
+        let chosen = self.gensquashfs.or(given);
         let gensquashfs = config::resolve_gensquashfs(chosen, &new_version)?;
         engine_options.retain(|o| !o.starts_with("gensquashfs="));
         engine_options.push(format!("gensquashfs={gensquashfs}"));
@@ -230,29 +217,25 @@ impl ReleaseArgs {
             new_version,
             source_versions,
             source_date_epoch: sde,
-            iso_root: need(self.iso_root.or(f.iso_root), "--iso-root")?,
+            iso_root: need(self.iso_root, "--iso-root")?,
             iso_pattern: self
                 .iso_pattern
-                .or(f.iso_pattern)
                 .unwrap_or_else(|| config::DEFAULT_ISO_PATTERN.into()),
-            iso_sha256sums: self.iso_sha256sums.or(f.iso_sha256sums),
-            iso_keyring: self.iso_keyring.or(f.iso_keyring),
-            output_dir: need(self.output_dir.or(f.output_dir), "--output-dir")?,
-            product: self.product.or(f.product).unwrap_or_else(|| "Tails".into()),
-            build_target: self
-                .build_target
-                .or(f.build_target)
-                .unwrap_or_else(|| "amd64".into()),
+            iso_sha256sums: self.iso_sha256sums,
+            iso_keyring: self.iso_keyring,
+            output_dir: need(self.output_dir, "--output-dir")?,
+            product: self.product.unwrap_or_else(|| "Tails".into()),
+            build_target: self.build_target.unwrap_or_else(|| "amd64".into()),
             engine_options,
-            require_engine: self.require_engine.or(f.require_engine),
+            require_engine: self.require_engine,
             listen,
             tls,
-            tls_client_ca: self.tls_client_ca.or(f.tls_client_ca),
-            tls_revoked: self.tls_revoked.or(f.tls_revoked),
+            tls_client_ca: self.tls_client_ca,
+            tls_revoked: self.tls_revoked,
             token,
             signing,
             reproduce,
-            junit: self.junit.or(f.junit),
+            junit: self.junit,
             lease_timeout: self.lease_timeout,
             max_attempts: self.max_attempts,
             linger: self.linger,
@@ -263,7 +246,7 @@ impl ReleaseArgs {
 }
 
 #[derive(Parser)]
-#[command(after_help = EXIT_HELP)]
+#[command(after_help = EXIT_HELP, args_override_self = true)]
 pub struct CoordinatorArgs {
     #[command(flatten)]
     release: ReleaseArgs,
@@ -378,7 +361,7 @@ fn after_release(
 }
 
 #[derive(Parser)]
-#[command(after_help = EXIT_HELP)]
+#[command(after_help = EXIT_HELP, args_override_self = true)]
 pub struct ReleaseCmdArgs {
     #[command(flatten)]
     release: ReleaseArgs,

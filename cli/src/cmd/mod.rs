@@ -5,6 +5,7 @@ pub mod demo;
 pub mod farm;
 pub mod iso;
 pub mod publish;
+pub mod release_file;
 pub mod sqfs;
 pub mod udf;
 pub mod verify;
