@@ -27,6 +27,7 @@ declare -A tools=(
   [ssh-keygen]=openssh-client
   [pkill]=procps
   [debootstrap]=debootstrap
+  [jenkins-jobs]=jenkins-job-builder
 )
 missing=()
 for t in "${!tools[@]}"; do

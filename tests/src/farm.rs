@@ -515,3 +515,60 @@ pub fn leftover_job_files(cache: &Path) -> Vec<PathBuf> {
     }
     left
 }
+
+/// Runs a CI job's release script (`job`: the shell and its script, with
+/// the CI system's own variables set) in `project` as the CI's shell would
+/// on the coordinator host: the farm's binary on PATH, a release file for
+/// the archive, the parameters NEW_VERSION, SOURCE_VERSIONS and
+/// SOURCE_DATE_EPOCH set, and (`serves`: the job is expected to get that
+/// far) a worker started once the coordinator listens. Returns the exit
+/// code and everything the job printed.
+pub fn run_ci_job(
+    a: &Archive,
+    project: &Path,
+    sde: &str,
+    serves: bool,
+    mut job: Command,
+) -> (i32, String) {
+    const LONG: Duration = Duration::from_secs(600);
+    let g = gpg();
+    let release_file = project.join("release.toml");
+    fs::write(
+        &release_file,
+        format!(
+            "iso-root = {:?}\nlisten = \"127.0.0.1:0\"\nsigning-key = {:?}\n",
+            a.root(),
+            g.secret_key
+        ),
+    )
+    .unwrap();
+    let bin_dir = iukfarm().parent().unwrap().to_path_buf();
+    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap());
+    let mut c = Proc::spawn(
+        "build_IUKs",
+        job.current_dir(project)
+            .env("PATH", path)
+            .env("NEW_VERSION", a.new_version())
+            .env("SOURCE_VERSIONS", a.sources().join(" "))
+            .env("SOURCE_DATE_EPOCH", sde)
+            .env("IUKFARM_RELEASE_FILE", &release_file),
+    );
+    let mut _w = None;
+    if serves {
+        let log = c.wait_log("listening on ", LONG);
+        let addr = log
+            .lines()
+            .find_map(|l| l.split("iukfarm coordinator: listening on ").nth(1))
+            .unwrap()
+            .trim()
+            .to_string();
+        _w = Some(worker(
+            "w",
+            &format!("http://{addr}"),
+            &project.join("cache"),
+            &["--once", "--iso-root", a.root().to_str().unwrap()],
+        ));
+    }
+    let code = c.wait(LONG).code().unwrap_or(-1);
+    (code, c.stdout() + &c.log())
+}

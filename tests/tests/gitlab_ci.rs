@@ -3,16 +3,11 @@
 //! (bash, as GitLab's shell executor runs it) against a sample archive with
 //! a worker on loopback; its exit codes as documented.
 
+use iukfarm_tests::farm::{Archive, run_ci_job};
 use std::fs;
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
-
-use iukfarm_tests::farm::{Archive, Proc, gpg, worker};
-use iukfarm_tests::iukfarm;
 use yaml_rust2::{Yaml, YamlLoader};
-
-const LONG: Duration = Duration::from_secs(600);
 
 fn job() -> (Yaml, Yaml) {
     let text =
@@ -80,50 +75,11 @@ fn the_job_takes_build_iuks_parameters_and_keeps_the_report_and_manifest() {
 /// binary on PATH; returns its exit code and output.
 fn run_script(a: &Archive, project: &Path, sde: &str) -> (i32, String) {
     let (_, job) = job();
-    let g = gpg();
-    let release_file = project.join("release.toml");
-    fs::write(
-        &release_file,
-        format!(
-            "iso-root = {:?}\nlisten = \"127.0.0.1:0\"\nsigning-key = {:?}\n",
-            a.root(),
-            g.secret_key
-        ),
-    )
-    .unwrap();
-    let bin_dir = iukfarm().parent().unwrap().to_path_buf();
-    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap());
-    let mut c = Proc::spawn(
-        "build_IUKs",
-        Command::new("bash")
-            .args(["-eo", "pipefail", "-c", &lines(&job["script"]).join("\n")])
-            .current_dir(project)
-            .env("PATH", path)
-            .env("CI_PROJECT_DIR", project)
-            .env("NEW_VERSION", a.new_version())
-            .env("SOURCE_VERSIONS", a.sources().join(" "))
-            .env("SOURCE_DATE_EPOCH", sde)
-            .env("IUKFARM_RELEASE_FILE", &release_file)
-            .env("OUTPUT_DIR", project.join("iuks")),
-    );
-    let mut _w = None;
-    if sde.parse::<u32>().is_ok() {
-        let log = c.wait_log("listening on ", LONG);
-        let addr = log
-            .lines()
-            .find_map(|l| l.split("iukfarm coordinator: listening on ").nth(1))
-            .unwrap()
-            .trim()
-            .to_string();
-        _w = Some(worker(
-            "w",
-            &format!("http://{addr}"),
-            &project.join("cache"),
-            &["--once", "--iso-root", a.root().to_str().unwrap()],
-        ));
-    }
-    let code = c.wait(LONG).code().unwrap_or(-1);
-    (code, c.stdout() + &c.log())
+    let mut c = Command::new("bash");
+    c.args(["-eo", "pipefail", "-c", &lines(&job["script"]).join("\n")])
+        .env("CI_PROJECT_DIR", project)
+        .env("OUTPUT_DIR", project.join("iuks"));
+    run_ci_job(a, project, sde, sde.parse::<u32>().is_ok(), c)
 }
 
 #[test]

@@ -502,4 +502,109 @@ fn the_release_writes_and_signs_its_udfs_once_signed() {
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     assert!(String::from_utf8_lossy(&r.stdout).contains("0 signed"));
     assert_eq!(tree(&web), ours);
+
+    // Tails' key stays with the RM: the farm writes the same UDFs unsigned
+    // and says how to sign them; `udf sign` on the RM's machine does.
+    fs::remove_dir_all(&web).unwrap();
+    fs::create_dir_all(&web).unwrap();
+    let r = release(&["--udf-unsigned"]);
+    let said = String::from_utf8_lossy(&r.stdout);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(
+        said.contains("not signed") && said.contains("udf sign"),
+        "{said}"
+    );
+    let unsigned = tree(&web);
+    assert_eq!(unsigned, ymls, "the same UDFs, and no signature");
+    let sign = run(Command::new(iukfarm())
+        .args(["udf", "sign", "--signing-key"])
+        .arg(&g.secret_key)
+        .arg(&web));
+    let said = String::from_utf8_lossy(&sign.stdout);
+    assert!(
+        said.contains(&format!("{} UDFs: {} signed", ymls.len(), ymls.len())),
+        "{said}"
+    );
+    // (OpenPGP signatures are salted: checked, not compared.)
+    for p in ymls.keys() {
+        let mut sig = web.join(p).into_os_string();
+        sig.push(".pgp");
+        run(Command::new("sqv")
+            .arg("--keyring")
+            .arg(&g.cert)
+            .arg(&sig)
+            .arg(web.join(p)));
+    }
+}
+
+#[test]
+fn udf_sign_signs_what_has_no_good_signature_and_checks_everything() {
+    require_tool("sqv");
+    let g = gpg();
+    let d = tempfile::tempdir().unwrap();
+    let co = d.path().join("checkout");
+    checkout(&co);
+    let (iso, iuks) = inputs(d.path(), "7.2", &["7.1"]);
+    let args = release_args("7.2", "stable", &["7.3"], &["7.1", "7.0"]);
+    // Written unsigned, as the farm writes them with --udf-unsigned.
+    let out = ours(&co, &iso, &iuks, &args);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("not signed"));
+    let udfs = co.join("wiki/src/upgrade/v2");
+    let sign = |what: &[&Path]| {
+        let mut c = Command::new(iukfarm());
+        c.args(["udf", "sign", "--signing-key"]).arg(&g.secret_key);
+        c.args(what).output().unwrap()
+    };
+    // Every UDF of the checkout: the release's and those already there.
+    let n = tree(&udfs)
+        .keys()
+        .filter(|p| p.ends_with("upgrades.yml"))
+        .count();
+    let first = sign(&[&udfs]);
+    let said = String::from_utf8_lossy(&first.stdout);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(said.contains(&format!("{n} UDFs: {n} signed")), "{said}");
+    let f = co.join(udf("7.0/amd64/stable"));
+    let sig = PathBuf::from(format!("{}.pgp", f.display()));
+    run(Command::new("sqv")
+        .arg("--keyring")
+        .arg(&g.cert)
+        .arg(&sig)
+        .arg(&f));
+    g.sop_verify(&sig, &f);
+
+    // Again: every signature good, nothing signed.
+    let before = tree(&co);
+    let again = sign(&[&udfs]);
+    let said = String::from_utf8_lossy(&again.stdout);
+    assert!(said.contains(&format!("{n} UDFs: 0 signed")), "{said}");
+    assert_eq!(tree(&co), before);
+
+    // A UDF changed since (the RM edited it): signed again, that one only.
+    let text = fs::read_to_string(&f).unwrap();
+    fs::write(&f, text.replace("size: 300000", "size: 300001")).unwrap();
+    let third = sign(&[&f]);
+    assert!(String::from_utf8_lossy(&third.stdout).contains("1 UDFs: 1 signed"));
+    run(Command::new("sqv")
+        .arg("--keyring")
+        .arg(&g.cert)
+        .arg(&sig)
+        .arg(&f));
+
+    // No key that can sign, a path that is not there: exit 2, nothing written.
+    let before = tree(&co);
+    let no_key = Command::new(iukfarm())
+        .args(["udf", "sign", "--signing-key"])
+        .arg(&g.cert)
+        .arg(&udfs)
+        .output()
+        .unwrap();
+    assert_eq!(no_key.status.code(), Some(2));
+    let missing = sign(&[&d.path().join("nope")]);
+    assert_eq!(missing.status.code(), Some(2));
+    assert_eq!(tree(&co), before);
 }

@@ -273,6 +273,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
             udf_previous_versions: Vec::new(),
             udf_major_release: true,
             udf_channel: "stable".into(),
+            udf_unsigned: false,
         }
         .plan(&cfg)?
     } else {

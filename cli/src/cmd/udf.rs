@@ -25,6 +25,27 @@ enum Cmd {
     Generate(Box<GenerateArgs>),
     /// Parse UDFs, check every field an Upgrader needs and their signatures (upgrades.yml.pgp).
     Check(CheckArgs),
+    /// Sign UDFs written unsigned (on the RM's machine, with Tails' signing key), then check them.
+    Sign(SignArgs),
+}
+
+#[derive(Parser)]
+#[command(
+    after_help = "Signs, as Tails' sign-updated-udfs does, each upgrades.yml named or found under a directory named whose upgrades.yml.pgp is missing or not a good signature by this key (armored, detached, written next to it atomically), then checks every one of them as `udf check` does. This is the step that needs Tails' signing key: run it where the key is (gpg-agent and smartcards work), on the UDFs the farm wrote unsigned (--udf-unsigned).
+
+Exit status: 0 all signed and checked; 1 a signing failure or a file that does not check; 2 bad usage or input (no key, a file named that is missing)."
+)]
+pub struct SignArgs {
+    /// UDFs (upgrades.yml), or directories searched for them (a website checkout's
+    /// wiki/src/upgrade/v2).
+    #[arg(required = true, value_name = "PATH")]
+    paths: Vec<PathBuf>,
+    /// Sign with gpg's key KEYID (gpg-agent and smartcards work).
+    #[arg(long, value_name = "KEYID", required_unless_present = "signing_key")]
+    gpg_key: Option<String>,
+    /// Sign with an unencrypted OpenPGP secret key file.
+    #[arg(long, value_name = "FILE", conflicts_with = "gpg_key")]
+    signing_key: Option<PathBuf>,
 }
 
 #[derive(Parser)]
@@ -106,7 +127,83 @@ pub fn run(a: Args) -> Result<ExitCode> {
     match a.cmd {
         Cmd::Generate(g) => generate(*g),
         Cmd::Check(c) => check(c),
+        Cmd::Sign(a) => sign(a),
     }
+}
+
+/// Every upgrades.yml under `p` (or `p` itself), sorted.
+fn find_udfs(p: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    if !p.is_dir() {
+        out.push(p.to_path_buf());
+        return Ok(());
+    }
+    let mut entries: Vec<_> = std::fs::read_dir(p)
+        .with_context(|| format!("reading {}", p.display()))?
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("reading {}", p.display()))?;
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let path = e.path();
+        if e.file_type()?.is_dir() {
+            find_udfs(&path, out)?;
+        } else if e.file_name() == "upgrades.yml" {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+fn sign(a: SignArgs) -> Result<ExitCode> {
+    let key = match (&a.signing_key, &a.gpg_key) {
+        (Some(p), None) => SigningKey::KeyFile(p.clone()),
+        (None, Some(k)) => SigningKey::Gpg(k.clone()),
+        _ => usage!("give --gpg-key or --signing-key"),
+    };
+    let mut files = Vec::new();
+    for p in &a.paths {
+        if !p.exists() {
+            usage!("{}: no such file or directory", p.display());
+        }
+        find_udfs(p, &mut files)?;
+    }
+    if files.is_empty() {
+        usage!("no upgrades.yml under {}", a.paths[0].display());
+    }
+    // The key must work, and not be expired, before anything is written.
+    let (cert, expiring) = key
+        .certificate_and_warning()
+        .map_err(|e| anyhow!(super::Usage(e.to_string())))?;
+    if let Some(w) = expiring {
+        eprintln!("iukfarm: warning: the UDFs' signing key: {w}");
+    }
+    let mut signed = 0;
+    for f in &files {
+        let bytes = std::fs::read(f)
+            .with_context(|| format!("reading {}", f.display()))
+            .bad_input()?;
+        let sig = sig_path(f);
+        let good = std::fs::read(&sig)
+            .ok()
+            .is_some_and(|s| signing::verify(&cert, &bytes, &s).is_ok());
+        if good {
+            println!("{:9} {}", "good", f.display());
+            continue;
+        }
+        let tmp = crate::output::temp_next_to(&sig)?;
+        key.sign(f, tmp.path())
+            .with_context(|| format!("signing {}", f.display()))?;
+        crate::output::persist(tmp, &sig, true)?;
+        println!("{:9} {}", "signed", f.display());
+        signed += 1;
+    }
+    for f in &files {
+        check_one(f, &cert).with_context(|| format!("checking {}", f.display()))?;
+    }
+    println!(
+        "{} UDFs: {signed} signed, every one well formed and signed by this key",
+        files.len()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn generate(a: GenerateArgs) -> Result<ExitCode> {
@@ -266,8 +363,10 @@ fn write(
             );
         }
         None => println!(
-            "{} UDFs written, not signed (--signing-key or --gpg-key signs them)",
-            written.len()
+            "{} UDFs written, not signed: sign them where Tails' signing key is, with \
+             `iukfarm udf sign --gpg-key KEYID {}`",
+            written.len(),
+            checkout.display()
         ),
     }
     Ok(())
@@ -429,9 +528,14 @@ fn check(a: CheckArgs) -> Result<ExitCode> {
 pub struct StepArgs {
     /// Once the release is signed, write its upgrade-description files into this Tails
     /// website checkout from the manifest (as `iukfarm udf generate --manifest` would),
-    /// signed with the manifest's key, every signature checked.
+    /// signed with the manifest's key, every signature checked; with --udf-unsigned, for
+    /// `iukfarm udf sign` on the RM's machine.
     #[arg(long, value_name = "DIR", help_heading = "Upgrade-description files")]
     pub(crate) udf_dir: Option<PathBuf>,
+    /// Write the UDFs unsigned: Tails' UDFs are signed with Tails' signing key, which stays
+    /// on the RM's machine (`iukfarm udf sign --gpg-key KEYID DIR` there), not the farm's.
+    #[arg(long, requires = "udf_dir", help_heading = "Upgrade-description files")]
+    pub(crate) udf_unsigned: bool,
     /// A version planned after this one (repeat; at least one with --udf-dir).
     #[arg(
         long = "udf-next-version",
@@ -467,6 +571,7 @@ pub struct Step {
     release: Release,
     checkout: PathBuf,
     key: SigningKey,
+    unsigned: bool,
 }
 
 impl StepArgs {
@@ -498,6 +603,7 @@ impl StepArgs {
             release,
             checkout,
             key: cfg.signing.clone(),
+            unsigned: self.udf_unsigned,
         }))
     }
 }
@@ -516,14 +622,10 @@ impl Step {
             &cert,
             None,
         )?;
-        write(
-            &self.release,
-            &self.checkout,
-            &iso,
-            &iuks,
-            Some((&self.key, &cert)),
-        )
-        .with_context(|| {
+        // The manifest's key checks the manifest either way; it signs the
+        // UDFs only when the farm is trusted with that.
+        let key = (!self.unsigned).then_some((&self.key, &cert[..]));
+        write(&self.release, &self.checkout, &iso, &iuks, key).with_context(|| {
             format!(
                 "the IUKs are built and signed, but the UDFs in {} are not all written: run the \
                  same command again (it resumes from the journal)",
