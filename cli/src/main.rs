@@ -161,3 +161,86 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod readme {
+    use clap::CommandFactory;
+
+    /// A shell line's words: double quotes group, `#` starts a comment.
+    fn words(line: &str) -> Vec<String> {
+        let (mut out, mut cur, mut quoted, mut any) = (Vec::new(), String::new(), false, false);
+        for c in line.chars() {
+            match c {
+                '"' => (quoted, any) = (!quoted, true),
+                '#' if !quoted && !any => break,
+                c if c.is_whitespace() && !quoted => {
+                    if any {
+                        out.push(std::mem::take(&mut cur));
+                    }
+                    any = false;
+                }
+                c => (cur, any) = (cur + &c.to_string(), true),
+            }
+        }
+        if any {
+            out.push(cur);
+        }
+        out
+    }
+
+    /// Every `iukfarm` command in the README's code blocks (and `cargo run
+    /// -- ...`) is one the binary accepts: its subcommand, options and
+    /// values parse. `...` stands for options left out: those commands may
+    /// lack required ones.
+    #[test]
+    fn every_command_in_the_readme_parses() {
+        let readme = include_str!("../../README.md");
+        let mut in_code = false;
+        let mut lines = Vec::new();
+        let mut pending = String::new();
+        for l in readme.lines() {
+            if l.starts_with("```") {
+                in_code = !in_code;
+                continue;
+            }
+            if !in_code {
+                continue;
+            }
+            match l.trim_end().strip_suffix('\\') {
+                Some(head) => pending.push_str(head),
+                None => lines.push(std::mem::take(&mut pending) + l),
+            }
+        }
+        let mut checked = 0;
+        let mut wrong = Vec::new();
+        for line in &lines {
+            let w = words(line);
+            // The command word: after variable assignments only.
+            let at = w.iter().position(|x| !x.contains('='));
+            let args: Vec<String> = if let Some(i) = at.filter(|&i| w[i] == "iukfarm") {
+                w[i..].to_vec()
+            } else if w.starts_with(&["cargo".into(), "run".into()]) {
+                match w.iter().position(|x| x == "--") {
+                    Some(i) => ["iukfarm".to_string()]
+                        .into_iter()
+                        .chain(w[i + 1..].to_vec())
+                        .collect(),
+                    None => continue,
+                }
+            } else {
+                continue;
+            };
+            let partial = args.iter().any(|a| a == "...");
+            let args: Vec<&String> = args.iter().filter(|a| *a != "...").collect();
+            match super::Cli::command().try_get_matches_from(args) {
+                Ok(_) => {}
+                Err(e)
+                    if partial && e.kind() == clap::error::ErrorKind::MissingRequiredArgument => {}
+                Err(e) => wrong.push(format!("{line}\n{e}")),
+            }
+            checked += 1;
+        }
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+        assert!(checked >= 30, "only {checked} commands found");
+    }
+}

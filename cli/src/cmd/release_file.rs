@@ -139,7 +139,6 @@ mod tests {
             "listen" => s("127.0.0.1:7000"),
             "udf-next-version" | "udf-previous-version" => V::Array(vec![s("7.3")]),
             "udf-channel" => s("alpha"),
-            "udf-major-release" | "plain" => V::Boolean(true),
             "new-version" => s("7.2"),
             "release-file" | "help" | "verbose" => return None,
             _ => s("some/where"),
@@ -177,7 +176,10 @@ mod tests {
             let mut flags = vec!["iukfarm".to_string(), name.to_string()];
             for a in cmd.get_arguments().filter(|a| !a.is_hide_set()) {
                 let Some(long) = a.get_long() else { continue };
-                let Some(v) = sample(long) else { continue };
+                let Some(mut v) = sample(long) else { continue };
+                if !a.get_action().takes_values() {
+                    v = toml::Value::Boolean(true);
+                }
                 // tls-client-ca and token-file exclude nothing; --signing-key
                 // and --gpg-key do: only one of them.
                 if long == "gpg-key" {
