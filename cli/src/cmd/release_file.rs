@@ -17,7 +17,13 @@ const TAKE_IT: [&str; 2] = ["coordinator", "release"];
 /// unchanged when there is no `--release-file`. `Err` is a message for the
 /// user (a usage error: exit 2).
 pub fn expand(argv: Vec<OsString>, cli: &Command) -> Result<Vec<OsString>, String> {
-    let Some(at) = argv.iter().position(|a| TAKE_IT.iter().any(|c| a == c)) else {
+    // The subcommand is the first word that is not an option (the global
+    // ones take no value), not a value that happens to read "release".
+    let Some(at) = (argv.iter().enumerate().skip(1))
+        .find(|(_, a)| !a.to_string_lossy().starts_with('-'))
+        .map(|(i, _)| i)
+        .filter(|&i| TAKE_IT.iter().any(|c| argv[i] == *c))
+    else {
         return Ok(argv);
     };
     let mut path = None;
@@ -284,6 +290,16 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.contains("/nope"), "{e}");
+        // Another subcommand, whatever its values read: left to clap.
+        let other = os(&[
+            "iukfarm",
+            "-v",
+            "worker",
+            "--name",
+            "release",
+            "--release-file=/x",
+        ]);
+        assert_eq!(expand(other.clone(), &cli()).unwrap(), other);
     }
 
     #[test]
