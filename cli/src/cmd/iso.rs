@@ -91,7 +91,9 @@ fn read(args: Args) -> Result<ExitCode> {
             };
             if recursive {
                 iso.walk(path.as_bytes(), &mut |p, e| {
-                    print(p, e).map_err(|e| iukfarm_engine::Error::Invalid(e.to_string()))
+                    print(p, e).map_err(|e| {
+                        iukfarm_engine::Error::RawIo(std::io::Error::other(e.to_string()))
+                    })
                 })?;
             } else {
                 for e in iso.list(path.as_bytes())? {
