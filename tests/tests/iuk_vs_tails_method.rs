@@ -33,9 +33,14 @@ fn reference(v: Gensquashfs, old: &Path, new: &Path, diff_name: &str, out: &Path
 
 /// `iukfarm build`; `v` passed as --gensquashfs, else the version decides.
 fn ours(v: Option<Gensquashfs>, old: &Path, new: &Path, diff_name: &str, out: &Path) {
+    // A kit from a release to itself, which Tails' script makes: iukfarm
+    // takes the same version twice for a mistake, so the old one is named
+    // otherwise (names only; the bytes do not depend on it).
+    let same = (old == new).then_some(["--old-version", "0.1"]);
     run(Command::new(iukfarm())
         .env("SOURCE_DATE_EPOCH", SDE)
         .args(["build", "-q", "--squashfs-diff-name", diff_name])
+        .args(same.into_iter().flatten())
         .args(v.map(|v| format!("--gensquashfs={v}")))
         .arg("--old-iso")
         .arg(old)
