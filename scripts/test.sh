@@ -28,6 +28,8 @@ declare -A tools=(
   [pkill]=procps
   [debootstrap]=debootstrap
   [jenkins-jobs]=jenkins-job-builder
+  [prometheus]=prometheus
+  [promtool]=prometheus
 )
 missing=()
 for t in "${!tools[@]}"; do

@@ -73,6 +73,8 @@ pub struct Config {
     pub verify_jobs: usize,
     /// Size cap of the farm's block store (0: workers share no blocks).
     pub block_store: u64,
+    /// Where to serve `/metrics` for Prometheus (none: not served).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 pub const DEFAULT_ISO_PATTERN: &str = "tails-amd64-{version}/tails-amd64-{version}.iso";

@@ -19,6 +19,7 @@ pub mod journal;
 pub mod junit;
 mod listener;
 pub mod manifest;
+mod metrics;
 mod offers;
 mod release;
 mod service;

@@ -47,6 +47,8 @@ pub struct Running {
     addr: SocketAddr,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     stop_server: oneshot::Sender<()>,
+    /// `/metrics`, served while the coordinator runs (its linger included).
+    _metrics: Option<iukfarm_metrics::Serving>,
 }
 
 fn required(cfg: &Config, own: &Fingerprint) -> (String, String) {
@@ -165,6 +167,22 @@ pub async fn start(cfg: Config, listener: Option<TcpListener>) -> Result<Running
             Some(t)
         }
     };
+    let cert_not_after = match &cfg.tls {
+        Some((cert, _)) => {
+            let pem = std::fs::read(cert).map_err(|e| Error::io(cert, e))?;
+            Some(
+                iukfarm_proto::pem_not_after(&pem)
+                    .map_err(|e| Error::Config(format!("{}: {e}", cert.display())))?,
+            )
+        }
+        None => None,
+    };
+    let metrics_endpoint = match cfg.metrics_listen {
+        Some(a) => Some(iukfarm_metrics::Endpoint::bind(a).await.map_err(|e| {
+            Error::Config(format!("cannot listen on {a} for --metrics-listen: {e}"))
+        })?),
+        None => None,
+    };
     let auth = Auth {
         mtls: cfg.tls_client_ca.is_some(),
         revoked: cfg.tls_revoked.clone().map(Revoked::new).transpose()?,
@@ -200,8 +218,17 @@ pub async fn start(cfg: Config, listener: Option<TcpListener>) -> Result<Running
         blocks: (cfg.block_store > 0)
             .then(|| crate::blocks::Store::new(state_dir_blocks, cfg.block_store)),
         offers: Default::default(),
+        metrics: crate::metrics::Metrics::new(cert_not_after),
         cfg,
     });
+    let metrics = match metrics_endpoint {
+        Some(e) => {
+            info!("metrics at http://{}/metrics", e.local_addr());
+            let sh = shared.clone();
+            Some(e.serve(Arc::new(move || sh.metrics.render(&sh))))
+        }
+        None => None,
+    };
 
     let (stop_server, stop_rx) = oneshot::channel::<()>();
     let svc = crate::service::FarmService::new(shared.clone());
@@ -239,6 +266,7 @@ pub async fn start(cfg: Config, listener: Option<TcpListener>) -> Result<Running
         addr,
         server,
         stop_server,
+        _metrics: metrics,
     })
 }
 
@@ -421,6 +449,7 @@ impl Running {
                 }
             }
             let expired = st.table.expire(Instant::now(), sh.cfg.max_attempts);
+            sh.metrics.lease_losses.inc_by(expired.len() as u64);
             for i in &expired {
                 warn!(
                     "{}: {}",

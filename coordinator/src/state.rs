@@ -65,6 +65,8 @@ pub(crate) struct WorkerInfo {
     /// The name on its client certificate, when the farm uses them: only
     /// calls made with that certificate may use this worker's id.
     pub credential: Option<String>,
+    /// When that certificate expires (Unix seconds).
+    pub cert_not_after: Option<i64>,
     pub slots: u32,
     pub memory: u64,
     pub last_seen: Instant,
@@ -128,6 +130,7 @@ pub(crate) struct Shared {
     pub blocks: Option<crate::blocks::Store>,
     /// Blocks jobs offer to helpers (with the store only).
     pub offers: crate::offers::Offers,
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl Shared {

@@ -346,6 +346,11 @@ impl BlockCache {
         &self.dir
     }
 
+    /// The size cap in bytes.
+    pub fn cap(&self) -> u64 {
+        self.cap
+    }
+
     /// Bytes the entries take, as far as this process knows.
     pub fn size(&self) -> u64 {
         self.size.load(Ordering::Relaxed)

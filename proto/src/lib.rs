@@ -91,6 +91,8 @@ pub struct Peer {
     pub name: String,
     /// Lower-case hex, as `iukfarm ca revoke` lists it.
     pub serial: String,
+    /// When the certificate expires (Unix seconds).
+    pub not_after: i64,
 }
 
 /// Reads role, name and serial from a DER certificate (already verified
@@ -123,7 +125,23 @@ pub fn peer_of(der: &[u8]) -> Result<Peer, String> {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    Ok(Peer { role, name, serial })
+    let not_after = cert.validity().not_after.timestamp();
+    Ok(Peer {
+        role,
+        name,
+        serial,
+        not_after,
+    })
+}
+
+/// When the first certificate of a PEM file expires (Unix seconds).
+pub fn pem_not_after(pem: &[u8]) -> Result<i64, String> {
+    let (_, p) =
+        x509_parser::pem::parse_x509_pem(pem).map_err(|e| format!("not a PEM certificate: {e}"))?;
+    let cert = p
+        .parse_x509()
+        .map_err(|e| format!("unreadable certificate: {e}"))?;
+    Ok(cert.validity().not_after.timestamp())
 }
 
 /// Reads a token file: one line, surrounding whitespace ignored.

@@ -85,6 +85,7 @@ pub struct FarmBlocks {
     costs: Mutex<Costs>,
     refused: AtomicU64,
     rejected: AtomicU64,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl std::fmt::Debug for FarmBlocks {
@@ -101,6 +102,7 @@ impl FarmBlocks {
         lease_id: &str,
         job: &str,
         lie: bool,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Arc<FarmBlocks> {
         Arc::new_cyclic(|me| FarmBlocks {
             me: me.clone(),
@@ -116,6 +118,7 @@ impl FarmBlocks {
             costs: Mutex::new(Costs::default()),
             refused: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
+            metrics,
         })
     }
 
@@ -123,6 +126,14 @@ impl FarmBlocks {
     /// that the counts are final.
     pub async fn flush(&self) {
         let _ = self.puts.acquire_many(PUTS_IN_FLIGHT).await;
+    }
+
+    fn sent(&self, n: usize) {
+        (self.metrics.sent.with_label_values(&["block"])).inc_by(n as u64);
+    }
+
+    fn received(&self, n: usize) {
+        (self.metrics.received.with_label_values(&["block"])).inc_by(n as u64);
     }
 
     fn costs(&self) -> std::sync::MutexGuard<'_, Costs> {
@@ -263,6 +274,7 @@ impl FarmBlocks {
             return Lookup::Compress;
         }
         let waited = Duration::from_millis(r.waited_ms.into());
+        self.received(r.compressed.len());
         c.found += 1;
         c.found_bytes += id.len;
         c.found_ns += took.saturating_sub(waited).as_nanos();
@@ -319,6 +331,7 @@ impl SharedBlocks for FarmBlocks {
             return;
         };
         let len = id.len;
+        self.sent(req.compressed.len());
         self.rt.spawn(async move {
             let _permit = permit;
             let t = Instant::now();
@@ -381,6 +394,7 @@ impl SharedBlocks for FarmBlocks {
                 .collect(),
         };
         let offered = Instant::now();
+        self.sent(blocks.iter().map(|(_, d)| d.len()).sum());
         let Some(r) = self.call("offer", client.offer_blocks(req)) else {
             return forms;
         };
@@ -401,6 +415,7 @@ impl SharedBlocks for FarmBlocks {
                 break;
             };
             if r.found {
+                self.received(r.compressed.len());
                 self.helped.fetch_add(1, Ordering::Relaxed);
                 *form = Some(if r.uncompressed {
                     Cached::Uncompressed
@@ -434,6 +449,10 @@ impl SharedBlocks for FarmBlocks {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn test_metrics() -> Arc<crate::metrics::Metrics> {
+        Arc::new(crate::metrics::Metrics::new(1, None, None))
+    }
 
     /// A coordinator's address that accepts connections and never answers,
     /// as a link cut by a partition leaves an open connection.
@@ -602,6 +621,7 @@ mod tests {
             "l1",
             "j1",
             false,
+            test_metrics(),
         );
         let [(id, key), ..] = blocks(1)[..] else {
             unreachable!()
@@ -652,6 +672,7 @@ mod tests {
             "l1",
             "j1",
             false,
+            test_metrics(),
         );
         let mut c = fb.costs();
         // 16 blocks compressed here in 1.6 s, their asks and puts 0.4 s.
@@ -686,7 +707,15 @@ mod tests {
         let bound = CALL_TIMEOUT * 4;
 
         // Asking: the first get waits out its timeout, the rest do not ask.
-        let fb = FarmBlocks::new(rt.handle().clone(), client.clone(), "w1", "l1", "j1", false);
+        let fb = FarmBlocks::new(
+            rt.handle().clone(),
+            client.clone(),
+            "w1",
+            "l1",
+            "j1",
+            false,
+            test_metrics(),
+        );
         let t = Instant::now();
         for (id, key) in blocks(20) {
             assert!(fb.get(&id, &key).is_none());
@@ -700,7 +729,15 @@ mod tests {
         // PUTS_IN_FLIGHT at once; the first timeout ends the sharing, so
         // neither the compression threads nor the job's flush wait for
         // more than about two timeouts, whatever the number of blocks.
-        let fb = FarmBlocks::new(rt.handle().clone(), client, "w1", "l2", "j2", false);
+        let fb = FarmBlocks::new(
+            rt.handle().clone(),
+            client,
+            "w1",
+            "l2",
+            "j2",
+            false,
+            test_metrics(),
+        );
         let all = blocks(40);
         {
             let mut c = fb.costs();

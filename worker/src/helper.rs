@@ -83,6 +83,8 @@ pub(crate) async fn run(ctx: Arc<Ctx>, client: FarmClient, worker_id: String, ru
             ))));
         }
         let waited = asked.elapsed();
+        let taken: usize = batch.iter().map(|b| b.data.len()).sum();
+        (ctx.metrics.received.with_label_values(&["block"])).inc_by(taken as u64);
         let tasks: Vec<Task> = batch.into_iter().filter_map(check).collect();
         if tasks.is_empty() {
             continue;
@@ -90,6 +92,7 @@ pub(crate) async fn run(ctx: Arc<Ctx>, client: FarmClient, worker_id: String, ru
         let n = tasks.len();
         let bytes: usize = tasks.iter().map(|t| t.data.len()).sum();
         let started = Instant::now();
+        ctx.metrics.helping.set(n as i64);
         let (tx, mut rx) = tokio::sync::mpsc::channel::<(BlockId, Cached)>(n);
         let pool = pool.clone();
         let compressing = tokio::task::spawn_blocking(move || {
@@ -111,11 +114,12 @@ pub(crate) async fn run(ctx: Arc<Ctx>, client: FarmClient, worker_id: String, ru
         });
         // The forms go up while the next batch is compressed: a put waits
         // for the coordinator's check, and the cores have better to do.
-        let (client2, worker_id2, lie, done) = (
+        let (client2, worker_id2, lie, done, metrics) = (
             client.clone(),
             worker_id.clone(),
             ctx.cfg.test.lie_blocks,
             helped.clone(),
+            ctx.metrics.clone(),
         );
         sending.push_back(tokio::spawn(async move {
             let mut client = client2;
@@ -128,15 +132,18 @@ pub(crate) async fn run(ctx: Arc<Ctx>, client: FarmClient, worker_id: String, ru
                     let at = compressed.len() / 2;
                     compressed[at] ^= 0x20;
                 }
+                let len = compressed.len() as u64;
                 let req = v1::PutBlockRequest {
                     worker_id: worker_id2.clone(),
                     block: Some((&id).into()),
                     uncompressed,
                     compressed,
                 };
+                (metrics.sent.with_label_values(&["block"])).inc_by(len);
                 match client.put_block(req).await {
                     Ok(r) if r.get_ref().accepted => {
                         done.fetch_add(1, Ordering::Relaxed);
+                        metrics.helped.inc();
                     }
                     Ok(_) => warn!(
                         "the coordinator refused a block this worker compressed for another job"
@@ -146,6 +153,7 @@ pub(crate) async fn run(ctx: Arc<Ctx>, client: FarmClient, worker_id: String, ru
             }
         }));
         let _ = compressing.await;
+        ctx.metrics.helping.set(0);
         debug!(
             "compressed {n} blocks ({:.1} MiB) for another job in {:.2}s, after waiting {:.2}s for them",
             bytes as f64 / 1048576.0,

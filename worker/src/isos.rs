@@ -2,6 +2,7 @@
 //! the expected digest, else streamed from the coordinator into a cache
 //! named by digest. Paths from a job never leave the archive root.
 
+use iukfarm_metrics::prometheus::IntCounter;
 use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -11,8 +12,6 @@ use iukfarm_proto::{FarmClient, v1};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use tracing::{info, warn};
-
-use iukfarm_engine::Progress;
 
 use crate::error::JobError;
 use crate::{Config, Error, JobProgress};
@@ -26,6 +25,8 @@ pub struct Isos {
     hashed: Mutex<HashMap<Key, String>>,
     /// One download per digest at a time.
     fetching: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Bytes of ISOs received from coordinators.
+    received: IntCounter,
 }
 
 fn hex(b: &[u8]) -> String {
@@ -52,7 +53,7 @@ fn safe_relpath(rel: &str) -> Option<&Path> {
 }
 
 impl Isos {
-    pub fn new(cfg: &Config) -> Result<Isos, Error> {
+    pub fn new(cfg: &Config, received: IntCounter) -> Result<Isos, Error> {
         let cache = cfg.cache_dir.join("isos");
         std::fs::create_dir_all(&cache).map_err(|e| Error::io(&cache, e))?;
         for e in std::fs::read_dir(&cache)
@@ -76,6 +77,7 @@ impl Isos {
             cache,
             hashed: Mutex::default(),
             fetching: Mutex::default(),
+            received,
         })
     }
 
@@ -204,6 +206,7 @@ impl Isos {
                     .await
                     .map_err(|e| JobError::Transient(format!("{}: {e}", part.display())))?;
                 progress.advance_by(c.data.len() as u64);
+                self.received.inc_by(c.data.len() as u64);
             }
             f.sync_all()
                 .await

@@ -40,6 +40,10 @@ impl JobProgress {
         self.cancelled.store(true, Ordering::SeqCst);
     }
 
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::SeqCst)
+    }
+
     pub fn set_phase(&self, name: &str, total: u64) {
         *self.phase.lock().unwrap_or_else(|p| p.into_inner()) = name.to_string();
         self.total.store(total, Ordering::Relaxed);
@@ -90,6 +94,13 @@ pub async fn run(
         job.output_name, job.attempt
     );
     let result = build_and_upload(ctx, &mut client, worker_id, &job, &progress).await;
+    let outcome = match &result {
+        Ok(()) => "delivered",
+        Err(JobError::Reported) => "refused",
+        Err(JobError::Cancelled) => "cancelled",
+        Err(JobError::Bad(_) | JobError::Transient(_)) => "failed",
+    };
+    ctx.metrics.jobs.with_label_values(&[outcome]).inc();
     let (message, deterministic) = match result {
         Ok(()) => {
             info!(
@@ -168,6 +179,7 @@ async fn build_and_upload(
             &job.lease_id,
             &job.output_name,
             ctx.cfg.test.lie_blocks,
+            ctx.metrics.clone(),
         )
     });
     let opts = BuildOptions {
@@ -216,6 +228,7 @@ async fn build_and_upload(
     .await
     .map_err(|e| JobError::Transient(format!("the build crashed: {e}")))??;
     let build_seconds = built.elapsed().as_secs_f64();
+    ctx.metrics.build_seconds.observe(build_seconds);
     let (r, sha) = report;
     let t = &r.timings;
     info!(
@@ -248,7 +261,7 @@ async fn build_and_upload(
         &sha,
         r.kit_size,
         build_seconds,
-        block_counts(&r.diff_data, &r.kit_data),
+        block_counts(&ctx.metrics, &r.diff_data, &r.kit_data),
         format!(
             "{} changed files, {} whiteouts, {} kernels, {} deletions",
             r.diff.changed_files,
@@ -261,8 +274,10 @@ async fn build_and_upload(
     .await
 }
 
-fn block_counts(diff: &DataStats, kit: &DataStats) -> v1::BlockCounts {
-    v1::BlockCounts {
+/// The kit's blocks by where they came from, for the coordinator's status
+/// and the metrics.
+fn block_counts(m: &crate::metrics::Metrics, diff: &DataStats, kit: &DataStats) -> v1::BlockCounts {
+    let c = v1::BlockCounts {
         compressed: diff.compressed_blocks + kit.compressed_blocks,
         from_cache: diff.cache_hits + kit.cache_hits,
         copied: diff.copied_blocks + kit.copied_blocks,
@@ -273,7 +288,17 @@ fn block_counts(diff: &DataStats, kit: &DataStats) -> v1::BlockCounts {
         from_farm_bytes: diff.shared_hit_bytes + kit.shared_hit_bytes,
         from_helpers: diff.helped_blocks + kit.helped_blocks,
         from_helpers_bytes: diff.helped_bytes + kit.helped_bytes,
+    };
+    for (source, n) in [
+        ("compressed", c.compressed),
+        ("cache", c.from_cache),
+        ("farm", c.from_farm),
+        ("helpers", c.from_helpers),
+        ("copied", c.copied),
+    ] {
+        m.blocks.with_label_values(&[source]).inc_by(n);
     }
+    c
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -307,6 +332,7 @@ async fn upload(
     let mut pause = ctx.take_upload_pause();
     let path = kit.to_path_buf();
     let p = progress.clone();
+    let sent = ctx.metrics.sent.with_label_values(&["kit"]);
     let reader = tokio::spawn(async move {
         if tx.send(header).await.is_err() {
             return Ok(());
@@ -337,6 +363,7 @@ async fn upload(
             if tx.send(m).await.is_err() {
                 return Ok(());
             }
+            sent.inc_by(n as u64);
             if let Some(d) = pause.take() {
                 info!("test hook: upload paused for {d:?} after its first chunk");
                 tokio::time::sleep(d).await;

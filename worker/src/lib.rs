@@ -8,6 +8,7 @@ mod farm_blocks;
 mod helper;
 mod isos;
 mod job;
+mod metrics;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -59,6 +60,8 @@ pub struct Config {
     pub blocks: Option<Arc<BlockCache>>,
     /// Exit once a release is over instead of waiting for the next one.
     pub once: bool,
+    /// Where to serve `/metrics` for Prometheus (none: not served).
+    pub metrics_listen: Option<std::net::SocketAddr>,
     pub test: TestHooks,
 }
 
@@ -106,6 +109,7 @@ pub(crate) struct Ctx {
     pub blocks: Option<Arc<BlockCache>>,
     pub corrupt_left: AtomicU32,
     pub pause_left: AtomicU32,
+    pub metrics: Arc<metrics::Metrics>,
 }
 
 /// Why a registration failed.
@@ -137,8 +141,33 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> Result<(), Err
             let _ = std::fs::remove_dir_all(e.path());
         }
     }
+    let cert_not_after = match &cfg.client.identity {
+        Some((cert, _)) => Some(
+            iukfarm_proto::pem_not_after(cert)
+                .map_err(|e| Error::Config(format!("the client certificate: {e}")))?,
+        ),
+        None => None,
+    };
+    let metrics = Arc::new(metrics::Metrics::new(
+        cfg.slots,
+        cfg.blocks.clone(),
+        cert_not_after,
+    ));
+    let _serving = match cfg.metrics_listen {
+        Some(a) => {
+            let e = iukfarm_metrics::Endpoint::bind(a).await.map_err(|e| {
+                Error::Config(format!("cannot listen on {a} for --metrics-listen: {e}"))
+            })?;
+            info!("metrics at http://{}/metrics", e.local_addr());
+            let m = metrics.clone();
+            Some(e.serve(Arc::new(move || m.render())))
+        }
+        None => None,
+    };
+    let iso_bytes = metrics.received.with_label_values(&["iso"]);
     let ctx = Arc::new(Ctx {
-        isos: isos::Isos::new(&cfg)?,
+        metrics,
+        isos: isos::Isos::new(&cfg, iso_bytes)?,
         blocks: cfg.blocks.clone(),
         corrupt_left: AtomicU32::new(cfg.test.corrupt_uploads),
         pause_left: AtomicU32::new(u32::from(!cfg.test.upload_pause.is_zero())),
@@ -241,6 +270,7 @@ async fn session(
     stop: &mut watch::Receiver<bool>,
 ) -> SessionEnd {
     let running: Arc<std::sync::Mutex<HashMap<String, Arc<JobProgress>>>> = Default::default();
+    ctx.metrics.connected.set(1);
     let (lost_tx, mut lost_rx) = watch::channel(None::<String>);
     let (over_tx, mut over_rx) = watch::channel(false);
 
@@ -249,6 +279,7 @@ async fn session(
         let mut client = client.clone();
         let running = running.clone();
         let worker_id = reg.worker_id.clone();
+        let metrics = ctx.metrics.clone();
         let every = Duration::from_millis(reg.heartbeat_ms.max(100) as u64);
         tokio::spawn(async move {
             let mut failures = 0;
@@ -274,6 +305,7 @@ async fn session(
                         for id in &r.cancelled {
                             if let Some(p) = map.get(id) {
                                 info!("{id}: cancelled by the coordinator");
+                                metrics.lease_losses.inc();
                                 p.cancel();
                             }
                         }
@@ -339,7 +371,9 @@ async fn session(
                         );
                         tasks.spawn(async move {
                             let lease = j.lease_id.clone();
+                            ctx.metrics.jobs_running.inc();
                             job::run(&ctx, client, &wid, j, p).await;
+                            ctx.metrics.jobs_running.dec();
                             running
                                 .lock()
                                 .unwrap_or_else(|p| p.into_inner())
@@ -368,8 +402,12 @@ async fn session(
     // Jobs still running belong to a lease that is gone (or about to be):
     // stop them; their directories go with them.
     for p in running.lock().unwrap_or_else(|p| p.into_inner()).values() {
+        if matches!(end, SessionEnd::Lost(_)) && !p.is_cancelled() {
+            ctx.metrics.lease_losses.inc();
+        }
         p.cancel();
     }
+    ctx.metrics.connected.set(0);
     while tasks.join_next().await.is_some() {}
     hb.abort();
     helping.abort();

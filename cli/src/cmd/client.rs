@@ -268,7 +268,23 @@ fn worker_json(w: &v1::WorkerStatus) -> serde_json::Value {
         "id": w.id, "name": w.name, "slots": w.slots, "busy": w.busy,
         "connected": w.connected, "last_seen_seconds": w.last_seen_seconds,
         "jobs_done": w.jobs_done, "memory_bytes": w.memory_bytes, "bad_blocks": w.bad_blocks,
+        "certificate_not_after": (w.certificate_not_after != 0).then_some(w.certificate_not_after),
     })
+}
+
+/// A worker certificate's expiry within this many seconds is warned about.
+const CERT_WARN: i64 = 14 * 86400;
+
+/// When a client certificate expires, counted from `now` (Unix seconds):
+/// "-" without one.
+fn cert_expiry(not_after: i64, now: i64) -> String {
+    let left = not_after - now;
+    match () {
+        _ if not_after == 0 => "-".into(),
+        _ if left <= 0 => "EXPIRED".into(),
+        _ if left < 86400 => format!("{}h", (left + 3599) / 3600),
+        _ => format!("{}d", left / 86400),
+    }
 }
 
 #[derive(Parser)]
@@ -329,13 +345,16 @@ pub fn workers(a: WorkersArgs) -> Result<ExitCode> {
             println!("{}", serde_json::to_string_pretty(&v)?);
             return Ok(ExitCode::SUCCESS);
         }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
         println!(
-            "{:<24} {:<20} {:>5} {:>4} {:>5} {:>9} {:>9}",
-            "ID", "NAME", "SLOTS", "BUSY", "DONE", "MEMORY", "SEEN"
+            "{:<24} {:<20} {:>5} {:>4} {:>5} {:>9} {:>9} {:>8}",
+            "ID", "NAME", "SLOTS", "BUSY", "DONE", "MEMORY", "SEEN", "CERT"
         );
         for w in &s.workers {
             println!(
-                "{:<24} {:<20} {:>5} {:>4} {:>5} {:>9} {:>9}",
+                "{:<24} {:<20} {:>5} {:>4} {:>5} {:>9} {:>9} {:>8}",
                 w.id,
                 w.name,
                 w.slots,
@@ -346,7 +365,23 @@ pub fn workers(a: WorkersArgs) -> Result<ExitCode> {
                     format!("{:.0}s ago", w.last_seen_seconds)
                 } else {
                     "lost".into()
-                }
+                },
+                cert_expiry(w.certificate_not_after, now)
+            );
+        }
+        // Named once per worker, however many times it registered.
+        let mut expiring: Vec<(&str, i64)> = (s.workers.iter())
+            .filter(|w| w.certificate_not_after != 0 && w.certificate_not_after - now < CERT_WARN)
+            .map(|w| (w.name.as_str(), w.certificate_not_after))
+            .collect();
+        expiring.sort();
+        expiring.dedup();
+        for (name, t) in expiring {
+            eprintln!(
+                "warning: the certificate of worker {name} expires in {}: issue a new one \
+                 (move <ca>/issued/{name}.* aside, then `iukfarm ca issue --dir <ca> --role worker \
+                 {name}`) and install it on the worker",
+                cert_expiry(t, now)
             );
         }
         Ok(ExitCode::SUCCESS)
@@ -718,6 +753,18 @@ pub fn report_check(c: &manifest::DirCheck, signature_checked: bool) -> Result<E
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn certificate_expiry_reads_as_time_left() {
+        let now = 1_800_000_000;
+        assert_eq!(cert_expiry(0, now), "-");
+        assert_eq!(cert_expiry(now, now), "EXPIRED");
+        assert_eq!(cert_expiry(now - 5, now), "EXPIRED");
+        assert_eq!(cert_expiry(now + 1, now), "1h");
+        assert_eq!(cert_expiry(now + 3601, now), "2h");
+        assert_eq!(cert_expiry(now + 86400, now), "1d");
+        assert_eq!(cert_expiry(now + 365 * 86400 - 60, now), "364d");
+    }
 
     #[test]
     fn table_shows_block_cache_hit_rates() {

@@ -262,6 +262,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
         max_attempts: 3,
         linger: Duration::ZERO,
         block_store: 0,
+        metrics_listen: None,
         verify_jobs: 1,
     };
     let website = a.output_dir.join("website");

@@ -128,6 +128,10 @@ pub struct ReleaseArgs {
     /// (0: none) [default: 4G for `coordinator`; none for `release`, whose workers share a cache].
     #[arg(long, value_name = "SIZE", value_parser = super::parse_bytes)]
     block_store_size: Option<u64>,
+    /// Serve Prometheus metrics at http://ADDRESS:PORT/metrics (plain HTTP, no
+    /// authentication: bind it to the monitoring network) [default: not served].
+    #[arg(long, value_name = "ADDRESS:PORT")]
+    metrics_listen: Option<String>,
 }
 
 fn need<T>(v: Option<T>, flag: &str) -> Result<T, iukfarm_coordinator::Error> {
@@ -241,6 +245,12 @@ impl ReleaseArgs {
             linger: self.linger,
             verify_jobs: self.verify_jobs,
             block_store: self.block_store_size.unwrap_or(default_store),
+            metrics_listen: self
+                .metrics_listen
+                .as_deref()
+                .map(|m| super::parse_listen("--metrics-listen", m))
+                .transpose()
+                .map_err(E::Config)?,
         })
     }
 }
@@ -510,6 +520,7 @@ pub async fn embedded(
             threads: per_worker,
             memory: iukfarm_worker::available_memory(),
             once: true,
+            metrics_listen: None,
             blocks: blocks.clone(),
             test: TestHooks::default(),
         };
@@ -581,6 +592,15 @@ pub struct WorkerArgs {
     /// Exit when the release is over instead of waiting for the next coordinator.
     #[arg(long)]
     once: bool,
+    /// Serve Prometheus metrics at http://ADDRESS:PORT/metrics (plain HTTP, no
+    /// authentication: bind it to the monitoring network) [default: not served].
+    #[arg(
+        long,
+        env = "IUKFARM_METRICS_LISTEN",
+        value_name = "ADDRESS:PORT",
+        value_parser = |s: &str| super::parse_listen("--metrics-listen", s)
+    )]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Size cap of the compressed-block cache in <cache-dir>/blocks (0: no cache). Jobs
     /// of a release share most changed blocks; a hit gives the very bytes a miss would.
     #[arg(long, value_name = "SIZE", default_value = "8G", value_parser = super::parse_bytes)]
@@ -628,6 +648,7 @@ pub fn worker(a: WorkerArgs) -> Result<ExitCode> {
             .map(|m| m << 20)
             .unwrap_or_else(iukfarm_worker::available_memory),
         once: a.once,
+        metrics_listen: a.metrics_listen,
         test: TestHooks {
             corrupt_uploads: a.test_corrupt_uploads,
             perturb: a.test_perturb,

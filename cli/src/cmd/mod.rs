@@ -131,6 +131,12 @@ pub fn block_on<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T>
 }
 
 /// A size such as `8G`, `500M`, `4096` or `0` (for clap).
+/// An ADDRESS:PORT option's value.
+pub fn parse_listen(flag: &str, s: &str) -> Result<std::net::SocketAddr, String> {
+    s.parse()
+        .map_err(|_| format!("{flag} {s:?}: expected ADDRESS:PORT, e.g. 127.0.0.1:9447"))
+}
+
 pub fn parse_bytes(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let (num, shift) = match s.char_indices().last() {
