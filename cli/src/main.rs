@@ -166,13 +166,15 @@ fn main() -> ExitCode {
 mod readme {
     use clap::CommandFactory;
 
-    /// A shell line's words: double quotes group, `#` starts a comment.
+    /// A shell line's first command's words: double quotes group, `#`
+    /// starts a comment, `&`, `;`, `|`, `<` and `>` end the command.
     fn words(line: &str) -> Vec<String> {
         let (mut out, mut cur, mut quoted, mut any) = (Vec::new(), String::new(), false, false);
         for c in line.chars() {
             match c {
                 '"' => (quoted, any) = (!quoted, true),
                 '#' if !quoted && !any => break,
+                '&' | ';' | '|' | '<' | '>' if !quoted => break,
                 c if c.is_whitespace() && !quoted => {
                     if any {
                         out.push(std::mem::take(&mut cur));
