@@ -61,6 +61,21 @@ pub struct Auth {
 }
 
 impl Auth {
+    /// Whether a caller let in earlier has been revoked since: checked
+    /// again during long calls (uploads, watches) and before their result
+    /// is used. An unreadable list revokes everyone (fail closed).
+    pub fn revoked_since(&self, caller: &Option<Peer>) -> bool {
+        match (caller, &self.revoked) {
+            (Some(p), Some(r)) => r.contains(&p.serial).unwrap_or(true),
+            _ => false,
+        }
+    }
+
+    /// [`Auth::revoked_since`] for a certificate serial.
+    pub fn serial_revoked(&self, serial: &str) -> bool {
+        (self.revoked.as_ref()).is_some_and(|r| r.contains(serial).unwrap_or(true))
+    }
+
     /// The caller, if it may do `what` in one of the `allowed` roles
     /// (`None`: no client certificates on this coordinator).
     pub fn check<T>(

@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use iukfarm_engine::kit::CheckedIso;
+use iukfarm_engine::io::SeqReader;
+use iukfarm_engine::kit::{CheckedIso, OpenIso};
 
 use crate::Error;
 
@@ -23,7 +24,12 @@ pub fn hex(bytes: &[u8]) -> String {
 
 /// SHA-256 of a file, lower-case hex.
 pub fn sha256_file(path: &Path) -> Result<String, Error> {
-    let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
+    let f = File::open(path).map_err(|e| Error::io(path, e))?;
+    sha256_of(f, path)
+}
+
+/// SHA-256 of what `r` reads (`path` names it in errors).
+fn sha256_of(mut f: impl Read, path: &Path) -> Result<String, Error> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -43,6 +49,10 @@ pub struct IsoInput {
     /// Under the archive root, as workers look it up in theirs.
     pub relpath: String,
     pub path: PathBuf,
+    /// The ISO opened once, at its check: its digest is computed from this
+    /// file, and workers and verification read this file, so a file put at
+    /// `path` afterwards changes nothing.
+    pub iso: OpenIso,
     pub size: u64,
     pub sha256: String,
     /// Size of its system image (for scheduling).
@@ -51,8 +61,8 @@ pub struct IsoInput {
 
 /// Checks that a version's ISO is there and usable; the message names the
 /// file and what is wrong with it.
-pub fn check(version: &str, path: &Path) -> Result<CheckedIso, Error> {
-    let meta = std::fs::metadata(path).map_err(|e| {
+pub fn check(version: &str, path: &Path) -> Result<(CheckedIso, OpenIso), Error> {
+    let bad = |e: std::io::Error| {
         Error::BadInput(format!(
             "ISO of {version}: {}: {}",
             path.display(),
@@ -62,20 +72,33 @@ pub fn check(version: &str, path: &Path) -> Result<CheckedIso, Error> {
                 e.to_string()
             }
         ))
-    })?;
-    if !meta.is_file() {
-        return Err(Error::BadInput(format!(
+    };
+    let not_file = || {
+        Error::BadInput(format!(
             "ISO of {version}: {} is not a regular file",
             path.display()
-        )));
+        ))
+    };
+    // Looked at before opening: opening a FIFO would block.
+    if !std::fs::metadata(path).map_err(bad)?.is_file() {
+        return Err(not_file());
     }
-    iukfarm_engine::kit::check_iso(path).map_err(|e| {
+    let f = File::open(path).map_err(bad)?;
+    if !f.metadata().map_err(bad)?.is_file() {
+        return Err(not_file());
+    }
+    let iso = OpenIso {
+        file: std::sync::Arc::new(f),
+        path: path.to_path_buf(),
+    };
+    let checked = iukfarm_engine::kit::check_iso(&iso).map_err(|e| {
         Error::BadInput(format!(
             "ISO of {version}: {}: {}",
             path.display(),
             e.to_string().replace(&format!("{}: ", path.display()), "")
         ))
-    })
+    })?;
+    Ok((checked, iso))
 }
 
 /// What the RM vouches for. With either part, no ISO is used before its
@@ -214,15 +237,18 @@ impl Authority {
     pub fn digest(
         &self,
         version: &str,
-        iso: &Path,
+        open: &OpenIso,
         relpath: &str,
         known: Option<String>,
     ) -> Result<String, Error> {
+        let iso = open.path.as_path();
+        // Read through the file opened at the check, never the path again.
+        let reader = || SeqReader::new(open.file.clone()).map_err(|e| Error::io(iso, e));
         let sha = match &self.keyring {
             Some((ring, certs)) => {
                 let sig_path = Self::signature_path(iso);
                 let sig = std::fs::read(&sig_path).map_err(|e| Error::io(&sig_path, e))?;
-                let f = File::open(iso).map_err(|e| Error::io(iso, e))?;
+                let f = reader()?;
                 let mut tee = HashingReader {
                     inner: std::io::BufReader::with_capacity(1 << 20, f),
                     hasher: Sha256::new(),
@@ -242,7 +268,7 @@ impl Authority {
             }
             None => match known {
                 Some(k) => k,
-                None => sha256_file(iso)?,
+                None => sha256_of(reader()?, iso)?,
             },
         };
         if let Some(want) = self.expected(version, iso, relpath)?
@@ -296,8 +322,10 @@ pub struct DigestCache {
     entries: BTreeMap<String, CacheEntry>,
 }
 
-fn key_of(path: &Path) -> Result<(String, CacheEntry), Error> {
-    let m = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+/// The entry of an open file, named by the path it was opened at.
+fn key_of(file: &OpenIso) -> Result<(String, CacheEntry), Error> {
+    let path = file.path.as_path();
+    let m = file.file.metadata().map_err(|e| Error::io(path, e))?;
     let abs = std::fs::canonicalize(path).map_err(|e| Error::io(path, e))?;
     Ok((
         abs.display().to_string(),
@@ -323,7 +351,7 @@ impl DigestCache {
         }
     }
 
-    pub fn get(&self, file: &Path) -> Option<String> {
+    pub fn get(&self, file: &OpenIso) -> Option<String> {
         let (k, now) = key_of(file).ok()?;
         let e = self.entries.get(&k)?;
         (e.size == now.size
@@ -333,7 +361,7 @@ impl DigestCache {
             .then(|| e.sha256.clone())
     }
 
-    pub fn put(&mut self, file: &Path, sha256: &str) -> Result<(), Error> {
+    pub fn put(&mut self, file: &OpenIso, sha256: &str) -> Result<(), Error> {
         let (k, mut e) = key_of(file)?;
         e.sha256 = sha256.to_string();
         self.entries.insert(k, e);
@@ -357,8 +385,9 @@ mod tests {
         let iso = d.path().join("x.iso");
         std::fs::write(&iso, b"first").unwrap();
         let mut cache = DigestCache::load(&d.path().join("digests.json"));
-        cache.put(&iso, "11").unwrap();
-        assert_eq!(cache.get(&iso).as_deref(), Some("11"));
+        let open = || OpenIso::open(&iso).unwrap();
+        cache.put(&open(), "11").unwrap();
+        assert_eq!(cache.get(&open()).as_deref(), Some("11"));
         // Same size, same mtime, same inode: only the ctime tells.
         let mtime = std::fs::metadata(&iso).unwrap().modified().unwrap();
         std::thread::sleep(std::time::Duration::from_millis(20));
@@ -367,7 +396,7 @@ mod tests {
         f.set_modified(mtime).unwrap();
         drop(f);
         assert_eq!(std::fs::metadata(&iso).unwrap().modified().unwrap(), mtime);
-        assert_eq!(cache.get(&iso), None);
+        assert_eq!(cache.get(&open()), None);
     }
 
     #[test]

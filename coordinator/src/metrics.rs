@@ -29,12 +29,19 @@ const PHASES: [&str; 6] = [
     "cancelled",
 ];
 /// Outcomes of a kit that reached the coordinator.
-pub const KIT_OUTCOMES: [&str; 4] = ["accepted", "reproduced", "wrong", "upload_failed"];
+pub const KIT_OUTCOMES: [&str; 5] = [
+    "accepted",
+    "reproduced",
+    "wrong",
+    "upload_failed",
+    "revoked",
+];
 
 pub(crate) struct Metrics {
     registry: Registry,
     /// Kits by outcome: verified and kept; a reproduction received; proven
-    /// wrong by applying it; refused or cut before it was whole.
+    /// wrong by applying it; refused or cut before it was whole; its
+    /// worker's certificate revoked before it was kept.
     pub kits: IntCounterVec,
     /// Leases that expired (a silent worker); the job goes to another.
     pub lease_losses: IntCounter,

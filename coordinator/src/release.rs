@@ -109,19 +109,20 @@ pub async fn start(cfg: Config, listener: Option<TcpListener>) -> Result<Running
             .into_iter()
             .map(|(v, rel)| {
                 let path = root.join(&rel);
-                let iso = inputs::check(&v, &path)?;
+                let (iso, open) = inputs::check(&v, &path)?;
                 if v != new_version {
                     check_source_date(sde, iso.created, &format!("the ISO of {v}"))
                         .map_err(|e| Error::BadInput(e.to_string()))?;
                 }
                 auth.precheck(&v, &path, &rel)?;
-                let size = std::fs::metadata(&path)
+                let size = (open.file.metadata())
                     .map_err(|e| Error::io(&path, e))?
                     .len();
                 Ok(IsoInput {
                     version: v,
                     relpath: rel,
                     path,
+                    iso: open,
                     size,
                     sha256: String::new(),
                     system_size: iso.system_size,
@@ -448,6 +449,28 @@ impl Running {
                     }
                 }
             }
+            // A revoked worker is gone now: its leases go to others (its
+            // uploads end within a second: `receive`).
+            let revoked: Vec<(String, String)> = (st.workers.iter())
+                .filter(|(_, w)| {
+                    (w.cert_serial.as_deref()).is_some_and(|s| sh.auth.serial_revoked(s))
+                })
+                .map(|(id, w)| (id.clone(), w.name.clone()))
+                .collect();
+            for (id, name) in revoked {
+                warn!("the certificate of worker {name} was revoked: its jobs go to others");
+                st.workers.remove(&id);
+                let held: Vec<usize> = (0..st.table.jobs.len())
+                    .filter(|&i| {
+                        (st.table.jobs[i].lease.as_ref()).is_some_and(|l| l.worker_id == id)
+                    })
+                    .collect();
+                for i in held {
+                    sh.metrics.lease_losses.inc();
+                    let why = format!("the certificate of {name} was revoked");
+                    st.table.retry(i, &why, sh.cfg.max_attempts, Instant::now());
+                }
+            }
             let expired = st.table.expire(Instant::now(), sh.cfg.max_attempts);
             sh.metrics.lease_losses.inc_by(expired.len() as u64);
             for i in &expired {
@@ -520,12 +543,13 @@ impl Running {
             );
         }
         for k in 0..n {
-            let (path, version, relpath) = {
+            let (iso, version, relpath) = {
                 let st = sh.lock();
                 let i = &st.inputs[k];
-                (i.path.clone(), i.version.clone(), i.relpath.clone())
+                (i.iso.clone(), i.version.clone(), i.relpath.clone())
             };
-            let known = cache.get(&path);
+            let path = iso.path.clone();
+            let known = cache.get(&iso);
             if known.is_none() || sh.authority.is_set() {
                 let mut st = sh.lock();
                 st.message = format!(
@@ -541,13 +565,14 @@ impl Running {
                 sh.bump();
             }
             let fresh = known.is_none();
-            let (s2, p, v) = (sh.clone(), path.clone(), version.clone());
-            let sha =
-                tokio::task::spawn_blocking(move || s2.authority.digest(&v, &p, &relpath, known))
-                    .await
-                    .map_err(|e| Error::Other(e.to_string()))??;
+            let (s2, open, v) = (sh.clone(), iso.clone(), version.clone());
+            let sha = tokio::task::spawn_blocking(move || {
+                s2.authority.digest(&v, &open, &relpath, known)
+            })
+            .await
+            .map_err(|e| Error::Other(e.to_string()))??;
             if fresh {
-                cache.put(&path, &sha)?;
+                cache.put(&iso, &sha)?;
             }
             info!("{version}: {} sha256 {sha}", path.display());
             sh.lock().inputs[k].sha256 = sha;

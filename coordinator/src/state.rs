@@ -67,6 +67,8 @@ pub(crate) struct WorkerInfo {
     pub credential: Option<String>,
     /// When that certificate expires (Unix seconds).
     pub cert_not_after: Option<i64>,
+    /// Its serial, to act on a revocation at once.
+    pub cert_serial: Option<String>,
     pub slots: u32,
     pub memory: u64,
     pub last_seen: Instant,
@@ -166,11 +168,12 @@ impl Shared {
         self.bump();
     }
 
-    pub fn input_path(&self, st: &State, sha256: &str) -> Option<PathBuf> {
+    /// The input ISO with this digest, as opened at its check.
+    pub fn input(&self, st: &State, sha256: &str) -> Option<iukfarm_engine::kit::OpenIso> {
         st.inputs
             .iter()
             .find(|i| i.sha256 == sha256)
-            .map(|i| i.path.clone())
+            .map(|i| i.iso.clone())
     }
 
     pub fn journal(&self, e: &Entry) -> Result<(), Error> {

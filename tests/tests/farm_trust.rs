@@ -509,6 +509,50 @@ fn a_kit_changed_after_its_verification_is_not_signed() {
     assert!(!out.join("manifest.json.asc").exists(), "nothing signed");
 }
 
+/// An ISO swapped at its path after the coordinator checked it changes
+/// nothing: the coordinator hashed, serves and verifies against the file it
+/// opened at the check. Before, the worker got the new file's bytes (and
+/// refused them) or verification blamed an honest worker's kit.
+#[test]
+fn isos_swapped_after_their_check_change_nothing() {
+    let a = archive();
+    let d = tempfile::tempdir().unwrap();
+    // An archive of links to the shared one: a rename over a link leaves
+    // the shared file alone.
+    let root = d.path().join("isos");
+    let mut versions = vec![a.new_version().to_string()];
+    versions.extend(a.sources().iter().cloned());
+    for v in &versions {
+        let rel = a.iso(v).strip_prefix(a.root()).unwrap().to_path_buf();
+        fs::create_dir_all(root.join(&rel).parent().unwrap()).unwrap();
+        fs::hard_link(a.iso(v), root.join(&rel)).unwrap();
+    }
+    let out = d.path().join("release");
+    let key = gpg().secret_key.to_str().unwrap().to_string();
+    let root_s = root.to_str().unwrap();
+    let (mut c, addr) = coordinator(a, &out, &["--signing-key", &key, "--iso-root", root_s]);
+    let url = format!("http://{addr}");
+    wait_until("the ISOs are checked and hashed", LONG, || {
+        status(&url, &[]).is_some_and(|s| s["state"] == "running")
+    });
+    // Every ISO's path now holds another release's ISO (renamed over it,
+    // as a sync of the archive would).
+    for (i, v) in versions.iter().enumerate() {
+        let other = &versions[(i + 1) % versions.len()];
+        let at = root.join(a.iso(v).strip_prefix(a.root()).unwrap());
+        let tmp = at.with_extension("swap");
+        fs::copy(a.iso(other), &tmp).unwrap();
+        fs::rename(&tmp, &at).unwrap();
+    }
+    // The worker's own archive is the swapped one: it must see the
+    // digests differ and fetch the ISOs from the coordinator.
+    let cache = d.path().join("cache");
+    let mut w = worker("w", &url, &cache, &["--once", "--iso-root", root_s]);
+    assert_eq!(code(&mut c), 0, "{}", c.log());
+    assert_eq!(code(&mut w), 0, "{}", w.log());
+    assert_eq!(&iuks_in(&out), local_builds(), "0 wrong kits signed");
+}
+
 #[test]
 fn listening_beyond_loopback_needs_tls_and_client_certificates() {
     let a = archive();
@@ -1187,6 +1231,103 @@ fn certificates_say_who_is_who() {
 /// something else are refused at the command line, before anything is
 /// written: a CA's validity far beyond any date (rcgen panicked, leaving a
 /// half-made CA), a publish host that ssh would take for an option.
+/// Revocation acts at once on what is open: a worker revoked in the middle
+/// of its upload loses the upload and its job (nothing it sent is kept),
+/// and a revoked reader's watch ends, without waiting for either to call
+/// again.
+#[test]
+fn a_revoked_worker_loses_its_upload_and_a_revoked_reader_its_watch() {
+    let a = archive();
+    let d = tempfile::tempdir().unwrap();
+    let ca = d.path().join("ca");
+    release_ca(
+        &ca,
+        &[("w1", "worker"), ("w2", "worker"), ("dash", "reader")],
+    );
+    let out = d.path().join("release");
+    let key = gpg().secret_key.to_str().unwrap().to_string();
+    let p = |f: &str| ca.join(f).to_str().unwrap().to_string();
+    let (mut c, addr) = coordinator(
+        a,
+        &out,
+        &[
+            "--signing-key",
+            &key,
+            "--tls-cert",
+            &p("issued/localhost.pem"),
+            "--tls-key",
+            &p("issued/localhost.key"),
+            "--tls-client-ca",
+            &p("ca.pem"),
+            "--tls-revoked",
+            &p("revoked"),
+        ],
+    );
+    let url = format!("https://localhost:{}", addr.rsplit(':').next().unwrap());
+    let tls = |who: &str| {
+        vec![
+            "--tls-ca".to_string(),
+            p("ca.pem"),
+            "--tls-cert".to_string(),
+            p(&format!("issued/{who}.pem")),
+            "--tls-key".to_string(),
+            p(&format!("issued/{who}.key")),
+        ]
+    };
+    let mut watch = Proc::spawn(
+        "watch",
+        Command::new(iukfarm())
+            .args(["watch", "--plain", "--coordinator", &url])
+            .args(tls("dash")),
+    );
+    let cache = d.path().join("cache");
+    let root = a.root().to_str().unwrap().to_string();
+    // w1 stalls its first upload after one chunk: revoked there.
+    let mut w1_args = tls("w1");
+    w1_args
+        .extend(["--once", "--iso-root", &root, "--test-upload-pause", "600s"].map(String::from));
+    let mut w1 = worker(
+        "w1",
+        &url,
+        &cache,
+        &w1_args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    w1.wait_log("upload paused", LONG);
+    for who in ["w1", "dash"] {
+        run(Command::new(iukfarm())
+            .args(["ca", "revoke", who, "--dir"])
+            .arg(&ca));
+    }
+    // Both end long before w1's pause would: the watch with an error,
+    // w1 refused when it registers again.
+    let watched = watch.wait(LONG);
+    assert_eq!(watched.code(), Some(1), "{}", watch.log());
+    assert!(watch.log().contains("revoked"), "{}", watch.log());
+    assert_eq!(code(&mut w1), 2, "{}", w1.log());
+    assert!(c.poll().is_none(), "the release waits for another worker");
+    let mut w2_args = tls("w2");
+    w2_args.extend(["--once", "--iso-root", &root].map(String::from));
+    let mut w2 = worker(
+        "w2",
+        &url,
+        &cache,
+        &w2_args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    assert_eq!(code(&mut c), 0, "{}", c.log());
+    assert_eq!(code(&mut w2), 0, "{}", w2.log());
+    assert!(c.log().contains("revoked"), "{}", c.log());
+    assert_eq!(&iuks_in(&out), local_builds(), "0 bytes lost");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    let workers: Vec<&str> = (manifest["iuks"].as_array().unwrap().iter())
+        .map(|k| k["worker"].as_str().unwrap())
+        .collect();
+    assert!(
+        workers.iter().all(|w| *w == "w2"),
+        "nothing of w1 kept: {workers:?}"
+    );
+}
+
 #[test]
 fn out_of_range_days_and_option_like_hosts_are_refused_up_front() {
     let d = tempfile::tempdir().unwrap();

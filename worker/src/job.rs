@@ -371,6 +371,11 @@ async fn upload(
         }
     });
     let result = client.upload(ReceiverStream::new(rx)).await;
+    // Refused: the coordinator reads no more; neither does the reader
+    // (nor waits out a test pause).
+    if result.is_err() {
+        reader.abort();
+    }
     let read: std::io::Result<()> = reader.await.unwrap_or(Ok(()));
     match result {
         Ok(_) => Ok(()),

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
+use super::BadInput;
 use anyhow::{Context, Result};
 use clap::Parser;
 use iukfarm_coordinator::config;
@@ -215,7 +216,10 @@ pub fn run(a: Args) -> Result<ExitCode> {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
             auth.precheck(what, iso, &name).map_err(bad)?;
-            auth.digest(what, iso, &name, None).map_err(bad)?;
+            let open = iukfarm_engine::kit::OpenIso::open(iso)
+                .with_context(|| iso.display().to_string())
+                .bad_input()?;
+            auth.digest(what, &open, &name, None).map_err(bad)?;
         }
     }
     let opts = BuildOptions {

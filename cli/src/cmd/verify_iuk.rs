@@ -39,17 +39,23 @@ pub fn run(a: Args) -> Result<ExitCode> {
     for f in [&a.old_iso, &a.new_iso, &a.kit] {
         super::input_file(f)?;
     }
+    // Opened once: checked, then verified against, the same files.
+    let mut open = Vec::new();
     for iso in [&a.old_iso, &a.new_iso] {
-        iukfarm_engine::kit::check_iso(iso)
+        let o = iukfarm_engine::kit::OpenIso::open(iso)
+            .with_context(|| iso.display().to_string())
+            .bad_input()?;
+        iukfarm_engine::kit::check_iso(&o)
             .with_context(|| format!("{}: not a release ISO", iso.display()))
             .bad_input()?;
+        open.push(o);
     }
     let reporter = Reporter::new(a.quiet);
     // The diff is copied next to the kit while it is checked, then removed.
     let scratch = temp_next_to(&a.kit)?;
     let result = verify_iuk(
-        &a.old_iso,
-        &a.new_iso,
+        &open[0],
+        &open[1],
         &a.kit,
         scratch.as_file(),
         &reporter,

@@ -159,7 +159,8 @@ impl FarmService {
         &self,
         req: Request<v1::StatusRequest>,
     ) -> Result<Response<Statuses>, Status> {
-        self.sh
+        let caller = self
+            .sh
             .auth
             .check(&req, &[Role::Rm, Role::Reader], "watch the release")?;
         let sh = self.sh.clone();
@@ -173,6 +174,12 @@ impl FarmService {
         tokio::spawn(async move {
             let _permit = permit;
             loop {
+                // A revoked watcher hears no more.
+                if sh.auth.revoked_since(&caller) {
+                    let e = Status::permission_denied("this certificate was revoked");
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
                 let s = status(&sh);
                 let over = Phase::is_over(match s.state.as_str() {
                     "succeeded" => Phase::Succeeded,

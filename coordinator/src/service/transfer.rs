@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use iukfarm_metrics::prometheus::IntCounter;
 use iukfarm_proto::v1;
-use iukfarm_proto::{CHUNK_SIZE, Role};
+use iukfarm_proto::{CHUNK_SIZE, Peer, Role};
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -40,38 +40,61 @@ pub(super) fn kit_at_fault(e: &iukfarm_engine::Error) -> bool {
 
 /// Streams a file from `offset`, a chunk at a time, counting the bytes sent.
 pub(super) fn stream_file(path: PathBuf, offset: u64, sent: IntCounter) -> Chunks {
+    match std::fs::File::open(&path) {
+        Ok(f) => stream_open(Arc::new(f), path, offset, sent),
+        Err(e) => {
+            let e = Status::internal(format!("{}: {e}", path.display()));
+            Box::pin(tokio_stream::once(Err(e)))
+        }
+    }
+}
+
+/// Streams an open file from `offset` with positional reads, so that any
+/// number of streams share one open file (`path` names it in errors).
+pub(super) fn stream_open(
+    file: Arc<std::fs::File>,
+    path: PathBuf,
+    offset: u64,
+    sent: IntCounter,
+) -> Chunks {
     let (tx, rx) = mpsc::channel(4);
     tokio::spawn(async move {
-        let mut f = match tokio::fs::File::open(&path).await {
-            Ok(f) => f,
-            Err(e) => {
-                let _ = tx
-                    .send(Err(Status::internal(format!("{}: {e}", path.display()))))
-                    .await;
-                return;
-            }
-        };
-        if let Err(e) = f.seek(std::io::SeekFrom::Start(offset)).await {
-            let _ = tx.send(Err(Status::internal(e.to_string()))).await;
-            return;
-        }
+        let mut at = offset;
         loop {
-            let mut buf = vec![0u8; CHUNK_SIZE];
-            let mut n = 0;
-            while n < buf.len() {
-                match f.read(&mut buf[n..]).await {
-                    Ok(0) => break,
-                    Ok(k) => n += k,
-                    Err(e) => {
-                        let _ = tx.send(Err(Status::internal(e.to_string()))).await;
-                        return;
+            let f = file.clone();
+            let read = tokio::task::spawn_blocking(move || {
+                use std::os::unix::fs::FileExt;
+                let mut buf = vec![0u8; CHUNK_SIZE];
+                let mut n = 0;
+                while n < buf.len() {
+                    match f.read_at(&mut buf[n..], at + n as u64) {
+                        Ok(0) => break,
+                        Ok(k) => n += k,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
                     }
                 }
-            }
-            if n == 0 {
+                buf.truncate(n);
+                Ok(buf)
+            })
+            .await;
+            let buf = match read {
+                Ok(Ok(b)) => b,
+                Ok(Err(e)) => {
+                    let e = Status::internal(format!("{}: {e}", path.display()));
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+                    return;
+                }
+            };
+            if buf.is_empty() {
                 return;
             }
-            buf.truncate(n);
+            let n = buf.len();
+            at += n as u64;
             if tx.send(Ok(v1::Chunk { data: buf })).await.is_err() {
                 return;
             }
@@ -139,8 +162,11 @@ impl FarmService {
     pub(super) async fn receive(
         &self,
         h: &v1::UploadHeader,
+        caller: &Option<Peer>,
         stream: &mut Streaming<v1::UploadMessage>,
     ) -> Result<PartFile, Status> {
+        let revoked =
+            || Status::permission_denied("this worker's certificate was revoked during the upload");
         let path = self
             .sh
             .incoming
@@ -158,12 +184,18 @@ impl FarmService {
         let received = self.sh.metrics.received.with_label_values(&["kit"]);
         // A stalled stream (a cut link) must not keep its part file past the
         // lease: look at the lease while waiting for the next chunk.
-        let mut watch =
-            tokio::time::interval((self.sh.cfg.lease_timeout / 4).max(Duration::from_millis(100)));
+        // (and a revocation: every second at most).
+        let mut watch = tokio::time::interval(
+            (self.sh.cfg.lease_timeout / 4)
+                .clamp(Duration::from_millis(100), Duration::from_secs(1)),
+        );
         loop {
             let m = tokio::select! {
                 m = stream.message() => m?,
                 _ = watch.tick() => {
+                    if self.sh.auth.revoked_since(caller) {
+                        return Err(revoked());
+                    }
                     if !self.renew(&h.lease_id, &h.worker_id, false) {
                         return Err(Status::failed_precondition(
                             "the lease ended during the upload",
@@ -196,6 +228,9 @@ impl FarmService {
         // disk) only shows in flush.
         f.flush().await.map_err(disk)?;
         f.sync_all().await.map_err(disk)?;
+        if self.sh.auth.revoked_since(caller) {
+            return Err(revoked());
+        }
         let sha = hex(&hasher.finalize());
         if got != h.size || sha != h.sha256 {
             return Err(Status::data_loss(format!(
@@ -210,14 +245,20 @@ impl FarmService {
     /// it into the output directory. A verification that could not run
     /// (disk, I/O) is retried; a kit proven wrong is built again by
     /// another worker, if there is one ([`crate::jobs::Table::refuse`]).
-    pub(super) async fn verify_and_keep(sh: Arc<Shared>, i: usize, part: PartFile, built: Built) {
+    pub(super) async fn verify_and_keep(
+        sh: Arc<Shared>,
+        i: usize,
+        part: PartFile,
+        built: Built,
+        uploader: Option<Peer>,
+    ) {
         let _slot = sh.verify_slots.acquire().await;
         let (old, new, name, old_v, job_id) = {
             let st = sh.lock();
             let j = &st.table.jobs[i];
             (
-                st.inputs[st.job_input[i]].path.clone(),
-                st.inputs[0].path.clone(),
+                st.inputs[st.job_input[i]].iso.clone(),
+                st.inputs[0].iso.clone(),
                 j.output_name.clone(),
                 j.old_version.clone(),
                 j.id.clone(),
@@ -244,8 +285,14 @@ impl FarmService {
         if matches!(&verified, Ok(Ok(_))) || matches!(&verified, Ok(Err(e)) if kit_at_fault(e)) {
             (sh.metrics.verify_seconds).observe(started.elapsed().as_secs_f64());
         }
+        // Nothing of a worker revoked meanwhile is kept.
+        let revoked = sh.auth.revoked_since(&uploader);
         // Err(transient) or Ok(Err(proven wrong)).
         let kept: Result<Result<(), String>, String> = match verified {
+            _ if revoked => Err(format!(
+                "the certificate of {} was revoked before its kit was kept",
+                built.worker
+            )),
             Ok(Ok(v)) if v.differences.is_empty() => sh
                 .journal(&Entry {
                     job: job_id,
@@ -308,6 +355,9 @@ impl FarmService {
                     st.refuse(i, &built.worker, &why, &sh.cfg);
                 }
                 Err(e) => {
+                    if revoked {
+                        sh.metrics.kits.with_label_values(&["revoked"]).inc();
+                    }
                     warn!("{name}: {e}; building again");
                     st.table.retry(i, &e, sh.cfg.max_attempts, Instant::now());
                 }
@@ -325,11 +375,14 @@ impl FarmService {
         let r = req.into_inner();
         let mut st = self.sh.lock();
         seen(&mut st, &r.worker_id, &caller)?;
-        let path = self.sh.input_path(&st, &r.sha256).ok_or_else(|| {
+        let iso = self.sh.input(&st, &r.sha256).ok_or_else(|| {
             Status::not_found(format!("no ISO with sha256 {} in this release", r.sha256))
         })?;
         let sent = self.sh.metrics.sent.with_label_values(&["iso"]);
-        Ok(Response::new(stream_file(path, r.offset, sent)))
+        // The file opened at the check, never the path again.
+        Ok(Response::new(stream_open(
+            iso.file, iso.path, r.offset, sent,
+        )))
     }
 
     pub(super) async fn upload(
@@ -382,7 +435,7 @@ impl FarmService {
             }
             l.uploading = true;
         }
-        let received = self.receive(&h, &mut stream).await;
+        let received = self.receive(&h, &caller, &mut stream).await;
         let mut st = sh.lock();
         let Some(i) = st.table.by_lease(&h.lease_id) else {
             return Err(Status::failed_precondition(
@@ -464,7 +517,7 @@ impl FarmService {
         } else {
             j.state = JobState::Verifying;
             drop(st);
-            tokio::spawn(Self::verify_and_keep(sh.clone(), i, part, built));
+            tokio::spawn(Self::verify_and_keep(sh.clone(), i, part, built, caller));
         }
         sh.bump();
         Ok(Response::new(v1::UploadReply {}))

@@ -141,6 +141,7 @@ impl FarmService {
             id.clone(),
             WorkerInfo {
                 cert_not_after: caller.as_ref().map(|p| p.not_after),
+                cert_serial: caller.as_ref().map(|p| p.serial.clone()),
                 credential: caller.map(|p| p.name),
                 name: r.name,
                 slots: r.slots,

@@ -20,7 +20,7 @@ pub mod yaml;
 
 use std::fs::File;
 use std::io::{self, Read};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -460,10 +460,30 @@ pub struct Timings {
     pub tails: [(u64, u64); 2],
 }
 
-fn open_iso(path: &Path) -> Result<Iso> {
-    let f = File::open(path).map_err(|e| Error::io(path, e))?;
-    Iso::open(Arc::new(f)).map_err(|e| match e {
-        Error::Invalid(m) | Error::Corrupt(m) => Error::Invalid(format!("{}: {m}", path.display())),
+/// An ISO opened once: every later read goes through this open file, so a
+/// file put at its path afterwards changes nothing; the path only names it
+/// in messages.
+#[derive(Debug, Clone)]
+pub struct OpenIso {
+    pub file: Arc<File>,
+    pub path: PathBuf,
+}
+
+impl OpenIso {
+    pub fn open(path: &Path) -> Result<OpenIso> {
+        let f = File::open(path).map_err(|e| Error::io(path, e))?;
+        Ok(OpenIso {
+            file: Arc::new(f),
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+fn open_iso(iso: &OpenIso) -> Result<Iso> {
+    Iso::open(iso.file.clone()).map_err(|e| match e {
+        Error::Invalid(m) | Error::Corrupt(m) => {
+            Error::Invalid(format!("{}: {m}", iso.path.display()))
+        }
         other => other,
     })
 }
@@ -492,8 +512,9 @@ fn open_system(iso: &Iso, path: &Path) -> Result<Arc<Archive>> {
 /// xattr, and data positions within bounds). File data is not
 /// decompressed: authenticating the ISO (a digest, a signature) is what
 /// proves its data.
-pub fn check_iso(path: &Path) -> Result<CheckedIso> {
-    let iso = open_iso(path)?;
+pub fn check_iso(file: &OpenIso) -> Result<CheckedIso> {
+    let path = file.path.as_path();
+    let iso = open_iso(file)?;
     let named = |e: Error| match e {
         Error::Corrupt(m) => Error::Corrupt(format!("{}: {m}", path.display())),
         other => other,
@@ -567,13 +588,13 @@ pub fn build_iuk(
     }
     let started = Instant::now();
     let mut timings = Timings::default();
-    let old = open_iso(old_iso)?;
+    let old = open_iso(&OpenIso::open(old_iso)?)?;
     check_source_date(
         opts.sde,
         old.created(),
         &format!("the old ISO {}", old_iso.display()),
     )?;
-    let new = open_iso(new_iso)?;
+    let new = open_iso(&OpenIso::open(new_iso)?)?;
     // Fail early, before the long work, on what the kit needs from the new ISO.
     let efi = iso_tree(&new, "EFI", opts.sde)?;
     let syslinux = to_syslinux(iso_tree(&new, "isolinux", opts.sde)?)?;

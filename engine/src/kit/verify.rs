@@ -17,7 +17,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use super::{
-    FORMAT, diff_writer_options, is_kernel_name, iso_tree, kit_writer_options, open_iso,
+    FORMAT, OpenIso, diff_writer_options, is_kernel_name, iso_tree, kit_writer_options, open_iso,
     open_system, to_syslinux,
 };
 use crate::compare::{
@@ -297,13 +297,13 @@ fn prune_live(installed: &mut Node, expected: &mut Node) {
     }
 }
 
-/// Verifies `kit` by applying it to `old_iso` and comparing with `new_iso`;
+/// Verifies `kit` by applying it to `old` and comparing with `new`;
 /// `scratch` (an empty file in the job's directory) receives the diff.
 /// With `memo`, the new system image's file digests are taken from and kept
-/// for other verifications against the same `new_iso`.
+/// for other verifications against the same `new`.
 pub fn verify_iuk(
-    old_iso: &Path,
-    new_iso: &Path,
+    old: &OpenIso,
+    new: &OpenIso,
     kit: &Path,
     scratch: &File,
     progress: &dyn Progress,
@@ -354,8 +354,9 @@ pub fn verify_iuk(
     };
 
     progress.phase("verify", 0);
-    let old = open_iso(old_iso)?;
-    let new = open_iso(new_iso)?;
+    let (old_iso, new_iso) = (old.path.as_path(), new.path.as_path());
+    let old = open_iso(old)?;
+    let new = open_iso(new)?;
 
     // The system: diffs stacked on the old image, in name order.
     let mut system = open_system(&old, old_iso)?.to_tree()?;
