@@ -60,6 +60,8 @@ pub struct Built {
     /// How the worker got the kit's compressed blocks (unknown for kits
     /// resumed from the journal).
     pub blocks: Option<iukfarm_proto::v1::BlockCounts>,
+    /// The fingerprint of the certificate it was uploaded with.
+    pub certificate: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -403,6 +405,7 @@ mod tests {
             t.jobs[i].state = JobState::Done;
             t.jobs[i].lease = None;
             t.jobs[i].built = Some(Built {
+                certificate: None,
                 sha256: sha.into(),
                 size: 5,
                 worker: w.into(),
@@ -426,6 +429,7 @@ mod tests {
         let mut t = table(1, now);
         t.start(0, lease("l1", "liar", now));
         t.jobs[0].built = Some(Built {
+            certificate: None,
             sha256: "11".into(),
             size: 5,
             worker: "liar".into(),

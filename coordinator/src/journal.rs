@@ -27,6 +27,9 @@ pub struct Entry {
     /// A reproduction of `job` (same digest, nothing stored).
     #[serde(default)]
     pub reproduction: bool,
+    /// The fingerprint of the uploader's certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<String>,
 }
 
 pub struct Journal {
@@ -157,6 +160,7 @@ mod tests {
             worker: "w1".into(),
             build_seconds: 1.5,
             reproduction: false,
+            certificate: None,
         }
     }
 

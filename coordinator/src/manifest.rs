@@ -71,6 +71,11 @@ pub struct Iuk {
     /// The worker whose second build gave the same bytes.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub reproduced_by: Option<String>,
+    /// SHA-256 of the client certificate its builder uploaded it with (a
+    /// farm with client certificates): which certificate, not just which
+    /// name, vouched for it.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub certificate: Option<String>,
 }
 
 impl Manifest {

@@ -281,6 +281,7 @@ fn resumed(j: &mut Job, e: &Entry, how: &str) {
         worker: e.worker.clone(),
         build_seconds: e.build_seconds,
         blocks: None,
+        certificate: e.certificate.clone(),
     });
     j.ran_on.push(e.worker.clone());
     j.note(format!(
@@ -811,6 +812,7 @@ impl Running {
                             j.old_version, cfg.new_version
                         ),
                         reproduced_by: twin,
+                        certificate: b.certificate,
                     }
                 })
                 .collect();

@@ -62,8 +62,8 @@ impl Phase {
 
 pub(crate) struct WorkerInfo {
     pub name: String,
-    /// The name on its client certificate, when the farm uses them: only
-    /// calls made with that certificate may use this worker's id.
+    /// The fingerprint of its client certificate, when the farm uses them:
+    /// only calls made with that certificate may use this worker's id.
     pub credential: Option<String>,
     /// When that certificate expires (Unix seconds).
     pub cert_not_after: Option<i64>,

@@ -93,6 +93,9 @@ pub struct Peer {
     pub serial: String,
     /// When the certificate expires (Unix seconds).
     pub not_after: i64,
+    /// SHA-256 of the certificate (DER), lower-case hex: who the holder
+    /// is. Names can be issued twice; a certificate is one.
+    pub fingerprint: String,
 }
 
 /// Reads role, name and serial from a DER certificate (already verified
@@ -126,11 +129,16 @@ pub fn peer_of(der: &[u8]) -> Result<Peer, String> {
         .map(|b| format!("{b:02x}"))
         .collect();
     let not_after = cert.validity().not_after.timestamp();
+    use sha2::Digest;
+    let fingerprint = (sha2::Sha256::digest(der).iter())
+        .map(|b| format!("{b:02x}"))
+        .collect();
     Ok(Peer {
         role,
         name,
         serial,
         not_after,
+        fingerprint,
     })
 }
 

@@ -603,6 +603,7 @@ fn a_journal_append_on_a_full_disk_is_cut_back_and_the_next_one_is_whole() {
         worker: "w".repeat(n % 7 + 1),
         build_seconds: 1.5,
         reproduction: false,
+        certificate: None,
     };
     let (mut j, _) = Journal::open(&path).unwrap();
     // Up to the end of the journal's first page, so that the next line
@@ -1086,6 +1087,57 @@ fn certificates_say_who_is_who() {
             .worker_id;
         let e = evil.cancel(v1::CancelRequest::default()).await.unwrap_err();
         assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+        // A second certificate under w1's name (the CA issued it again): not
+        // w1 while w1 is connected, and w1's id is not its.
+        for ext in ["pem", "key"] {
+            let issued = ca.join("issued");
+            fs::rename(
+                issued.join(format!("w1.{ext}")),
+                issued.join(format!("w1-first.{ext}")),
+            )
+            .unwrap();
+        }
+        run(Command::new(iukfarm())
+            .args(["ca", "issue", "--role", "worker", "w1", "--dir"])
+            .arg(&ca));
+        let mut twin = iukfarm_proto::connect(&ClientConfig {
+            url: url.clone(),
+            tls_ca: Some(fs::read(ca.join("ca.pem")).unwrap()),
+            identity: Some((
+                fs::read(ca.join("issued/w1.pem")).unwrap(),
+                fs::read(ca.join("issued/w1.key")).unwrap(),
+            )),
+            token: None,
+        })
+        .await
+        .unwrap();
+        let fp = iukfarm_engine::fingerprint::fingerprint();
+        let e = twin
+            .register(v1::RegisterRequest {
+                protocol: PROTOCOL_VERSION,
+                name: "w1".into(),
+                fingerprint: Some(v1::Fingerprint {
+                    engine_version: fp.engine_version.clone(),
+                    git_commit: fp.git_commit.clone(),
+                    liblzma_version: fp.liblzma_version.clone(),
+                    iuk_format: fp.iuk_format,
+                    gensquashfs: fp.gensquashfs.clone(),
+                }),
+                slots: 1,
+                memory_bytes: 1 << 30,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+        assert!(e.message().contains("another certificate"), "{e:?}");
+        let e = twin
+            .heartbeat(v1::HeartbeatRequest {
+                worker_id: w1_id.clone(),
+                jobs: vec![],
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
         // Under its own id: a malformed block id, a form that is both
         // compressed and not, then a form that is not the block it names.
         let e = evil
@@ -1211,9 +1263,17 @@ fn certificates_say_who_is_who() {
     let m: serde_json::Value =
         serde_json::from_slice(&fs::read(out.join("manifest.json")).unwrap()).unwrap();
     let mut twins = 0;
+    // Each kit names the certificate it came with: one per worker.
+    let mut certs = std::collections::BTreeMap::new();
     for k in m["iuks"].as_array().unwrap() {
         let w = k["worker"].as_str().unwrap();
         assert!(w == "w1" || w == "w2", "{m}");
+        let cert = k["certificate"].as_str().unwrap_or_default();
+        assert!(
+            cert.len() == 64 && cert.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{m}"
+        );
+        assert_eq!(*certs.entry(w).or_insert(cert), cert, "{m}");
         if let Some(r) = k["reproduced_by"].as_str() {
             assert_ne!(r, w, "{m}");
             twins += 1;

@@ -302,6 +302,7 @@ impl FarmService {
                     worker: built.worker.clone(),
                     build_seconds: built.build_seconds,
                     reproduction: false,
+                    certificate: built.certificate.clone(),
                 })
                 .map_err(|e| e.to_string())
                 .and_then(|()| {
@@ -477,6 +478,7 @@ impl FarmService {
             worker: worker_name.clone(),
             build_seconds: h.build_seconds,
             blocks: h.blocks,
+            certificate: caller.as_ref().map(|p| p.fingerprint.clone()),
         };
         let j = &mut st.table.jobs[i];
         j.lease = None;
@@ -507,6 +509,7 @@ impl FarmService {
                 worker: worker_name,
                 build_seconds: h.build_seconds,
                 reproduction: true,
+                certificate: caller.as_ref().map(|p| p.fingerprint.clone()),
             };
             drop(part);
             st.table.check_reproduction(i);

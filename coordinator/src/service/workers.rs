@@ -25,7 +25,7 @@ pub(super) fn seen(
 ) -> Result<String, Status> {
     let w = st.workers.get_mut(worker_id).ok_or_else(unknown_worker)?;
     if let Some(p) = caller
-        && w.credential.as_deref() != Some(p.name.as_str())
+        && w.credential.as_deref() != Some(p.fingerprint.as_str())
     {
         warn!("{} used the worker id of {}: refused", p.name, w.name);
         return Err(Status::permission_denied(
@@ -123,6 +123,29 @@ impl FarmService {
                 "this release is over; waiting for the next coordinator",
             ));
         }
+        if let Some(p) = &caller {
+            // A name is one machine: another certificate under the name of
+            // a worker that is still connected is someone else.
+            let timeout = self.sh.cfg.lease_timeout;
+            let other = st.workers.values().any(|w| {
+                w.name == p.name
+                    && w.credential.as_deref() != Some(p.fingerprint.as_str())
+                    && !w.told_over
+                    && w.last_seen.elapsed() < timeout
+            });
+            if other {
+                warn!(
+                    "refused a second certificate named {} (fingerprint {}) while the first is connected",
+                    p.name, p.fingerprint
+                );
+                return Err(Status::permission_denied(format!(
+                    "a worker named {} is connected with another certificate; one name is one \
+                     worker (if it was re-issued, stop the old worker or wait {}s)",
+                    p.name,
+                    timeout.as_secs()
+                )));
+            }
+        }
         let id = Shared::new_id("w");
         info!("worker {} registered as {id} ({} slots)", r.name, r.slots);
         if let Some(p) = &caller {
@@ -134,7 +157,7 @@ impl FarmService {
                 .filter_map(|j| j.lease.as_ref().map(|l| l.worker_id.clone()))
                 .collect();
             st.workers.retain(|wid, w| {
-                w.credential.as_deref() != Some(p.name.as_str()) || busy.contains(wid)
+                w.credential.as_deref() != Some(p.fingerprint.as_str()) || busy.contains(wid)
             });
         }
         st.workers.insert(
@@ -142,7 +165,7 @@ impl FarmService {
             WorkerInfo {
                 cert_not_after: caller.as_ref().map(|p| p.not_after),
                 cert_serial: caller.as_ref().map(|p| p.serial.clone()),
-                credential: caller.map(|p| p.name),
+                credential: caller.map(|p| p.fingerprint),
                 name: r.name,
                 slots: r.slots,
                 memory: r.memory_bytes,
