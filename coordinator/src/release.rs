@@ -216,6 +216,7 @@ pub async fn start(cfg: Config, listener: Option<TcpListener>) -> Result<Running
         authority,
         auth,
         watchers: Arc::new(Semaphore::new(crate::state::MAX_WATCHERS)),
+        rm_watchers: Arc::new(Semaphore::new(crate::state::RM_WATCHERS)),
         blocks: (cfg.block_store > 0)
             .then(|| crate::blocks::Store::new(state_dir_blocks, cfg.block_store)),
         offers: Default::default(),

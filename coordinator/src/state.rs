@@ -27,8 +27,10 @@ pub fn random_hex() -> String {
     crate::inputs::hex(&b)
 }
 
-/// Open `Watch` streams at most (dashboards, RM terminals).
-pub const MAX_WATCHERS: usize = 32;
+/// Open `Watch` streams at most: of readers (dashboards), and kept for
+/// RMs (readers cannot take these).
+pub const MAX_WATCHERS: usize = 24;
+pub const RM_WATCHERS: usize = 8;
 
 /// Planned memory per job, checked against what a worker advertises.
 pub const JOB_MEMORY: u64 = 1 << 30;
@@ -124,8 +126,9 @@ pub(crate) struct Shared {
     pub auth: Auth,
     /// What the RM vouches for about the input ISOs.
     pub authority: Arc<Authority>,
-    /// One permit per open `Watch` stream.
+    /// One permit per open `Watch` stream: any caller's, and the RMs' own.
     pub watchers: Arc<Semaphore>,
+    pub rm_watchers: Arc<Semaphore>,
     /// A signal after the release ended: stop serving at once.
     pub stop_lingering: Notify,
     /// The farm's block store, unless the RM turned it off.

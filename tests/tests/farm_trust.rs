@@ -1388,6 +1388,118 @@ fn a_revoked_worker_loses_its_upload_and_a_revoked_reader_its_watch() {
     );
 }
 
+/// Load that must not lock the RM out: 300 idle connections from one
+/// host (more than the coordinator's 256) and 32 reader watches (the old
+/// global cap) while the RM asks for the status and watches. Before, the
+/// RM's `status` timed out behind the idle connections and readers could
+/// take every watch.
+#[test]
+fn idle_connections_and_reader_watches_do_not_lock_the_rm_out() {
+    let a = archive();
+    let d = tempfile::tempdir().unwrap();
+    let ca = d.path().join("ca");
+    release_ca(&ca, &[("rm", "rm"), ("dash", "reader")]);
+    let out = d.path().join("release");
+    let key = gpg().secret_key.to_str().unwrap().to_string();
+    let p = |f: &str| ca.join(f).to_str().unwrap().to_string();
+    // No workers: the release stays running.
+    let (_c, addr) = coordinator(
+        a,
+        &out,
+        &[
+            "--signing-key",
+            &key,
+            "--tls-cert",
+            &p("issued/localhost.pem"),
+            "--tls-key",
+            &p("issued/localhost.key"),
+            "--tls-client-ca",
+            &p("ca.pem"),
+        ],
+    );
+    let port = addr.rsplit(':').next().unwrap().to_string();
+    let url = format!("https://localhost:{port}");
+    let client = |who: &str| ClientConfig {
+        url: url.clone(),
+        tls_ca: Some(fs::read(ca.join("ca.pem")).unwrap()),
+        identity: Some((
+            fs::read(ca.join(format!("issued/{who}.pem"))).unwrap(),
+            fs::read(ca.join(format!("issued/{who}.key"))).unwrap(),
+        )),
+        token: None,
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        // 300 connections from 127.0.0.2 that never send a byte.
+        let target: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let mut idle = Vec::new();
+        for _ in 0..300 {
+            let s = tokio::net::TcpSocket::new_v4().unwrap();
+            s.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+            if let Ok(c) = s.connect(target).await {
+                idle.push(c);
+            }
+        }
+        // A reader's watches: some, not all of them.
+        let reader = iukfarm_proto::connect(&client("dash")).await.unwrap();
+        let (mut open, mut refused) = (Vec::new(), 0);
+        for _ in 0..32 {
+            match reader.clone().watch(v1::StatusRequest {}).await {
+                Ok(r) => open.push(r.into_inner()),
+                Err(e) => {
+                    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+                    refused += 1;
+                }
+            }
+        }
+        assert_eq!((open.len(), refused), (24, 8));
+        // The RM: a status (a process of its own, as the RM runs it) and a
+        // watch, answered at once.
+        let t = Instant::now();
+        let args: Vec<String> = [
+            "status",
+            "--coordinator",
+            &url,
+            "--tls-ca",
+            &p("ca.pem"),
+            "--tls-cert",
+            &p("issued/rm.pem"),
+            "--tls-key",
+            &p("issued/rm.key"),
+        ]
+        .map(String::from)
+        .to_vec();
+        let o = tokio::task::spawn_blocking(move || {
+            Command::new(iukfarm()).args(args).output().unwrap()
+        })
+        .await
+        .unwrap();
+        let status_took = t.elapsed();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let t = Instant::now();
+        let mut rm = iukfarm_proto::connect(&client("rm")).await.unwrap();
+        let mut w = rm.watch(v1::StatusRequest {}).await.unwrap().into_inner();
+        assert!(w.message().await.unwrap().is_some());
+        let watch_took = t.elapsed();
+        eprintln!("under load: the RM's status took {status_took:?}, its watch {watch_took:?}");
+        // Loose bounds (a loaded machine); the figures are in the output.
+        assert!(status_took < Duration::from_secs(10), "{status_took:?}");
+        assert!(watch_took < Duration::from_secs(10), "{watch_took:?}");
+        // Every idle connection is closed by the coordinator: over the
+        // address's cap at once, the others when their handshake time ends.
+        for mut c in idle {
+            let mut b = [0u8; 1];
+            let r = tokio::time::timeout(
+                Duration::from_secs(120),
+                tokio::io::AsyncReadExt::read(&mut c, &mut b),
+            )
+            .await
+            .expect("an idle connection left open");
+            assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+        }
+    });
+}
+
 #[test]
 fn out_of_range_days_and_option_like_hosts_are_refused_up_front() {
     let d = tempfile::tempdir().unwrap();

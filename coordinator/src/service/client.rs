@@ -164,7 +164,14 @@ impl FarmService {
             .auth
             .check(&req, &[Role::Rm, Role::Reader], "watch the release")?;
         let sh = self.sh.clone();
-        let Ok(permit) = sh.watchers.clone().try_acquire_owned() else {
+        // Readers cannot lock the RM out: the RM has watches of its own.
+        let rm = caller.as_ref().is_none_or(|p| p.role == Role::Rm);
+        let own = rm.then(|| sh.rm_watchers.clone().try_acquire_owned().ok());
+        let permit = own
+            .flatten()
+            .ok_or(())
+            .or_else(|_| sh.watchers.clone().try_acquire_owned());
+        let Ok(permit) = permit else {
             return Err(Status::resource_exhausted(
                 "too many watchers of this release: use `iukfarm status` instead",
             ));
