@@ -3,10 +3,9 @@
 //! from the same status the RM's client sees at each scrape.
 
 use iukfarm_metrics::prometheus::{
-    Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry,
+    Gauge, GaugeVec, Histogram, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry,
 };
-use iukfarm_metrics::{encode, mirror, seconds_until};
+use iukfarm_metrics::{DURATION_BUCKETS, encode, mirror, seconds_until};
 
 use crate::state::Shared;
 
@@ -67,136 +66,90 @@ pub(crate) struct Metrics {
     cert: Option<(i64, Gauge)>,
 }
 
-fn name(n: &str) -> String {
-    format!("iukfarm_coordinator_{n}")
-}
+const PREFIX: &str = "iukfarm_coordinator";
 
 impl Metrics {
     /// `cert_not_after`: when the coordinator's own TLS certificate expires.
     pub fn new(cert_not_after: Option<i64>) -> Metrics {
-        let registry = Registry::new();
-        let reg = |c: Box<dyn iukfarm_metrics::prometheus::core::Collector>| {
-            registry.register(c).expect("every metric has its own name");
-        };
-        macro_rules! make {
-            ($t:ident, $n:expr, $help:expr) => {{
-                let m = $t::new(name($n), $help).expect("a valid metric");
-                reg(Box::new(m.clone()));
-                m
-            }};
-            ($t:ident, $n:expr, $help:expr, $labels:expr) => {{
-                let m = $t::new(Opts::new(name($n), $help), $labels).expect("a valid metric");
-                reg(Box::new(m.clone()));
-                m
-            }};
-        }
-        let verify_seconds = Histogram::with_opts(
-            HistogramOpts::new(
-                name("verify_seconds"),
-                "Time to verify a kit by applying it to its old release.",
-            )
-            .buckets(vec![
-                1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0,
-            ]),
-        )
-        .expect("a valid histogram");
-        reg(Box::new(verify_seconds.clone()));
+        let r = iukfarm_metrics::Registrar::new(PREFIX);
+        let verify_seconds = r.histogram(
+            "verify_seconds",
+            "Time to verify a kit by applying it to its old release.",
+            DURATION_BUCKETS.to_vec(),
+        );
         let m = Metrics {
-            registry: registry.clone(),
-            kits: make!(
-                IntCounterVec,
+            registry: r.registry(),
+            kits: r.int_counter_vec(
                 "kits_total",
                 "Kits that reached the coordinator, by outcome.",
-                &["outcome"]
+                &["outcome"],
             ),
-            lease_losses: make!(
-                IntCounter,
+            lease_losses: r.int_counter(
                 "lease_losses_total",
-                "Leases that expired because their worker fell silent."
+                "Leases that expired because their worker fell silent.",
             ),
             verify_seconds,
-            sent: make!(
-                IntCounterVec,
+            sent: r.int_counter_vec(
                 "sent_bytes_total",
                 "Bytes sent: ISOs to workers, files downloaded, compressed blocks from the store.",
-                &["what"]
+                &["what"],
             ),
-            received: make!(
-                IntCounterVec,
+            received: r.int_counter_vec(
                 "received_bytes_total",
                 "Bytes received: kits, compressed blocks for the store.",
-                &["what"]
+                &["what"],
             ),
-            phase: make!(
-                IntGaugeVec,
-                "phase",
-                "1 for the phase the release is in.",
-                &["phase"]
-            ),
-            jobs: make!(IntGaugeVec, "jobs", "Jobs (IUKs) by state.", &["state"]),
-            workers: make!(
-                IntGaugeVec,
+            phase: r.int_gauge_vec("phase", "1 for the phase the release is in.", &["phase"]),
+            jobs: r.int_gauge_vec("jobs", "Jobs (IUKs) by state.", &["state"]),
+            workers: r.int_gauge_vec(
                 "workers",
                 "Registered workers, connected (heard from within the lease timeout) or lost.",
-                &["state"]
+                &["state"],
             ),
-            worker_slots: make!(
-                IntGaugeVec,
+            worker_slots: r.int_gauge_vec(
                 "worker_slots",
                 "Jobs a connected worker runs at once.",
-                &["worker"]
+                &["worker"],
             ),
-            worker_busy: make!(
-                IntGaugeVec,
+            worker_busy: r.int_gauge_vec(
                 "worker_busy_slots",
                 "Jobs a connected worker holds a lease on.",
-                &["worker"]
+                &["worker"],
             ),
-            worker_jobs_done: make!(
-                IntGaugeVec,
+            worker_jobs_done: r.int_gauge_vec(
                 "worker_jobs_done",
                 "Kits a connected worker delivered in this release.",
-                &["worker"]
+                &["worker"],
             ),
-            worker_bad_blocks: make!(
-                IntGaugeVec,
+            worker_bad_blocks: r.int_gauge_vec(
                 "worker_bad_blocks",
                 "Compressed blocks a worker sent that were not the blocks they named.",
-                &["worker"]
+                &["worker"],
             ),
-            worker_cert: make!(
-                GaugeVec,
+            worker_cert: r.gauge_vec(
                 "worker_certificate_expiry_seconds",
                 "Seconds until a connected worker's client certificate expires.",
-                &["worker"]
+                &["worker"],
             ),
-            store_entries: make!(
-                IntGauge,
+            store_entries: r.int_gauge(
                 "block_store_entries",
-                "Compressed blocks in the farm's block store."
+                "Compressed blocks in the farm's block store.",
             ),
-            store_bytes: make!(
-                IntGauge,
-                "block_store_bytes",
-                "Bytes the farm's block store holds."
-            ),
-            store_cap: make!(
-                IntGauge,
+            store_bytes: r.int_gauge("block_store_bytes", "Bytes the farm's block store holds."),
+            store_cap: r.int_gauge(
                 "block_store_cap_bytes",
-                "Size cap of the farm's block store."
+                "Size cap of the farm's block store.",
             ),
-            store_blocks: make!(
-                IntCounterVec,
+            store_blocks: r.int_counter_vec(
                 "block_store_blocks_total",
                 "Blocks through the farm's block store and work sharing, by event.",
-                &["event"]
+                &["event"],
             ),
             // Shown only with a certificate: 0 would read "expired".
             cert: cert_not_after.map(|t| {
-                let g = make!(
-                    Gauge,
+                let g = r.gauge(
                     "certificate_expiry_seconds",
-                    "Seconds until the coordinator's TLS certificate expires."
+                    "Seconds until the coordinator's TLS certificate expires.",
                 );
                 (t, g)
             }),

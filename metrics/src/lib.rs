@@ -137,6 +137,68 @@ async fn answer(
     })
 }
 
+/// Buckets of the build and verification times: a second to 20 minutes.
+pub const DURATION_BUCKETS: [f64; 9] = [1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0];
+
+/// Makes and registers one daemon's metrics, each named `<prefix>_<name>`.
+/// The names and helps are the daemon's own constants, so a refusal is a
+/// bug: it panics.
+pub struct Registrar {
+    registry: Registry,
+    prefix: &'static str,
+}
+
+macro_rules! plain {
+    ($($f:ident: $t:ty),*) => {$(
+        pub fn $f(&self, name: &str, help: &str) -> $t {
+            self.add(<$t>::with_opts(self.opts(name, help)).expect("a valid metric"))
+        }
+    )*};
+}
+
+macro_rules! labelled {
+    ($($f:ident: $t:ty),*) => {$(
+        pub fn $f(&self, name: &str, help: &str, labels: &[&str]) -> $t {
+            self.add(<$t>::new(self.opts(name, help), labels).expect("a valid metric"))
+        }
+    )*};
+}
+
+impl Registrar {
+    pub fn new(prefix: &'static str) -> Registrar {
+        Registrar {
+            registry: Registry::new(),
+            prefix,
+        }
+    }
+
+    /// The registry, for [`encode`].
+    pub fn registry(&self) -> Registry {
+        self.registry.clone()
+    }
+
+    fn opts(&self, name: &str, help: &str) -> prometheus::Opts {
+        prometheus::Opts::new(format!("{}_{name}", self.prefix), help)
+    }
+
+    fn add<C: prometheus::core::Collector + Clone + 'static>(&self, c: C) -> C {
+        (self.registry.register(Box::new(c.clone()))).expect("every metric has its own name");
+        c
+    }
+
+    plain!(int_counter: IntCounter, int_gauge: prometheus::IntGauge, gauge: prometheus::Gauge);
+    labelled!(
+        int_counter_vec: prometheus::IntCounterVec,
+        int_gauge_vec: prometheus::IntGaugeVec,
+        gauge_vec: prometheus::GaugeVec
+    );
+
+    pub fn histogram(&self, name: &str, help: &str, buckets: Vec<f64>) -> prometheus::Histogram {
+        let opts = prometheus::HistogramOpts::from(self.opts(name, help)).buckets(buckets);
+        self.add(prometheus::Histogram::with_opts(opts).expect("a valid histogram"))
+    }
+}
+
 /// The registry in Prometheus' text format.
 pub fn encode(registry: &Registry) -> String {
     let mut out = Vec::new();

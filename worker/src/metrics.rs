@@ -5,9 +5,9 @@ use std::sync::Arc;
 
 use iukfarm_engine::blockcache::BlockCache;
 use iukfarm_metrics::prometheus::{
-    Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    Gauge, Histogram, IntCounter, IntCounterVec, IntGauge, Registry,
 };
-use iukfarm_metrics::{encode, mirror, seconds_until};
+use iukfarm_metrics::{DURATION_BUCKETS, encode, mirror, seconds_until};
 
 /// How a job this worker leased ended.
 pub const JOB_OUTCOMES: [&str; 4] = ["delivered", "failed", "refused", "cancelled"];
@@ -39,116 +39,76 @@ pub struct Metrics {
     cert: Option<(i64, Gauge)>,
 }
 
-fn name(n: &str) -> String {
-    format!("iukfarm_worker_{n}")
-}
+const PREFIX: &str = "iukfarm_worker";
 
 impl Metrics {
     pub fn new(slots: u32, cache: Option<Arc<BlockCache>>, cert_not_after: Option<i64>) -> Metrics {
-        let registry = Registry::new();
-        let reg = |c: Box<dyn iukfarm_metrics::prometheus::core::Collector>| {
-            registry.register(c).expect("every metric has its own name");
-        };
-        macro_rules! make {
-            ($t:ident, $n:expr, $help:expr) => {{
-                let m = $t::new(name($n), $help).expect("a valid metric");
-                reg(Box::new(m.clone()));
-                m
-            }};
-            ($t:ident, $n:expr, $help:expr, $labels:expr) => {{
-                let m = $t::new(Opts::new(name($n), $help), $labels).expect("a valid metric");
-                reg(Box::new(m.clone()));
-                m
-            }};
-        }
-        let build_seconds = Histogram::with_opts(
-            HistogramOpts::new(name("build_seconds"), "Time to build a kit, ISOs at hand.")
-                .buckets(vec![
-                    1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0,
-                ]),
-        )
-        .expect("a valid histogram");
-        reg(Box::new(build_seconds.clone()));
-        let slot_gauge = make!(IntGauge, "slots", "Jobs this worker runs at once.");
+        let r = iukfarm_metrics::Registrar::new(PREFIX);
+        let build_seconds = r.histogram(
+            "build_seconds",
+            "Time to build a kit, ISOs at hand.",
+            DURATION_BUCKETS.to_vec(),
+        );
+        let slot_gauge = r.int_gauge("slots", "Jobs this worker runs at once.");
         slot_gauge.set(slots.into());
-        let cache = cache.map(|c| {
-            let g = make!(
-                IntGauge,
-                "block_cache_bytes",
-                "Bytes the compressed-block cache holds."
-            );
-            let cap = make!(
-                IntGauge,
-                "block_cache_cap_bytes",
-                "Size cap of the compressed-block cache."
-            );
-            cap.set(i64::try_from(c.cap()).unwrap_or(i64::MAX));
-            let lookups = make!(
-                IntCounterVec,
-                "block_cache_lookups_total",
+        let cache =
+            cache.map(|c| {
+                let g = r.int_gauge(
+                    "block_cache_bytes",
+                    "Bytes the compressed-block cache holds.",
+                );
+                let cap = r.int_gauge(
+                    "block_cache_cap_bytes",
+                    "Size cap of the compressed-block cache.",
+                );
+                cap.set(i64::try_from(c.cap()).unwrap_or(i64::MAX));
+                let lookups = r.int_counter_vec("block_cache_lookups_total",
                 "Lookups in the compressed-block cache, by result (hit rate: hit / (hit + miss)).",
-                &["result"]
-            );
-            (c, g, lookups)
-        });
+                &["result"]);
+                (c, g, lookups)
+            });
         let m = Metrics {
-            connected: make!(
-                IntGauge,
-                "connected",
-                "1 while registered with a coordinator."
-            ),
-            jobs_running: make!(IntGauge, "jobs_running", "Jobs building or uploading now."),
-            helping: make!(
-                IntGauge,
+            connected: r.int_gauge("connected", "1 while registered with a coordinator."),
+            jobs_running: r.int_gauge("jobs_running", "Jobs building or uploading now."),
+            helping: r.int_gauge(
                 "helper_blocks_in_progress",
-                "Blocks being compressed for other workers' jobs now."
+                "Blocks being compressed for other workers' jobs now.",
             ),
-            jobs: make!(
-                IntCounterVec,
-                "jobs_total",
-                "Jobs leased, by outcome.",
-                &["outcome"]
-            ),
-            lease_losses: make!(
-                IntCounter,
+            jobs: r.int_counter_vec("jobs_total", "Jobs leased, by outcome.", &["outcome"]),
+            lease_losses: r.int_counter(
                 "lease_losses_total",
-                "Leases the coordinator took back, or lost with the connection, while a job ran."
+                "Leases the coordinator took back, or lost with the connection, while a job ran.",
             ),
             build_seconds,
-            blocks: make!(
-                IntCounterVec,
+            blocks: r.int_counter_vec(
                 "blocks_total",
                 "Compressed blocks of the kits delivered, by where they came from.",
-                &["source"]
+                &["source"],
             ),
-            helped: make!(
-                IntCounter,
+            helped: r.int_counter(
                 "helped_blocks_total",
-                "Blocks compressed for other workers' jobs and accepted by the block store."
+                "Blocks compressed for other workers' jobs and accepted by the block store.",
             ),
-            sent: make!(
-                IntCounterVec,
+            sent: r.int_counter_vec(
                 "sent_bytes_total",
                 "Bytes sent to the coordinator: kits, blocks.",
-                &["what"]
+                &["what"],
             ),
-            received: make!(
-                IntCounterVec,
+            received: r.int_counter_vec(
                 "received_bytes_total",
                 "Bytes received from the coordinator: ISOs, blocks.",
-                &["what"]
+                &["what"],
             ),
             // Shown only with a certificate: 0 would read "expired".
             cert: cert_not_after.map(|t| {
-                let g = make!(
-                    Gauge,
+                let g = r.gauge(
                     "certificate_expiry_seconds",
-                    "Seconds until this worker's client certificate expires."
+                    "Seconds until this worker's client certificate expires.",
                 );
                 (t, g)
             }),
             cache,
-            registry: registry.clone(),
+            registry: r.registry(),
         };
         for o in JOB_OUTCOMES {
             m.jobs.with_label_values(&[o]);
