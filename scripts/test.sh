@@ -53,6 +53,18 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq $pkgs >/dev/null
 fi
 
+# The build and the tests' sample releases need room; a full disk would
+# fail tests one by one with ENOSPC instead of saying so once.
+need_gib=4
+for dir in "${CARGO_TARGET_DIR:-target}" "${TMPDIR:-/tmp}"; do
+  mkdir -p "$dir"
+  free=$(df -Pk "$dir" | awk 'NR == 2 { print int($4 / 1048576) }')
+  if [ "$free" -lt "$need_gib" ]; then
+    echo "error: only ${free} GiB free for $dir; the tests need ${need_gib} GiB there (free some space, or point CARGO_TARGET_DIR or TMPDIR elsewhere)" >&2
+    exit 1
+  fi
+done
+
 IUKFARM_TRIXIE_BIN=$(./scripts/trixie-sqfs-tools.sh)
 export IUKFARM_TRIXIE_BIN
 

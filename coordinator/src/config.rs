@@ -71,6 +71,9 @@ pub struct Config {
     pub linger: Duration,
     /// Concurrent verifications by applying (each reads both systems).
     pub verify_jobs: usize,
+    /// After applying it, read every kit through the Linux kernel's
+    /// squashfs ([`iukfarm_kernelcheck`]); resolved from `--kernel-check`.
+    pub kernel_check: bool,
     /// Size cap of the farm's block store (0: workers share no blocks).
     pub block_store: u64,
     /// Where to serve `/metrics` for Prometheus (none: not served).

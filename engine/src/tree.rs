@@ -255,7 +255,8 @@ impl Node {
     }
 }
 
-pub(crate) fn display_path(p: &[u8]) -> String {
+/// A path for messages: "/" for the root.
+pub fn display_path(p: &[u8]) -> String {
     if p.is_empty() {
         "/".into()
     } else {
@@ -358,7 +359,8 @@ fn scan_children(dir: &Path, opts: &ScanOptions) -> Result<Vec<Node>> {
 }
 
 /// Lists a path's xattrs in `llistxattr` order without following symlinks,
-/// dropping empty values as gensquashfs does.
+/// dropping empty values as gensquashfs does (none where the file system
+/// has none).
 pub fn read_xattrs(path: &Path) -> Result<Vec<Xattr>> {
     let c = CString::new(path.as_os_str().as_bytes())
         .map_err(|_| Error::Invalid(format!("{}: path contains NUL", path.display())))?;
@@ -371,6 +373,11 @@ pub fn read_xattrs(path: &Path) -> Result<Vec<Xattr>> {
     let names = loop {
         // SAFETY: `c` is a valid C string; a null buffer of length 0 asks for the size.
         let len = unsafe { libc::llistxattr(c.as_ptr(), std::ptr::null_mut(), 0) };
+        // A file system without xattrs (a squashfs without an xattr table)
+        // says so rather than list none.
+        if len < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EOPNOTSUPP) {
+            return Ok(Vec::new());
+        }
         if len < 0 {
             return Err(err("llistxattr"));
         }

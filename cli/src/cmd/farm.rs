@@ -123,6 +123,11 @@ pub struct ReleaseArgs {
     /// IUKs verified by applying them at the same time (1 to 64).
     #[arg(long, default_value_t = 1)]
     verify_jobs: usize,
+    /// After applying each kit, mount it and its diff read-only and read every file through
+    /// the Linux kernel's squashfs (root and loop devices): auto (where it can, saying so
+    /// where it cannot), on (or refuse to start), off.
+    #[arg(long, value_name = "auto|on|off", default_value = "auto")]
+    kernel_check: iukfarm_kernelcheck::Mode,
     /// Size cap of the farm's block store in <output-dir>/.iukfarm/blocks, where each block
     /// one worker compressed waits for the others, so that the farm compresses it once
     /// (0: none) [default: 4G for `coordinator`; none for `release`, whose workers share a cache].
@@ -244,6 +249,14 @@ impl ReleaseArgs {
             max_attempts: self.max_attempts,
             linger: self.linger,
             verify_jobs: self.verify_jobs,
+            kernel_check: match self.kernel_check.resolve() {
+                Ok(Ok(())) => true,
+                Ok(Err(why)) => {
+                    eprintln!("iukfarm: kits are not read through the kernel: {why}");
+                    false
+                }
+                Err(e) => return Err(E::Config(format!("--kernel-check on: {e}"))),
+            },
             block_store: self.block_store_size.unwrap_or(default_store),
             metrics_listen: self
                 .metrics_listen

@@ -145,6 +145,7 @@ mod tests {
             "listen" => s("127.0.0.1:7000"),
             "udf-next-version" | "udf-previous-version" => V::Array(vec![s("7.3")]),
             "udf-channel" => s("alpha"),
+            "kernel-check" => s("off"),
             "new-version" => s("7.2"),
             "release-file" | "help" | "verbose" => return None,
             _ => s("some/where"),

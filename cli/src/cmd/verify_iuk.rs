@@ -1,5 +1,6 @@
 //! `iukfarm verify-iuk`: apply a kit in memory to the old release and
-//! compare the result with the new one.
+//! compare the result with the new one; then, where it can, read the kit
+//! through the Linux kernel and compare that with our reading.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -15,8 +16,9 @@ use crate::progress::Reporter;
 #[derive(Parser)]
 #[command(
     after_help = "Exit status: 0 the kit turns the old release into exactly the new one; \
-1 differences were found (each is printed), or the kit could not be read or applied; 2 bad \
-usage, or a file missing, or an ISO that is not a release ISO."
+1 differences were found (each is printed), or the kit could not be read or applied, or the \
+Linux kernel reads it otherwise or not at all; 2 bad usage, or a file missing, or an ISO that is \
+not a release ISO, or --kernel-check on where the check cannot run."
 )]
 pub struct Args {
     /// ISO of the release the kit upgrades from.
@@ -30,6 +32,11 @@ pub struct Args {
     /// No progress bar.
     #[arg(short, long)]
     quiet: bool,
+    /// Once the kit applies right, mount it and its diff read-only and read every file
+    /// through the Linux kernel's squashfs (root and loop devices): auto (where it can,
+    /// saying so where it cannot), on (exit 2 where it cannot), off.
+    #[arg(long, value_name = "auto|on|off", default_value = "auto")]
+    kernel_check: iukfarm_kernelcheck::Mode,
 }
 
 pub fn run(a: Args) -> Result<ExitCode> {
@@ -39,6 +46,11 @@ pub fn run(a: Args) -> Result<ExitCode> {
     for f in [&a.old_iso, &a.new_iso, &a.kit] {
         super::input_file(f)?;
     }
+    let kernel = a
+        .kernel_check
+        .resolve()
+        .context("--kernel-check on")
+        .bad_input()?;
     // Opened once: checked, then verified against, the same files.
     let mut open = Vec::new();
     for iso in [&a.old_iso, &a.new_iso] {
@@ -62,7 +74,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
         None,
     );
     reporter.finish();
-    let v = result.with_context(|| format!("verifying {}", a.kit.display()))?;
+    let mut v = result.with_context(|| format!("verifying {}", a.kit.display()))?;
     if v.differences.is_empty() {
         println!(
             "OK: {} turns {} into {} (diff {}, {} deletions)",
@@ -72,6 +84,38 @@ pub fn run(a: Args) -> Result<ExitCode> {
             v.diffs_applied.join(", "),
             v.delete_files.len()
         );
+        match kernel {
+            Err(why) => println!("not read through the kernel: {why}"),
+            Ok(()) => {
+                let work = a.kit.parent().filter(|p| !p.as_os_str().is_empty());
+                let work = work.unwrap_or(std::path::Path::new("."));
+                match iukfarm_kernelcheck::check_kit(&a.kit, work) {
+                    Ok(r) if r.differences.is_empty() => {
+                        println!(
+                            "OK: the Linux kernel reads it as we do ({} entries, {:.1} MiB)",
+                            r.entries,
+                            r.bytes as f64 / (1 << 20) as f64
+                        );
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    Ok(r) => v.differences = r.differences,
+                    Err(iukfarm_kernelcheck::Error::Refused(m)) => {
+                        println!("{}: the Linux kernel cannot read it: {m}", a.kit.display());
+                        return Ok(ExitCode::from(crate::exit::FAILURE));
+                    }
+                    Err(e) => return Err(e).context("the kernel check"),
+                }
+                println!(
+                    "{}: the Linux kernel reads it differently, {} differences:",
+                    a.kit.display(),
+                    v.differences.len()
+                );
+                for d in &v.differences {
+                    println!("  {d}");
+                }
+                return Ok(ExitCode::from(crate::exit::FAILURE));
+            }
+        }
         return Ok(ExitCode::SUCCESS);
     }
     println!(

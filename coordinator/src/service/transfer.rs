@@ -267,18 +267,24 @@ impl FarmService {
         let incoming = sh.incoming.clone();
         let p = part.0.clone();
         let memo = sh.clone();
+        let kernel = sh.cfg.kernel_check;
         let started = std::time::Instant::now();
         let verified = tokio::task::spawn_blocking(move || {
             let scratch = tempfile::NamedTempFile::new_in(&incoming)
                 .map_err(|e| format!("scratch file in {}: {e}", incoming.display()))?;
-            Ok(iukfarm_engine::kit::verify::verify_iuk(
+            let v = iukfarm_engine::kit::verify::verify_iuk(
                 &old,
                 &new,
                 &p,
                 scratch.as_file(),
                 &iukfarm_engine::NoProgress,
                 Some(&memo.verify_memo),
-            ))
+            );
+            drop(scratch);
+            match v {
+                Ok(v) if kernel && v.differences.is_empty() => read_by_kernel(v, &p, &incoming),
+                other => Ok(other),
+            }
         })
         .await
         .unwrap_or_else(|e| Err(format!("verification crashed: {e}")));
@@ -344,7 +350,12 @@ impl FarmService {
                     );
                     let j = &mut st.table.jobs[i];
                     j.state = JobState::Done;
-                    j.note("verified by applying it to the old release".into());
+                    j.note(if sh.cfg.kernel_check {
+                        "verified by applying it to the old release and reading it through the kernel"
+                            .into()
+                    } else {
+                        "verified by applying it to the old release".into()
+                    });
                     sh.metrics.kits.with_label_values(&["accepted"]).inc();
                     st.files.push(name);
                     st.table.check_reproduction(i);
@@ -524,5 +535,29 @@ impl FarmService {
         }
         sh.bump();
         Ok(Response::new(v1::UploadReply {}))
+    }
+}
+
+/// The kernel check, on a kit that applied right: what the kernel reads
+/// differently, or cannot read at all, makes the kit wrong (the uploading
+/// worker's fault); a check that could not run is retried.
+fn read_by_kernel(
+    mut v: iukfarm_engine::kit::verify::Verification,
+    kit: &std::path::Path,
+    work: &std::path::Path,
+) -> Result<iukfarm_engine::Result<iukfarm_engine::kit::verify::Verification>, String> {
+    use iukfarm_kernelcheck::Error as K;
+    match iukfarm_kernelcheck::check_kit(kit, work) {
+        Ok(r) => {
+            v.differences.extend(r.differences.into_iter().map(|mut d| {
+                d.path = format!("as the kernel reads it, {}", d.path);
+                d
+            }));
+            Ok(Ok(v))
+        }
+        Err(K::Refused(m)) => Ok(Err(iukfarm_engine::Error::Corrupt(format!(
+            "the Linux kernel cannot read it: {m}"
+        )))),
+        Err(e) => Err(format!("the kernel check could not run: {e}")),
     }
 }

@@ -22,6 +22,8 @@ use crate::error::{Error, Result, corrupt};
 use crate::io::ReadAt;
 use crate::tree::{FileContent, Kind, Meta, Node, Source, Xattr};
 
+mod layout;
+
 /// At most this many data blocks per file (64 MiB of block list).
 const MAX_FILE_BLOCKS: u64 = 1 << 24;
 /// Directory nesting deeper than this is refused.
@@ -187,8 +189,10 @@ impl Archive {
     /// settings declared; every block read, metadata or data, in our
     /// writer's xz container ([`super::xz_form`]); a block stored
     /// uncompressed only if xz cannot shrink it or it looks incompressible
-    /// (the fast profile's rule). The kernel is stricter than liblzma: a
-    /// block with another integrity check would read as EIO there.
+    /// (the fast profile's rule); every superblock pointer, count and
+    /// table exactly where our writer puts it ([`layout`]). The kernel is
+    /// stricter than liblzma: a block with another integrity check would
+    /// read as EIO there, and it follows pointers our reader never needs.
     pub fn open_ours(src: Arc<dyn ReadAt>, xz: XzConfig) -> Result<Arc<Archive>> {
         let ar = Self::open_with(src, Some(xz))?;
         let declared = ar.xz_config().map(|c| (c.dict_size, c.flags));
@@ -198,6 +202,7 @@ impl Archive {
                 "compressor settings {declared:?} are not our writer's {want:?} (dictionary, filters)"
             );
         }
+        ar.check_layout()?;
         Ok(ar)
     }
 
