@@ -11,7 +11,10 @@
 //! every few blocks' time, however loaded its machine, so its claims do not
 //! lapse and nothing is compressed twice; one that vanished, hung or never
 //! answers loses them all [`CLAIM_IDLE`] after its last put, and the
-//! blocks are claimed afresh.
+//! blocks are claimed afresh. A job waits for the blocks it offered to
+//! helpers, so a helper's claims lapse sooner: [`HELPER_IDLE`], or three
+//! times the longest it has taken between puts while helping (its own
+//! pace, measured here, never its word), up to [`CLAIM_IDLE`].
 //!
 //! Nothing is taken on trust: the key is derived here from the id, and a
 //! compressed form must decompress to exactly the block the id names
@@ -38,6 +41,9 @@ use tracing::{info, warn};
 /// How long a claimant may go without putting any form before its claims
 /// lapse: several times what one block takes to compress on a busy core.
 pub const CLAIM_IDLE: Duration = Duration::from_secs(15);
+/// How long a helper that has not yet shown its pace may hold blocks
+/// without putting one: seconds for blocks that take well under one.
+pub const HELPER_IDLE: Duration = Duration::from_secs(5);
 /// No claim lasts longer, however busy its claimant (a hung compression
 /// thread beside working ones).
 pub const CLAIM_MAX: Duration = Duration::from_secs(120);
@@ -107,6 +113,9 @@ struct Inner {
     claims: HashMap<BlockKey, Claim>,
     /// When each worker last put a form: its claims live on while it does.
     progress: HashMap<String, Instant>,
+    /// Per helper, the longest it took to put a block it was helping with
+    /// (since that claim, or its previous put if later).
+    helper_pace: HashMap<String, Duration>,
     /// Every key ever accepted, to count blocks compressed twice even
     /// after their form was evicted.
     seen: HashSet<BlockKey>,
@@ -133,7 +142,13 @@ impl Inner {
 
     fn claim_deadline(&self, c: &Claim) -> Instant {
         let last = (self.progress.get(&c.worker).copied()).map_or(c.at, |p| p.max(c.at));
-        (last + CLAIM_IDLE).min(c.at + CLAIM_MAX)
+        let idle = if c.helping {
+            let pace = self.helper_pace.get(&c.worker).copied().unwrap_or_default();
+            (pace * 3).clamp(HELPER_IDLE, CLAIM_IDLE)
+        } else {
+            CLAIM_IDLE
+        };
+        (last + idle).min(c.at + CLAIM_MAX)
     }
 }
 
@@ -312,8 +327,19 @@ impl Store {
         if let Cached::Compressed(b) = form {
             g.stats.received_bytes += b.len() as u64;
         }
+        let now = Instant::now();
+        if let Some(c) = g
+            .claims
+            .get(&key)
+            .filter(|c| c.worker == worker && c.helping)
+        {
+            let since = (g.progress.get(worker).copied()).map_or(c.at, |p| p.max(c.at));
+            let took = now - since;
+            let pace = g.helper_pace.entry(worker.to_string()).or_default();
+            *pace = (*pace).max(took);
+        }
         if !banned {
-            g.progress.insert(worker.to_string(), Instant::now());
+            g.progress.insert(worker.to_string(), now);
         }
         if g.claims.get(&key).is_some_and(|c| c.worker == worker) {
             g.claims.remove(&key);
@@ -584,7 +610,8 @@ mod tests {
         let (_d, s) = store(1 << 30);
         let (wanted, wanted_form) = block(20);
         assert!(s.claim("helper", &wanted));
-        // The helper puts other blocks, one every 5 s, for longer than
+        // The helper puts other blocks, the first after 4 s (within
+        // HELPER_IDLE), then one every 5 s, for longer than
         // 4 × CLAIM_IDLE before the one the job waits for; each of the job's
         // asks ends at MAX_WAIT with "busy", and it asks again, as a job's
         // compression thread does.
@@ -603,14 +630,15 @@ mod tests {
             for seed in 0..13 {
                 let (id, form) = block(100 + seed);
                 assert!(s.claim("helper", &id));
-                tokio::time::sleep(Duration::from_secs(5)).await;
+                let pace = if seed == 0 { 4 } else { 5 };
+                tokio::time::sleep(Duration::from_secs(pace)).await;
                 assert!(s.put("helper", &id, &form));
             }
             assert!(s.put("helper", &wanted, &wanted_form));
         };
         let (got, ()) = tokio::join!(job, helper);
         assert_eq!(got, wanted_form);
-        assert_eq!(t.elapsed(), Duration::from_secs(65));
+        assert_eq!(t.elapsed(), Duration::from_secs(64));
         assert!(t.elapsed() > CLAIM_IDLE * 4 && t.elapsed() < CLAIM_MAX);
         assert_eq!(busy, 3);
         let st = s.stats();
@@ -643,6 +671,45 @@ mod tests {
         let (waited, ()) = tokio::join!(job, busy);
         assert_eq!(waited, CLAIM_MAX);
         assert_eq!(s.stats().expired_claims, 2);
+    }
+
+    /// A job waits for the blocks it offered: a helper that takes some and
+    /// does not answer loses them within seconds, unless it has shown it
+    /// needs longer (its pace measured here, not its word).
+    #[tokio::test(start_paused = true)]
+    async fn a_helper_that_does_not_answer_loses_its_blocks_within_seconds() {
+        let (_d, s) = store(1 << 30);
+        // A helper that never put anything.
+        let (a, _) = block(30);
+        assert!(s.claim("new", &a));
+        let t = Instant::now();
+        assert_eq!(s.get("job", &a).await, Answer::Compress);
+        assert_eq!(t.elapsed(), HELPER_IDLE);
+        // One that put a block in 200 ms, then went silent.
+        let (b, form_b) = block(31);
+        let (c, _) = block(32);
+        assert!(s.claim("fast", &b) && s.claim("fast", &c));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(s.put("fast", &b, &form_b));
+        let t = Instant::now();
+        assert_eq!(s.get("job", &c).await, Answer::Compress);
+        assert_eq!(t.elapsed(), HELPER_IDLE);
+        // A slow one, 4 s a block: three times that, however it got slow.
+        let (d, form_d) = block(33);
+        let (e, _) = block(34);
+        assert!(s.claim("slow", &d) && s.claim("slow", &e));
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert!(s.put("slow", &d, &form_d));
+        let t = Instant::now();
+        assert_eq!(s.get("job", &e).await, Answer::Compress);
+        assert_eq!(t.elapsed(), Duration::from_secs(12));
+        // A job's own claim is CLAIM_IDLE, as before.
+        let (f, _) = block(35);
+        assert_eq!(s.get("builder", &f).await, Answer::Compress);
+        let t = Instant::now();
+        assert_eq!(s.get("job", &f).await, Answer::Compress);
+        assert_eq!(t.elapsed(), CLAIM_IDLE);
+        assert_eq!(s.stats().expired_claims, 4);
     }
 
     #[tokio::test]
