@@ -42,8 +42,8 @@ use tracing::{info, warn};
 /// lapse: several times what one block takes to compress on a busy core.
 pub const CLAIM_IDLE: Duration = Duration::from_secs(15);
 /// How long a helper that has not yet shown its pace may hold blocks
-/// without putting one: seconds for blocks that take well under one.
-pub const HELPER_IDLE: Duration = Duration::from_secs(5);
+/// without putting one: several times what a block takes on a busy core.
+pub const HELPER_IDLE: Duration = Duration::from_secs(8);
 /// No claim lasts longer, however busy its claimant (a hung compression
 /// thread beside working ones).
 pub const CLAIM_MAX: Duration = Duration::from_secs(120);
@@ -116,11 +116,16 @@ struct Inner {
     /// Per helper, the longest it took to put a block it was helping with
     /// (since that claim, or its previous put if later).
     helper_pace: HashMap<String, Duration>,
+    /// Forms of each worker that arrived and are being checked here: the
+    /// coordinator's own time, which its claims do not lapse over.
+    checking: HashMap<String, u32>,
     /// Every key ever accepted, to count blocks compressed twice even
     /// after their form was evicted.
     seen: HashSet<BlockKey>,
     /// Workers that sent a wrong form, with the count.
     bad: HashMap<String, u64>,
+    /// Per worker whose forms were served, the workers they went to.
+    served: HashMap<String, HashSet<String>>,
     seq: u64,
     stats: StoreStats,
 }
@@ -141,6 +146,9 @@ impl Inner {
     }
 
     fn claim_deadline(&self, c: &Claim) -> Instant {
+        if self.checking.get(&c.worker).is_some_and(|&n| n > 0) {
+            return c.at + CLAIM_MAX;
+        }
         let last = (self.progress.get(&c.worker).copied()).map_or(c.at, |p| p.max(c.at));
         let idle = if c.helping {
             let pace = self.helper_pace.get(&c.worker).copied().unwrap_or_default();
@@ -243,7 +251,7 @@ impl Store {
             waiting.as_mut().enable();
             let until = {
                 let mut g = self.lock();
-                if let Some(form) = self.take(&mut g, &key) {
+                if let Some(form) = self.take(&mut g, &key, worker) {
                     return Answer::Found(form);
                 }
                 let now = Instant::now();
@@ -283,9 +291,10 @@ impl Store {
 
     /// The form of `key` if stored and readable (a file gone or damaged
     /// is dropped, and the block compressed again).
-    fn take(&self, g: &mut Inner, key: &BlockKey) -> Option<Cached> {
+    fn take(&self, g: &mut Inner, key: &BlockKey, to: &str) -> Option<Cached> {
         let e = g.entries.get(key)?;
         let (len, raw_len) = (e.len, e.raw_len);
+        let from = e.from.clone();
         let form = if len == 0 {
             Some(Cached::Uncompressed)
         } else {
@@ -303,6 +312,7 @@ impl Store {
                     g.lru.remove(&old);
                     g.lru.insert(seq, *key);
                 }
+                (g.served.entry(from).or_default()).insert(to.to_string());
                 g.stats.served += 1;
                 g.stats.served_bytes += raw_len;
                 g.stats.sent_bytes += len;
@@ -315,17 +325,14 @@ impl Store {
         }
     }
 
-    /// Takes `worker`'s form of `id` if it is sound; `false` if refused.
-    /// Checking decompresses the form: call it off the async threads.
-    pub fn put(&self, worker: &str, id: &BlockId, form: &Cached) -> bool {
+    /// A form from `worker` arrived: it is working. Counted before the form
+    /// is checked or audited, which can take the coordinator longer than
+    /// the helper took to compress it.
+    pub fn arrived(&self, worker: &str, id: &BlockId) {
         let key = id.key();
-        let banned = self.lock().bad.contains_key(worker);
-        // The settings are not on the wire (the id digests them): the jobs
-        // that take a form check its container.
-        let sound = !banned && id.admits(None, form);
         let mut g = self.lock();
-        if let Cached::Compressed(b) = form {
-            g.stats.received_bytes += b.len() as u64;
+        if g.bad.contains_key(worker) {
+            return;
         }
         let now = Instant::now();
         if let Some(c) = g
@@ -338,8 +345,47 @@ impl Store {
             let pace = g.helper_pace.entry(worker.to_string()).or_default();
             *pace = (*pace).max(took);
         }
+        g.progress.insert(worker.to_string(), now);
+        *g.checking.entry(worker.to_string()).or_default() += 1;
+    }
+
+    /// The form whose arrival was counted has been dealt with.
+    pub fn checked(&self, worker: &str) {
+        let mut g = self.lock();
+        if let Some(n) = g.checking.get_mut(worker) {
+            *n = n.saturating_sub(1);
+        }
+        if !g.bad.contains_key(worker) {
+            g.progress.insert(worker.to_string(), Instant::now());
+        }
+    }
+
+    /// Takes `worker`'s form of `id` if it is sound; `false` if refused.
+    /// Checking decompresses the form: call it off the async threads.
+    pub fn put(&self, worker: &str, id: &BlockId, form: &Cached) -> bool {
+        self.arrived(worker, id);
+        self.keep(worker, id, form)
+    }
+
+    /// [`Store::put`] of a form whose arrival was already counted.
+    pub fn keep(&self, worker: &str, id: &BlockId, form: &Cached) -> bool {
+        let accepted = self.keep_checked(worker, id, form);
+        self.checked(worker);
+        accepted
+    }
+
+    fn keep_checked(&self, worker: &str, id: &BlockId, form: &Cached) -> bool {
+        let key = id.key();
+        let banned = self.lock().bad.contains_key(worker);
+        // The settings are not on the wire (the id digests them): the jobs
+        // that take a form check its container.
+        let sound = !banned && id.admits(None, form);
+        let mut g = self.lock();
+        if let Cached::Compressed(b) = form {
+            g.stats.received_bytes += b.len() as u64;
+        }
         if !banned {
-            g.progress.insert(worker.to_string(), now);
+            g.progress.insert(worker.to_string(), Instant::now());
         }
         if g.claims.get(&key).is_some_and(|c| c.worker == worker) {
             g.claims.remove(&key);
@@ -368,6 +414,19 @@ impl Store {
         accepted
     }
 
+    /// Bans `worker` from sharing for `why` (its audited form was not our
+    /// encoder's): as for a wrong form. Returns the workers its forms were
+    /// served to.
+    pub fn ban_worker(&self, worker: &str, why: &str) -> HashSet<String> {
+        let mut g = self.lock();
+        warn!("worker {worker}: {why}");
+        self.ban(&mut g, worker);
+        let to = g.served.get(worker).cloned().unwrap_or_default();
+        drop(g);
+        self.put_done.notify_waiters();
+        to
+    }
+
     fn ban(&self, g: &mut Inner, worker: &str) {
         g.stats.refused += 1;
         let n = g.bad.entry(worker.to_string()).or_insert(0);
@@ -376,7 +435,7 @@ impl Store {
             return;
         }
         warn!(
-            "worker {worker} sent a compressed block that is not the block it names: \
+            "worker {worker} sent a compressed block that is not one we can use: \
              its blocks are dropped and no more are taken from it in this release"
         );
         let theirs: Vec<BlockKey> = (g.entries.iter())
@@ -703,6 +762,15 @@ mod tests {
         let t = Instant::now();
         assert_eq!(s.get("job", &e).await, Answer::Compress);
         assert_eq!(t.elapsed(), Duration::from_secs(12));
+        // While the coordinator checks (audits) a form of a helper's, that
+        // is its own time: the helper's claims stand.
+        let (g, _) = block(36);
+        let (h, form_h) = block(37);
+        assert!(s.claim("audited", &g) && s.claim("audited", &h));
+        s.arrived("audited", &h);
+        tokio::time::sleep(HELPER_IDLE * 2).await;
+        assert_eq!(s.get_unless_busy("job", &g).await, Answer::Busy);
+        assert!(s.keep("audited", &h, &form_h));
         // A job's own claim is CLAIM_IDLE, as before.
         let (f, _) = block(35);
         assert_eq!(s.get("builder", &f).await, Answer::Compress);

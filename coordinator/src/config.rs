@@ -71,6 +71,9 @@ pub struct Config {
     pub linger: Duration,
     /// Concurrent verifications by applying (each reads both systems).
     pub verify_jobs: usize,
+    /// Helpers' forms audited past their first few, in 1024
+    /// ([`crate::audit`]).
+    pub audit_rate: u64,
     /// After applying it, read every kit through the Linux kernel's
     /// squashfs ([`iukfarm_kernelcheck`]); resolved from `--kernel-check`.
     pub kernel_check: bool,

@@ -89,6 +89,9 @@ pub struct Job {
     pub priority: u64,
     /// What happened to it, for the RM and the JUnit report (bounded).
     pub log: Vec<String>,
+    /// Built without the block store and helpers from now on: a helper
+    /// whose forms it may have used failed an audit.
+    pub isolated: bool,
 }
 
 const LOG_LINES: usize = 100;
@@ -117,6 +120,7 @@ impl Job {
             resumed: false,
             priority,
             log: Vec::new(),
+            isolated: false,
         }
     }
 
@@ -204,6 +208,18 @@ impl Table {
             j.not_before = now + backoff(j.attempts);
             j.error = why.to_string();
         }
+    }
+
+    /// Back to pending at once, whatever its attempts: what it was built
+    /// with (or is being built with) is no longer trusted, not the job.
+    pub fn requeue(&mut self, i: usize, why: &str) {
+        let j = &mut self.jobs[i];
+        j.lease = None;
+        j.built = None;
+        j.state = JobState::Pending;
+        j.not_before = Instant::now();
+        j.error.clear();
+        j.note(why.to_string());
     }
 
     /// A failure that another attempt cannot fix.

@@ -30,6 +30,10 @@ pub struct Entry {
     /// The fingerprint of the uploader's certificate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate: Option<String>,
+    /// Withdraws the job's earlier entry: it is built again (a helper whose
+    /// forms it may hold failed an audit).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub retracted: bool,
 }
 
 pub struct Journal {
@@ -161,6 +165,7 @@ mod tests {
             build_seconds: 1.5,
             reproduction: false,
             certificate: None,
+            retracted: false,
         }
     }
 
@@ -187,6 +192,19 @@ mod tests {
         let text = std::fs::read_to_string(&p).unwrap();
         assert_eq!(text.lines().count(), 3, "{text}");
         assert!(!text.contains("\"job\":\"c\""), "{text}");
+    }
+
+    #[test]
+    fn a_retraction_is_written_only_where_there_is_one() {
+        let plain = serde_json::to_string(&entry("a")).unwrap();
+        assert!(!plain.contains("retracted"), "{plain}");
+        let mut r = entry("a");
+        r.retracted = true;
+        let line = serde_json::to_string(&r).unwrap();
+        assert!(line.contains("\"retracted\":true"), "{line}");
+        // Journals written before retractions existed still read.
+        let old: Entry = serde_json::from_str(&plain).unwrap();
+        assert!(!old.retracted);
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! * [`junit`]: the CI report;
 //! * [`release`]: the running coordinator (gRPC service and main loop).
 
+pub mod audit;
 mod auth;
 pub mod blocks;
 pub mod config;

@@ -52,6 +52,8 @@ pub struct Offered {
     pub xz: XzConfig,
     pub data: Vec<u8>,
     from: String,
+    /// The id of the job that offered it.
+    pub job: String,
 }
 
 #[derive(Default)]
@@ -138,6 +140,7 @@ impl Offers {
     pub fn offer(
         &self,
         worker: &str,
+        job: &str,
         priority: u64,
         blocks: Vec<(BlockId, XzConfig, Vec<u8>)>,
     ) -> Vec<Option<(Reverse<u64>, u64)>> {
@@ -161,6 +164,7 @@ impl Offers {
                         xz,
                         data,
                         from: worker.to_string(),
+                        job: job.to_string(),
                     },
                 );
                 keys.push(Some(key));
@@ -291,8 +295,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_helper_takes_the_largest_jobs_blocks_first_and_never_its_own() {
         let o = Offers::default();
-        let small = o.offer("w1", 10, vec![block(1)]);
-        let large = o.offer("w2", 99, vec![block(2), block(3)]);
+        let small = o.offer("w1", "j1", 10, vec![block(1)]);
+        let large = o.offer("w2", "j2", 99, vec![block(2), block(3)]);
         // w2's helper does not take w2's own blocks.
         let got = o.take("w2", 4, |_| true).await;
         assert_eq!(got.len(), 1);
@@ -311,7 +315,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_offer_whose_call_is_dropped_is_withdrawn() {
         let o = std::sync::Arc::new(Offers::default());
-        let keys = o.offer("w1", 1, vec![block(6), block(7)]);
+        let keys = o.offer("w1", "j1", 1, vec![block(6), block(7)]);
         let settling = {
             let o = o.clone();
             tokio::spawn(async move { o.settle(&keys).await })
@@ -337,7 +341,7 @@ mod tests {
         assert_eq!(o.wanted("w1").await, 3);
         // A helper is not wanted for its own jobs.
         assert_eq!(o.wanted("w2").await, 0);
-        let keys = o.offer("w1", 1, vec![block(5)]);
+        let keys = o.offer("w1", "j1", 1, vec![block(5)]);
         // Claimed elsewhere: counted as taken (the job will find it in the
         // store), not given to the helper, which waits on.
         assert_eq!(o.settle(&keys).await, vec![true]);

@@ -207,6 +207,7 @@ pub async fn start(cfg: Config, listener: Option<TcpListener>) -> Result<Running
             workers: BTreeMap::new(),
             files: Vec::new(),
             cancel_reason: None,
+            audit_failed: Vec::new(),
         }),
         changed,
         state_dir,
@@ -220,6 +221,7 @@ pub async fn start(cfg: Config, listener: Option<TcpListener>) -> Result<Running
         blocks: (cfg.block_store > 0)
             .then(|| crate::blocks::Store::new(state_dir_blocks, cfg.block_store)),
         offers: Default::default(),
+        audits: crate::audit::Audits::new(cfg.audit_rate),
         metrics: crate::metrics::Metrics::new(cert_not_after),
         cfg,
     });
@@ -473,6 +475,9 @@ impl Running {
                     st.table.retry(i, &why, sh.cfg.max_attempts, Instant::now());
                 }
             }
+            for (helper, served_to) in std::mem::take(&mut st.audit_failed) {
+                isolate_users_of(sh, &mut st, &helper, &served_to);
+            }
             let expired = st.table.expire(Instant::now(), sh.cfg.max_attempts);
             sh.metrics.lease_losses.inc_by(expired.len() as u64);
             for i in &expired {
@@ -495,6 +500,13 @@ impl Running {
             if !expired.is_empty() {
                 sh.bump();
             }
+        }
+        let audits = sh.audits.stats();
+        if audits.checked > 0 {
+            info!(
+                "helpers' forms compressed again to audit them: {} in {:.2} CPU s, {} not ours",
+                audits.checked, audits.seconds, audits.failed
+            );
         }
         let failed: Vec<String> = {
             let st = sh.lock();
@@ -647,7 +659,7 @@ impl Running {
         // verified bytes may still be in `incoming`.
         let mut not_in_place = Vec::new();
         for (i, j) in jobs.iter_mut().enumerate() {
-            let Some(e) = by_id.get(j.id.as_str()) else {
+            let Some(e) = by_id.get(j.id.as_str()).filter(|e| !e.retracted) else {
                 continue;
             };
             let p = cfg.output_dir.join(&j.output_name);
@@ -728,9 +740,15 @@ impl Running {
         }
         // The rest of a killed run's uploads are worthless, and so are its
         // stored blocks (their senders are gone).
+        // So are the mount points of a kernel check it was killed in.
         for e in std::fs::read_dir(&sh.incoming).map_err(|e| Error::io(&sh.incoming, e))? {
-            let p = e.map_err(|e| Error::io(&sh.incoming, e))?.path();
-            std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
+            let e = e.map_err(|e| Error::io(&sh.incoming, e))?;
+            let p = e.path();
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                std::fs::remove_dir_all(&p).map_err(|e| Error::io(&p, e))?;
+            } else {
+                std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
+            }
         }
         match &sh.blocks {
             Some(b) => b.reset().map_err(|e| Error::io(b.dir(), e))?,
@@ -923,4 +941,89 @@ mod tests {
         assert_eq!(version_cmp("6.0", "6.0.1"), Less);
         assert_eq!(version_cmp("5.20", "6.0~rc1"), Less);
     }
+}
+
+/// A helper failed an audit: every job that may hold its forms is built
+/// again without the store and helpers. That is a job it helped, a job
+/// that ran on a worker its forms were served to, and its own; a kit
+/// already kept is withdrawn (journal first, then the file). It builds
+/// nothing more in this release.
+fn isolate_users_of(
+    sh: &Shared,
+    st: &mut crate::state::State,
+    helper: &str,
+    served_to: &std::collections::HashSet<String>,
+) {
+    let helped = sh.audits.ban(helper);
+    let mut again = Vec::new();
+    // Its own compressions are as suspect as its forms: it builds no kit
+    // of this release either.
+    for j in st.table.jobs.iter_mut().filter(|j| !j.state.is_terminal()) {
+        if !j.refused_by.iter().any(|w| w == helper) {
+            j.refused_by.push(helper.to_string());
+        }
+    }
+    for i in 0..st.table.jobs.len() {
+        let j = &st.table.jobs[i];
+        let ran_on = |w: &str| w == helper || served_to.contains(w);
+        let used = helped.contains(&j.id)
+            || j.lease.as_ref().is_some_and(|l| ran_on(&l.worker_name))
+            || j.built.as_ref().is_some_and(|b| ran_on(&b.worker));
+        if !used || j.isolated || j.reproduction_of.is_some() {
+            continue;
+        }
+        let why = format!(
+            "may hold forms of {helper}, whose audited form was not our encoder's: \
+             built again without the block store"
+        );
+        match j.state {
+            JobState::Pending => st.table.jobs[i].note(why),
+            JobState::Leased | JobState::Verifying => st.table.requeue(i, &why),
+            JobState::Done => {
+                if !withdraw_kit(sh, st, i) {
+                    continue;
+                }
+                st.table.requeue(i, &why);
+            }
+            JobState::Failed | JobState::Cancelled => continue,
+        }
+        st.table.jobs[i].isolated = true;
+        again.push(st.table.jobs[i].output_name.clone());
+    }
+    warn!(
+        "helper {helper} failed an audit: banned from sharing; built again without the store: {}",
+        if again.is_empty() {
+            "none".into()
+        } else {
+            again.join(", ")
+        }
+    );
+}
+
+/// Withdraws job `i`'s kept kit: a retraction in the journal first, then
+/// the file. `false` (and nothing changed) if the journal cannot take it.
+pub(crate) fn withdraw_kit(sh: &Shared, st: &mut State, i: usize) -> bool {
+    let j = &st.table.jobs[i];
+    let name = j.output_name.clone();
+    let retraction = Entry {
+        job: j.id.clone(),
+        name: name.clone(),
+        sha256: String::new(),
+        size: 0,
+        worker: String::new(),
+        build_seconds: 0.0,
+        reproduction: false,
+        certificate: None,
+        retracted: true,
+    };
+    if let Err(e) = sh.journal(&retraction) {
+        warn!("{name}: cannot withdraw it from the journal ({e}); kept");
+        return false;
+    }
+    let path = sh.cfg.output_dir.join(&name);
+    if let Err(e) = std::fs::remove_file(&path) {
+        warn!("{}: {e}", path.display());
+    }
+    st.files.retain(|f| *f != name);
+    true
 }

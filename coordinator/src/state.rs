@@ -91,6 +91,9 @@ pub(crate) struct State {
     /// Files Download serves, in the output directory.
     pub files: Vec<String>,
     pub cancel_reason: Option<String>,
+    /// Helpers whose audited forms were not our encoder's, each with the
+    /// workers their forms were served to: the main loop acts on them.
+    pub audit_failed: Vec<(String, std::collections::HashSet<String>)>,
 }
 
 impl State {
@@ -135,6 +138,8 @@ pub(crate) struct Shared {
     pub blocks: Option<crate::blocks::Store>,
     /// Blocks jobs offer to helpers (with the store only).
     pub offers: crate::offers::Offers,
+    /// Helpers' forms compressed again and compared.
+    pub audits: crate::audit::Audits,
     pub metrics: crate::metrics::Metrics,
 }
 

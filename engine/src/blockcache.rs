@@ -170,6 +170,23 @@ impl BlockKey {
     }
 }
 
+/// A form [`BlockCache::get_or_insert_with`] was handed, and whether to keep
+/// it. Only forms this worker compressed are kept: one from another worker
+/// is checked to decompress right and to be in our container, but not to
+/// be what our encoder makes (that would take compressing it again); kept,
+/// a wrong one would be built into this worker's kits from then on, with
+/// the farm's store off or not.
+pub struct Obtained {
+    pub form: Cached,
+    pub keep: bool,
+}
+
+impl Obtained {
+    pub fn mine(form: Cached) -> Obtained {
+        Obtained { form, keep: true }
+    }
+}
+
 /// What the writer stores for a block: compressed bytes, or the block as is
 /// when compression did not make it smaller.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -384,7 +401,9 @@ impl BlockCache {
     /// The stored form of `data`: from the cache, from a concurrent job
     /// that is compressing the same block right now (waiting for it rather
     /// than compressing twice), or from `compress`, whose result is then
-    /// stored. The flag says whether `compress` was spared.
+    /// stored if it says to keep it ([`Obtained::keep`]: what this worker
+    /// compressed itself, never a form from another worker). The flag says
+    /// whether `compress` was spared.
     ///
     /// `compress` must not block or enter rayon (whose work stealing could
     /// run a task waiting on this very block on this thread): it runs while
@@ -393,7 +412,7 @@ impl BlockCache {
         &self,
         key: &BlockKey,
         data: &[u8],
-        compress: impl FnOnce() -> Result<Cached, E>,
+        compress: impl FnOnce() -> Result<Obtained, E>,
     ) -> Result<(Cached, bool), E> {
         if let Some(c) = self.lookup(key, data) {
             self.count(true, data.len());
@@ -419,8 +438,10 @@ impl BlockCache {
                 // The other job failed: compress here.
                 self.count(false, data.len());
                 let c = compress()?;
-                self.put(key, &c);
-                Ok((c, false))
+                if c.keep {
+                    self.put(key, &c.form);
+                }
+                Ok((c.form, false))
             }
             Ok(mine) => {
                 // Whatever happens (an error, a panic), waiters are released.
@@ -431,9 +452,11 @@ impl BlockCache {
                 };
                 self.count(false, data.len());
                 let c = compress()?;
-                self.put(key, &c);
-                guard.flight.land(Some(c.clone()));
-                Ok((c, false))
+                if c.keep {
+                    self.put(key, &c.form);
+                }
+                guard.flight.land(Some(c.form.clone()));
+                Ok((c.form, false))
             }
         }
     }
@@ -780,6 +803,33 @@ mod tests {
     }
 
     #[test]
+    fn a_form_from_elsewhere_is_used_but_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = BlockCache::open(dir.path(), 1 << 30).unwrap();
+        let cfg = XzConfig::for_block_size(1 << 20);
+        let data = sample(5);
+        let key = BlockKey::new(&cfg, &data);
+        let form = Cached::Compressed(cfg.compress(&data).unwrap().unwrap());
+        let shared = || {
+            Ok::<_, Error>(Obtained {
+                form: form.clone(),
+                keep: false,
+            })
+        };
+        let (got, spared) = cache.get_or_insert_with(&key, &data, shared).unwrap();
+        assert_eq!((got, spared), (form.clone(), false));
+        assert_eq!(cache.lookup(&key, &data), None, "not kept");
+        let mine = || {
+            Ok::<_, Error>(Obtained {
+                form: form.clone(),
+                keep: true,
+            })
+        };
+        cache.get_or_insert_with(&key, &data, mine).unwrap();
+        assert_eq!(cache.lookup(&key, &data), Some(form), "kept");
+    }
+
+    #[test]
     fn concurrent_jobs_compress_a_block_once() {
         use std::sync::atomic::AtomicUsize;
         let dir = tempfile::tempdir().unwrap();
@@ -794,7 +844,9 @@ mod tests {
                     .get_or_insert_with(&key, &data, || {
                         calls.fetch_add(1, Ordering::SeqCst);
                         std::thread::sleep(std::time::Duration::from_millis(300));
-                        Ok::<_, Error>(Cached::Compressed(cfg.compress(&data)?.unwrap()))
+                        Ok::<_, Error>(Obtained::mine(Cached::Compressed(
+                            cfg.compress(&data)?.unwrap(),
+                        )))
                     })
                     .unwrap()
             };
@@ -814,7 +866,9 @@ mod tests {
         assert!(failed.is_err());
         let (got, spared) = cache
             .get_or_insert_with(&key, &other, || {
-                Ok::<_, Error>(Cached::Compressed(cfg.compress(&other)?.unwrap()))
+                Ok::<_, Error>(Obtained::mine(Cached::Compressed(
+                    cfg.compress(&other)?.unwrap(),
+                )))
             })
             .unwrap();
         assert!(!spared && matches!(got, Cached::Compressed(_)));
@@ -921,7 +975,7 @@ mod tests {
         assert_eq!((s2.shared_hits, s2.compressed_blocks), (n, 0));
 
         // Behind a local cache: asked only on a local miss; what it gives
-        // lands in the cache.
+        // is used, never kept (only what this worker compressed is).
         let dir = tempfile::tempdir().unwrap();
         let cache = Arc::new(BlockCache::open(dir.path(), 1 << 30).unwrap());
         let (third, s3) = write(Some(store.clone()), Some(cache.clone()));
@@ -929,17 +983,21 @@ mod tests {
             (third, s3.shared_hits, s3.cache_hits),
             (plain.clone(), n, 0)
         );
-        let (_, s4) = write(Some(store.clone()), Some(cache));
-        assert_eq!((s4.shared_hits, s4.cache_hits), (0, n));
+        let (_, s4) = write(Some(store.clone()), Some(cache.clone()));
+        assert_eq!((s4.shared_hits, s4.cache_hits), (n, 0));
+        let (_, s5) = write(None, Some(cache.clone()));
+        assert_eq!((s5.compressed_blocks, s5.cache_hits), (n, 0));
+        let (_, s6) = write(Some(store.clone()), Some(cache));
+        assert_eq!((s6.shared_hits, s6.cache_hits), (0, n), "its own, kept");
 
         let liar = Arc::new(Store {
             blocks: Mutex::new(store.blocks.lock().unwrap().clone()),
             lie: true,
             ..Default::default()
         });
-        let (honest, s5) = write(Some(liar.clone()), None);
+        let (honest, s7) = write(Some(liar.clone()), None);
         assert_eq!(honest, plain);
-        assert_eq!((s5.shared_hits, s5.shared_rejected), (0, n));
+        assert_eq!((s7.shared_hits, s7.shared_rejected), (0, n));
         assert_eq!(liar.rejected.load(Ordering::Relaxed), n);
     }
 

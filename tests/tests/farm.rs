@@ -381,6 +381,17 @@ fn work_sharing_archive() -> &'static (Archive, Vec<(String, String)>) {
 fn release_with(
     archive: &(Archive, Vec<(String, String)>),
     workers: &[(&str, &[&str])],
+    ready: impl FnMut(usize, &serde_json::Value) -> bool,
+    kill: impl FnMut(&serde_json::Value, &mut [Proc]) -> Option<usize>,
+) -> serde_json::Value {
+    release_with_options(archive, &[], workers, ready, kill)
+}
+
+/// [`release_with`], the coordinator also given `options`.
+fn release_with_options(
+    archive: &(Archive, Vec<(String, String)>),
+    options: &[&str],
+    workers: &[(&str, &[&str])],
     mut ready: impl FnMut(usize, &serde_json::Value) -> bool,
     mut kill: impl FnMut(&serde_json::Value, &mut [Proc]) -> Option<usize>,
 ) -> serde_json::Value {
@@ -388,7 +399,8 @@ fn release_with(
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("release");
     let key = gpg().secret_key.to_str().unwrap().to_string();
-    let (mut c, url) = coordinator(a, &out, &["--signing-key", &key, "--linger", "60s"]);
+    let args = [&["--signing-key", &key, "--linger", "60s"][..], options].concat();
+    let (mut c, url) = coordinator(a, &out, &args);
     let url = format!("http://{url}");
     let cache = d.path().join("cache");
     let root = a.root().to_str().unwrap();
@@ -557,6 +569,36 @@ fn idle_workers_compress_a_large_iuks_blocks_and_cannot_fool_it() {
         },
     );
     assert_eq!(s["jobs"][0]["state"], "done", "{s}");
+}
+
+/// A helper whose forms decompress right and are in our writer's
+/// container, but are not what our encoder makes (another xz level), after
+/// one honest form: the coordinator's audit compresses the block again and
+/// catches it before the form is stored; the helper is banned from sharing,
+/// and the job it helped is built again without the store. The kit is the
+/// one `iukfarm build` makes (`release_with` compares).
+#[test]
+fn an_audit_catches_a_helper_whose_forms_are_not_our_encoders() {
+    let a = work_sharing_archive();
+    let none = |_: &serde_json::Value, _: &mut [Proc]| None;
+    let leased = |i: usize, s: &serde_json::Value| i == 0 || s["jobs"][0]["state"] == "leased";
+    let builder: &[&str] = &["-j", "1", "--test-job-delay", "2s"];
+    let sly: &[&str] = &["-j", "1", "--test-foreign-forms-after", "1"];
+    let s = release_with_options(
+        a,
+        &["--test-audit-every-form"],
+        &[("builder", builder), ("sly", sly)],
+        leased,
+        none,
+    );
+    let sly = (s["workers"].as_array().unwrap().iter())
+        .find(|w| w["name"] == "sly")
+        .unwrap();
+    assert!(sly["bad_blocks"].as_u64() >= Some(1), "{s}");
+    let job = &s["jobs"][0];
+    assert!(job["attempts"].as_u64() >= Some(2), "built again: {s}");
+    assert_eq!(job["blocks"]["from_helpers"], 0, "without helpers: {s}");
+    assert_eq!(job["blocks"]["from_farm"], 0, "without the store: {s}");
 }
 
 #[test]

@@ -604,6 +604,7 @@ fn a_journal_append_on_a_full_disk_is_cut_back_and_the_next_one_is_whole() {
         build_seconds: 1.5,
         reproduction: false,
         certificate: None,
+        retracted: false,
     };
     let (mut j, _) = Journal::open(&path).unwrap();
     // Up to the end of the journal's first page, so that the next line

@@ -48,6 +48,8 @@ pub(crate) async fn run(ctx: Arc<Ctx>, client: FarmClient, worker_id: String, ru
         }
     };
     let helped = Arc::new(AtomicU64::new(0));
+    // Forms made, for the test hook that turns foreign after some.
+    let formed = Arc::new(AtomicU64::new(0));
     let mut sending = std::collections::VecDeque::new();
     // The next batch is asked for while this one is compressed, so that
     // its transfer overlaps the compression.
@@ -95,12 +97,23 @@ pub(crate) async fn run(ctx: Arc<Ctx>, client: FarmClient, worker_id: String, ru
         ctx.metrics.helping.set(n as i64);
         let (tx, mut rx) = tokio::sync::mpsc::channel::<(BlockId, Cached)>(n);
         let pool = pool.clone();
+        let (foreign, formed) = (ctx.cfg.test.foreign_forms_after, formed.clone());
         let compressing = tokio::task::spawn_blocking(move || {
             pool.install(|| {
                 tasks.into_par_iter().for_each(|t| {
+                    let n = formed.fetch_add(1, Ordering::Relaxed);
+                    let xz = match foreign {
+                        // Presets 4 to 9 differ only in their dictionary,
+                        // which the settings fix: another match finder.
+                        Some(after) if n >= after => XzConfig {
+                            level: if t.xz.level > 3 { 1 } else { 6 },
+                            ..t.xz
+                        },
+                        _ => t.xz,
+                    };
                     // Each of the pool's threads compresses a block of its
                     // own, so the trials of one need no other thread.
-                    match t.xz.compress_here(&t.data) {
+                    match xz.compress_here(&t.data) {
                         Ok(Some(c)) => {
                             let _ = tx.blocking_send((t.id, Cached::Compressed(c)));
                         }

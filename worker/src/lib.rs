@@ -40,6 +40,9 @@ pub struct TestHooks {
     pub upload_pause: Duration,
     /// Send the block store compressed blocks with a bit flipped.
     pub lie_blocks: bool,
+    /// As a helper, after this many honest forms, send forms made at
+    /// another xz level: sound, in our container, not our encoder's.
+    pub foreign_forms_after: Option<u64>,
 }
 
 #[derive(Debug, Clone)]

@@ -264,6 +264,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
         block_store: 0,
         metrics_listen: None,
         verify_jobs: 1,
+        audit_rate: iukfarm_coordinator::audit::RATE,
         kernel_check: iukfarm_kernelcheck::available().is_ok(),
     };
     let website = a.output_dir.join("website");

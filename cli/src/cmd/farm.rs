@@ -128,6 +128,9 @@ pub struct ReleaseArgs {
     /// where it cannot), on (or refuse to start), off.
     #[arg(long, value_name = "auto|on|off", default_value = "auto")]
     kernel_check: iukfarm_kernelcheck::Mode,
+    /// Audit every form helpers send, not a sample (for the tests).
+    #[arg(long, hide = true)]
+    test_audit_every_form: bool,
     /// Size cap of the farm's block store in <output-dir>/.iukfarm/blocks, where each block
     /// one worker compressed waits for the others, so that the farm compresses it once
     /// (0: none) [default: 4G for `coordinator`; none for `release`, whose workers share a cache].
@@ -249,6 +252,11 @@ impl ReleaseArgs {
             max_attempts: self.max_attempts,
             linger: self.linger,
             verify_jobs: self.verify_jobs,
+            audit_rate: if self.test_audit_every_form {
+                1024
+            } else {
+                iukfarm_coordinator::audit::RATE
+            },
             kernel_check: match self.kernel_check.resolve() {
                 Ok(Ok(())) => true,
                 Ok(Err(why)) => {
@@ -628,6 +636,8 @@ pub struct WorkerArgs {
     test_upload_pause: Duration,
     #[arg(long, hide = true)]
     test_lie_blocks: bool,
+    #[arg(long, hide = true)]
+    test_foreign_forms_after: Option<u64>,
 }
 
 pub fn worker(a: WorkerArgs) -> Result<ExitCode> {
@@ -668,6 +678,7 @@ pub fn worker(a: WorkerArgs) -> Result<ExitCode> {
             job_delay: a.test_job_delay,
             upload_pause: a.test_upload_pause,
             lie_blocks: a.test_lie_blocks,
+            foreign_forms_after: a.test_foreign_forms_after,
         },
     };
     super::block_on(async move {

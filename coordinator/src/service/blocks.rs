@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status};
 
 use super::FarmService;
 use super::workers::seen;
+use crate::audit::Verdict;
 use crate::blocks::Answer;
 
 pub(super) fn no_store() -> Status {
@@ -126,9 +127,30 @@ impl FarmService {
             }
         };
         let sh = self.sh.clone();
-        // Checking a form decompresses it: off the async threads.
+        // Checking a form decompresses it, an audit compresses the block
+        // again: off the async threads. An audit comes first, so that a
+        // form it refuses is never stored.
         let accepted = tokio::task::spawn_blocking(move || {
-            sh.blocks.as_ref().is_some_and(|b| b.put(&name, &id, &form))
+            let Some(store) = sh.blocks.as_ref() else {
+                return false;
+            };
+            store.arrived(&name, &id);
+            // Audited only while not banned: one failure acts on it.
+            let audit = match store.bad_blocks(&name) {
+                0 => sh.audits.check(&name, &id, &form),
+                _ => Verdict::NotAudited,
+            };
+            if audit == Verdict::Differs {
+                store.checked(&name);
+                let to = store.ban_worker(
+                    &name,
+                    "a form it compressed for another job is not what our encoder makes",
+                );
+                sh.lock().audit_failed.push((name, to));
+                sh.bump();
+                return false;
+            }
+            store.keep(&name, &id, &form)
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?;
@@ -144,7 +166,7 @@ impl FarmService {
         let name = seen(&mut self.sh.lock(), &r.worker_id, &caller)?;
         let store = self.sh.blocks.as_ref().ok_or_else(no_store)?;
         let blocks = offered_blocks(r.xz, r.blocks).await?;
-        let priority = {
+        let (job, priority) = {
             let st = self.sh.lock();
             let mine = st.table.by_lease(&r.lease_id).filter(|&i| {
                 let j = &st.table.jobs[i];
@@ -157,7 +179,7 @@ impl FarmService {
                     r.lease_id
                 )));
             };
-            st.table.jobs[i].priority
+            (st.table.jobs[i].id.clone(), st.table.jobs[i].priority)
         };
         if store.bad_blocks(&name) > 0 {
             return Err(Status::permission_denied(
@@ -171,7 +193,7 @@ impl FarmService {
                 taken: Vec::new(),
             }));
         }
-        let keys = self.sh.offers.offer(&name, priority, blocks);
+        let keys = self.sh.offers.offer(&name, &job, priority, blocks);
         let taken = self.sh.offers.settle(&keys).await;
         Ok(Response::new(v1::OfferBlocksReply { wanted: 0, taken }))
     }
@@ -194,6 +216,9 @@ impl FarmService {
             .offers
             .take(&name, r.max_blocks as usize, |id| store.claim(&name, id))
             .await;
+        for o in &batch {
+            (self.sh.audits).taken(&name, &o.job, &o.id, &o.xz, &o.data);
+        }
         let blocks = batch
             .into_iter()
             .map(|o| v1::TakenBlock {

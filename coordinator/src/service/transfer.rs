@@ -291,14 +291,17 @@ impl FarmService {
         if matches!(&verified, Ok(Ok(_))) || matches!(&verified, Ok(Err(e)) if kit_at_fault(e)) {
             (sh.metrics.verify_seconds).observe(started.elapsed().as_secs_f64());
         }
-        // Nothing of a worker revoked meanwhile is kept.
+        // Nothing of a worker revoked meanwhile is kept, nor a kit its job
+        // no longer waits for (an audit sent it back to be built again).
         let revoked = sh.auth.revoked_since(&uploader);
+        let unwanted = sh.lock().table.jobs[i].state != JobState::Verifying;
         // Err(transient) or Ok(Err(proven wrong)).
         let kept: Result<Result<(), String>, String> = match verified {
             _ if revoked => Err(format!(
                 "the certificate of {} was revoked before its kit was kept",
                 built.worker
             )),
+            _ if unwanted => Err("its job was sent back meanwhile".into()),
             Ok(Ok(v)) if v.differences.is_empty() => sh
                 .journal(&Entry {
                     job: job_id,
@@ -309,6 +312,7 @@ impl FarmService {
                     build_seconds: built.build_seconds,
                     reproduction: false,
                     certificate: built.certificate.clone(),
+                    retracted: false,
                 })
                 .map_err(|e| e.to_string())
                 .and_then(|()| {
@@ -374,6 +378,9 @@ impl FarmService {
                     st.table.retry(i, &e, sh.cfg.max_attempts, Instant::now());
                 }
             }
+        } else if matches!(kept, Ok(Ok(()))) {
+            // Sent back between the check above and now: kept, then withdrawn.
+            crate::release::withdraw_kit(&sh, &mut st, i);
         }
         drop(st);
         sh.bump();
@@ -521,6 +528,7 @@ impl FarmService {
                 build_seconds: h.build_seconds,
                 reproduction: true,
                 certificate: caller.as_ref().map(|p| p.fingerprint.clone()),
+                retracted: false,
             };
             drop(part);
             st.table.check_reproduction(i);

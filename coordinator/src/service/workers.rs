@@ -271,7 +271,7 @@ impl FarmService {
             output_name: j.output_name.clone(),
             lease_ms: sh.cfg.lease_timeout.as_millis() as u64,
             reproduction: j.reproduction_of.is_some(),
-            block_store: sh.blocks.is_some() && j.reproduction_of.is_none(),
+            block_store: sh.blocks.is_some() && j.reproduction_of.is_none() && !j.isolated,
         };
         info!(
             "{}{}: attempt {} on {name}",

@@ -233,9 +233,10 @@ impl Compressor {
                 let mut origin = Origin::Cache;
                 cache
                     .get_or_insert_with(&key, &data, || {
-                        let (v, o) = obtain()?;
+                        let (form, o) = obtain()?;
                         origin = o;
-                        Ok(v)
+                        let keep = o != Origin::Shared;
+                        Ok(crate::blockcache::Obtained { form, keep })
                     })
                     // A job that waited for another's compression was spared it.
                     .map(|(value, spared)| (value, if spared { Origin::Cache } else { origin }))
@@ -598,10 +599,8 @@ impl DataWriter<'_> {
             let forms = forms.into_iter().chain(std::iter::repeat(None));
             for ((id, p), form) in batch.into_iter().zip(forms) {
                 match form {
+                    // Not kept in the cache: see `blockcache::Obtained`.
                     Some(f) if admitted(&id, xz, &f, &p.data) => {
-                        if let Some(cache) = &self.cache {
-                            cache.put(&id.key(), &f);
-                        }
                         let _ = p
                             .result
                             .send(Ok(Stored::from_cached(f, p.data, Origin::Helped)));
