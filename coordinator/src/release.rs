@@ -928,21 +928,6 @@ impl Running {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::version_cmp;
-    use std::cmp::Ordering::*;
-
-    #[test]
-    fn versions_order_like_debian() {
-        assert_eq!(version_cmp("6.9", "6.10"), Less);
-        assert_eq!(version_cmp("6.10", "6.10"), Equal);
-        assert_eq!(version_cmp("6.0~rc1", "6.0"), Less);
-        assert_eq!(version_cmp("6.0", "6.0.1"), Less);
-        assert_eq!(version_cmp("5.20", "6.0~rc1"), Less);
-    }
-}
-
 /// A helper failed an audit: every job that may hold its forms is built
 /// again without the store and helpers. That is a job it helped, a job
 /// that ran on a worker its forms were served to, and its own; a kit
@@ -1026,4 +1011,19 @@ pub(crate) fn withdraw_kit(sh: &Shared, st: &mut State, i: usize) -> bool {
     }
     st.files.retain(|f| *f != name);
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::version_cmp;
+    use std::cmp::Ordering::*;
+
+    #[test]
+    fn versions_order_like_debian() {
+        assert_eq!(version_cmp("6.9", "6.10"), Less);
+        assert_eq!(version_cmp("6.10", "6.10"), Equal);
+        assert_eq!(version_cmp("6.0~rc1", "6.0"), Less);
+        assert_eq!(version_cmp("6.0", "6.0.1"), Less);
+        assert_eq!(version_cmp("5.20", "6.0~rc1"), Less);
+    }
 }
