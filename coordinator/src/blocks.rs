@@ -419,8 +419,13 @@ impl Store {
     /// served to.
     pub fn ban_worker(&self, worker: &str, why: &str) -> HashSet<String> {
         let mut g = self.lock();
-        warn!("worker {worker}: {why}");
-        self.ban(&mut g, worker);
+        // Banned by a form checked meanwhile: only the first counts.
+        if g.bad.contains_key(worker) {
+            g.stats.refused += 1;
+        } else {
+            warn!("worker {worker}: {why}");
+            self.ban(&mut g, worker);
+        }
         let to = g.served.get(worker).cloned().unwrap_or_default();
         drop(g);
         self.put_done.notify_waiters();
