@@ -322,22 +322,8 @@ fn scan_children(dir: &Path, opts: &ScanOptions) -> Result<Vec<Node>> {
                 size: md.len(),
                 source: Source::Path(path.clone()),
             })
-        } else if ft.is_symlink() {
-            let target = std::fs::read_link(&path).map_err(|e| Error::io(&path, e))?;
-            Kind::Symlink(target.as_os_str().as_bytes().to_vec())
-        } else if ft.is_block_device() {
-            Kind::BlockDev(md.rdev() as u32)
-        } else if ft.is_char_device() {
-            Kind::CharDev(md.rdev() as u32)
-        } else if ft.is_fifo() {
-            Kind::Fifo
-        } else if ft.is_socket() {
-            Kind::Socket
         } else {
-            return Err(Error::Unsupported(format!(
-                "{}: unknown file type",
-                path.display()
-            )));
+            leaf_kind(&path, &md)?
         };
         out.push(Node {
             name: entry.file_name().as_bytes().to_vec(),
@@ -356,6 +342,30 @@ fn scan_children(dir: &Path, opts: &ScanOptions) -> Result<Vec<Node>> {
         });
     }
     Ok(out)
+}
+
+/// What a path that is neither a directory nor a regular file is, from its
+/// (not followed) metadata: a symlink and its target, a device and its
+/// number as SquashFS stores it, a fifo or a socket.
+pub fn leaf_kind(path: &Path, md: &std::fs::Metadata) -> Result<Kind> {
+    let ft = md.file_type();
+    Ok(if ft.is_symlink() {
+        let target = std::fs::read_link(path).map_err(|e| Error::io(path, e))?;
+        Kind::Symlink(target.as_os_str().as_bytes().to_vec())
+    } else if ft.is_block_device() {
+        Kind::BlockDev(md.rdev() as u32)
+    } else if ft.is_char_device() {
+        Kind::CharDev(md.rdev() as u32)
+    } else if ft.is_fifo() {
+        Kind::Fifo
+    } else if ft.is_socket() {
+        Kind::Socket
+    } else {
+        return Err(Error::Unsupported(format!(
+            "{}: unknown file type",
+            path.display()
+        )));
+    })
 }
 
 /// Lists a path's xattrs in `llistxattr` order without following symlinks,

@@ -9,11 +9,13 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use iukfarm_engine::tree::{FileContent, Kind, Meta, Node, OpenReader, Source, read_xattrs};
+use iukfarm_engine::tree::{
+    FileContent, Kind, Meta, Node, OpenReader, Source, leaf_kind, read_xattrs,
+};
 
 use crate::{Error, Result, loopdev};
 
@@ -194,17 +196,8 @@ impl Scan<'_> {
                     failure: self.failure.clone(),
                 })),
             })
-        } else if ft.is_symlink() {
-            let t = std::fs::read_link(path).map_err(|e| self.refused(rel, e))?;
-            Kind::Symlink(t.as_os_str().as_bytes().to_vec())
-        } else if ft.is_block_device() {
-            Kind::BlockDev(md.rdev() as u32)
-        } else if ft.is_char_device() {
-            Kind::CharDev(md.rdev() as u32)
-        } else if ft.is_fifo() {
-            Kind::Fifo
         } else {
-            Kind::Socket
+            leaf_kind(path, &md).map_err(|e| self.refused(rel, e))?
         };
         Ok(Node {
             name,

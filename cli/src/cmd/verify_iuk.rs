@@ -2,11 +2,12 @@
 //! compare the result with the new one; then, where it can, read the kit
 //! through the Linux kernel and compare that with our reading.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use iukfarm_engine::compare::Difference;
 use iukfarm_engine::kit::verify::verify_iuk;
 
 use super::BadInput;
@@ -74,57 +75,56 @@ pub fn run(a: Args) -> Result<ExitCode> {
         None,
     );
     reporter.finish();
-    let mut v = result.with_context(|| format!("verifying {}", a.kit.display()))?;
-    if v.differences.is_empty() {
-        println!(
-            "OK: {} turns {} into {} (diff {}, {} deletions)",
-            a.kit.display(),
-            a.old_iso.display(),
-            a.new_iso.display(),
-            v.diffs_applied.join(", "),
-            v.delete_files.len()
-        );
-        match kernel {
-            Err(why) => println!("not read through the kernel: {why}"),
-            Ok(()) => {
-                let work = a.kit.parent().filter(|p| !p.as_os_str().is_empty());
-                let work = work.unwrap_or(std::path::Path::new("."));
-                match iukfarm_kernelcheck::check_kit(&a.kit, work) {
-                    Ok(r) if r.differences.is_empty() => {
-                        println!(
-                            "OK: the Linux kernel reads it as we do ({} entries, {:.1} MiB)",
-                            r.entries,
-                            r.bytes as f64 / (1 << 20) as f64
-                        );
-                        return Ok(ExitCode::SUCCESS);
-                    }
-                    Ok(r) => v.differences = r.differences,
-                    Err(iukfarm_kernelcheck::Error::Refused(m)) => {
-                        println!("{}: the Linux kernel cannot read it: {m}", a.kit.display());
-                        return Ok(ExitCode::from(crate::exit::FAILURE));
-                    }
-                    Err(e) => return Err(e).context("the kernel check"),
-                }
-                println!(
-                    "{}: the Linux kernel reads it differently, {} differences:",
-                    a.kit.display(),
-                    v.differences.len()
-                );
-                for d in &v.differences {
-                    println!("  {d}");
-                }
-                return Ok(ExitCode::from(crate::exit::FAILURE));
-            }
-        }
-        return Ok(ExitCode::SUCCESS);
+    let v = result.with_context(|| format!("verifying {}", a.kit.display()))?;
+    if !v.differences.is_empty() {
+        return Ok(differences(&a.kit, "after applying it", &v.differences));
     }
     println!(
-        "{}: {} differences after applying it:",
+        "OK: {} turns {} into {} (diff {}, {} deletions)",
         a.kit.display(),
-        v.differences.len()
+        a.old_iso.display(),
+        a.new_iso.display(),
+        v.diffs_applied.join(", "),
+        v.delete_files.len()
     );
-    for d in &v.differences {
+    match kernel {
+        Err(why) => {
+            println!("not read through the kernel: {why}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok(()) => read_by_kernel(&a.kit),
+    }
+}
+
+/// The kernel check of a kit that applied right; mount points go next to it.
+fn read_by_kernel(kit: &Path) -> Result<ExitCode> {
+    let work = kit.parent().filter(|p| !p.as_os_str().is_empty());
+    match iukfarm_kernelcheck::check_kit(kit, work.unwrap_or(Path::new("."))) {
+        Ok(r) if r.differences.is_empty() => {
+            println!(
+                "OK: the Linux kernel reads it as we do ({} entries, {:.1} MiB)",
+                r.entries,
+                r.bytes as f64 / (1 << 20) as f64
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok(r) => Ok(differences(
+            kit,
+            "as the Linux kernel reads it",
+            &r.differences,
+        )),
+        Err(iukfarm_kernelcheck::Error::Refused(m)) => {
+            println!("{}: the Linux kernel cannot read it: {m}", kit.display());
+            Ok(ExitCode::from(crate::exit::FAILURE))
+        }
+        Err(e) => Err(e).context("the kernel check"),
+    }
+}
+
+fn differences(kit: &Path, when: &str, diffs: &[Difference]) -> ExitCode {
+    println!("{}: {} differences {when}:", kit.display(), diffs.len());
+    for d in diffs {
         println!("  {d}");
     }
-    Ok(ExitCode::from(crate::exit::FAILURE))
+    ExitCode::from(crate::exit::FAILURE)
 }
